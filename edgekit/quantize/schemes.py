@@ -1,0 +1,310 @@
+"""What each quantization scheme does to each weight, per export format.
+
+A :class:`Scheme` turns an :class:`~edgekit.arch.Architecture` into the list of
+tensors the format stores, each with its storage type and exact byte size. The
+planner's memory model and decode-speed model sum these; later the exporters
+report what they really wrote against the same list.
+
+GGUF rules mirror llama.cpp's ``llama_tensor_get_type`` (src/llama-quant.cpp) for
+the ftypes we expose: the output head (or the tied token embedding that serves
+as it) is kept at Q6_K (Q8_0 when its rows are not a multiple of 256); ``_M``
+mixes give ``attn_v`` and ``ffn_down`` Q6_K in the layers ``use_more_bits``
+picks; and K-quants fall back (Q4_K->Q5_0, Q5_K->Q5_1, Q6_K->Q8_0, Q2_K/Q3_K->
+IQ4_NL) when a row length is not a multiple of 256 -- SmolLM2's hidden size of
+576 makes most of its tensors fall back. Block sizes come from ``gguf``'s own
+table, so the byte counts are the library's, not ours. A test checks these
+choices against llama.cpp's quantizer tensor by tensor.
+
+Built-ins register exactly as a third party would, through :func:`register_scheme`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from edgekit.arch import Architecture
+from edgekit.errors import RecipeError
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    row: int  # length of one row (ggml ne[0]: the input dimension of a matmul)
+    rows: int
+    dtype: str  # storage type actually used
+    nbytes: int
+    role: str  # embedding | output | attention | mlp | norm
+    requested: str = ""  # the type the scheme asked for, when a fallback replaced it
+
+    @property
+    def params(self) -> int:
+        return self.row * self.rows
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    runtimes: tuple[str, ...]
+    file_suffix: str
+    kv_dtype_bytes: int  # bytes per cached K or V value at the runtime's default
+    description: str
+
+
+@dataclass(frozen=True)
+class Scheme:
+    format: str
+    name: str
+    description: str
+    layout: Callable[[Architecture], list[Tensor]] = field(repr=False)
+    row_multiple: int = 1  # rows that are multiples of this quantize without fallback
+
+    def tensors(self, arch: Architecture) -> list[Tensor]:
+        return self.layout(arch)
+
+    def weight_bytes(self, arch: Architecture) -> int:
+        return sum(t.nbytes for t in self.layout(arch))
+
+    def bits_per_weight(self, arch: Architecture) -> float:
+        ts = self.layout(arch)
+        return 8 * sum(t.nbytes for t in ts) / sum(t.params for t in ts)
+
+    def fallbacks(self, arch: Architecture) -> list[Tensor]:
+        return [t for t in self.layout(arch) if t.requested and t.requested != t.dtype]
+
+
+_FORMATS: dict[str, Format] = {}
+_SCHEMES: dict[tuple[str, str], Scheme] = {}
+
+
+def register_format(fmt: Format) -> Format:
+    _FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def register_scheme(scheme: Scheme) -> Scheme:
+    if scheme.format not in _FORMATS:
+        raise RecipeError(f"scheme {scheme.name!r} names unknown format {scheme.format!r}; register the format first")
+    _SCHEMES[(scheme.format, scheme.name)] = scheme
+    return scheme
+
+
+def formats() -> dict[str, Format]:
+    return dict(_FORMATS)
+
+
+def get_format(name: str) -> Format:
+    if name not in _FORMATS:
+        raise RecipeError(f"unknown format {name!r}: choose one of {', '.join(_FORMATS)}")
+    return _FORMATS[name]
+
+
+def schemes(fmt: str | None = None) -> list[Scheme]:
+    return [s for (f, _), s in _SCHEMES.items() if fmt is None or f == fmt]
+
+
+def get_scheme(fmt: str, name: str) -> Scheme:
+    get_format(fmt)
+    key = (fmt, name.lower())
+    if key not in _SCHEMES:
+        names = [s.name for s in schemes(fmt)]
+        elsewhere = [f for (f, n) in _SCHEMES if n == name.lower()]
+        hint = f" ({name!r} is a {elsewhere[0]} scheme: pass --format {elsewhere[0]})" if elsewhere else ""
+        raise RecipeError(f"unknown quant {name!r} for format {fmt}{hint}; choose one of {', '.join(names)}")
+    return _SCHEMES[key]
+
+
+# --------------------------------------------------------------------------- GGUF / llama.cpp
+
+
+def ggml_nbytes(dtype: str, row: int, rows: int) -> int:
+    """Bytes llama.cpp stores for a ``rows x row`` tensor of ``dtype``, from gguf's block table."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[dtype]]
+    if row % block:
+        raise ValueError(f"row of {row} is not a multiple of {dtype}'s block of {block}")
+    return rows * (row // block) * size
+
+
+def _ggml_block(dtype: str) -> int:
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    return GGML_QUANT_SIZES[GGMLQuantizationType[dtype]][0]
+
+
+_K_FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
+def _use_more_bits(i: int, n: int) -> bool:
+    # llama.cpp: the first and last eighth of the layers, and every third layer between.
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def _gguf_type(ftype: str, base: str, role: str, kind: str, i: int, n: int, row: int) -> tuple[str, str]:
+    """(type used, type requested) for one 2-D tensor, following llama_tensor_get_type."""
+    want = base
+    if base in ("F32", "F16", "BF16"):
+        return base, ""
+    if role == "output":
+        want = "Q8_0" if row % 256 else ("Q8_0" if base == "Q8_0" else "Q6_K")
+    elif kind == "attn_v":
+        if ftype in ("q4_k_m", "q5_k_m") and _use_more_bits(i, n):
+            want = "Q6_K"
+        elif ftype == "q4_k_s" and i < 4:
+            want = "Q5_K"
+        elif ftype == "q3_k_m":
+            want = "Q5_K" if i < 2 else "Q4_K"
+        elif ftype == "q2_k":
+            want = "Q3_K"
+    elif kind == "ffn_down":
+        if ftype in ("q4_k_m", "q5_k_m") and _use_more_bits(i, n):
+            want = "Q6_K"
+        elif ftype == "q4_k_s" and i < n // 8:
+            want = "Q5_K"
+        elif ftype == "q3_k_m":
+            want = "Q5_K" if i < n // 16 else ("Q4_K" if _use_more_bits(i, n) else "Q3_K")
+        elif ftype == "q2_k":
+            want = "Q3_K"
+    elif kind == "attn_output" and ftype == "q3_k_m":
+        want = "Q4_K"
+    used = want
+    if want in _K_FALLBACK and row % 256:
+        used = _K_FALLBACK[want]
+    if row % _ggml_block(used):
+        used = "F16"
+    return used, (want if used != want else "")
+
+
+def _gguf_layout(ftype: str, base: str) -> Callable[[Architecture], list[Tensor]]:
+    def layout(a: Architecture) -> list[Tensor]:
+        out: list[Tensor] = []
+
+        def add(name, row, rows, role, kind="", i=0):
+            if role == "norm":
+                out.append(Tensor(name, row, rows, "F32", 4 * row * rows, role))
+                return
+            used, requested = _gguf_type(ftype, base, role, kind, i, a.layers, row)
+            out.append(Tensor(name, row, rows, used, ggml_nbytes(used, row, rows), role, requested))
+
+        h, q, kv, inter = a.hidden_size, a.q_dim, a.kv_dim, a.intermediate_size
+        # With tied embeddings llama.cpp has no output.weight: token_embd doubles as the head
+        # and is quantized by the output rule.
+        add("token_embd.weight", h, a.vocab_size, "output" if a.tie_embeddings else "embedding")
+        for i in range(a.layers):
+            b = f"blk.{i}."
+            add(b + "attn_norm.weight", h, 1, "norm")
+            add(b + "attn_q.weight", h, q, "attention", "attn_q", i)
+            add(b + "attn_k.weight", h, kv, "attention", "attn_k", i)
+            add(b + "attn_v.weight", h, kv, "attention", "attn_v", i)
+            add(b + "attn_output.weight", q, h, "attention", "attn_output", i)
+            add(b + "ffn_norm.weight", h, 1, "norm")
+            add(b + "ffn_gate.weight", h, inter, "mlp", "ffn_gate", i)
+            add(b + "ffn_up.weight", h, inter, "mlp", "ffn_up", i)
+            add(b + "ffn_down.weight", inter, h, "mlp", "ffn_down", i)
+        add("output_norm.weight", h, 1, "norm")
+        if not a.tie_embeddings:
+            add("output.weight", h, a.vocab_size, "output")
+        return out
+
+    return layout
+
+
+register_format(Format("gguf", ("llama.cpp",), ".gguf", 2, "GGUF for llama.cpp (KV cache f16)"))
+
+_GGUF = [
+    ("f32", "F32", 1, "32-bit float, the reference"),
+    ("f16", "F16", 1, "16-bit float"),
+    ("bf16", "BF16", 1, "bfloat16"),
+    ("q8_0", "Q8_0", 32, "8-bit, one f16 scale per 32 weights (8.5 bpw)"),
+    ("q6_k", "Q6_K", 256, "6-bit K-quant (6.56 bpw)"),
+    ("q5_k_m", "Q5_K", 256, "5-bit K-quant, attn_v/ffn_down at Q6_K in some layers"),
+    ("q5_k_s", "Q5_K", 256, "5-bit K-quant"),
+    ("q5_1", "Q5_1", 32, "5-bit with scale and min per 32 (6.0 bpw)"),
+    ("q5_0", "Q5_0", 32, "5-bit with one scale per 32 (5.5 bpw)"),
+    ("q4_k_m", "Q4_K", 256, "4-bit K-quant, attn_v/ffn_down at Q6_K in some layers (llama.cpp's usual pick)"),
+    ("q4_k_s", "Q4_K", 256, "4-bit K-quant (4.5 bpw)"),
+    ("q4_1", "Q4_1", 32, "4-bit with scale and min per 32 (5.0 bpw)"),
+    ("q4_0", "Q4_0", 32, "4-bit with one scale per 32 (4.5 bpw); fastest 4-bit on ARM"),
+    ("q3_k_m", "Q3_K", 256, "3-bit K-quant mix"),
+    ("q2_k", "Q2_K", 256, "2-bit K-quant mix; large quality loss"),
+]
+for _name, _base, _mult, _desc in _GGUF:
+    register_scheme(Scheme("gguf", _name, _desc, _gguf_layout(_name, _base), _mult))
+
+
+# --------------------------------------------------------------------------- ONNX / onnxruntime
+
+
+def _dense_layout(
+    weight_bytes: Callable[[int, int], int], dtype: str, embed_bytes: int, embed_dtype: str
+) -> Callable[[Architecture], list[Tensor]]:
+    """Layout for exporters that store the embedding (a Gather) and every linear separately.
+
+    The ONNX and ExecuTorch exports keep the token embedding unquantized (a Gather
+    of float rows) and give the LM head its own quantized copy even when the
+    PyTorch model ties them, so a tied model stores the matrix twice.
+    """
+
+    def layout(a: Architecture) -> list[Tensor]:
+        out: list[Tensor] = []
+        h, q, kv, inter = a.hidden_size, a.q_dim, a.kv_dim, a.intermediate_size
+
+        def lin(name, row, rows, role):
+            out.append(Tensor(name, row, rows, dtype, weight_bytes(row, rows), role))
+
+        out.append(Tensor("embed_tokens", h, a.vocab_size, embed_dtype, embed_bytes * h * a.vocab_size, "embedding"))
+        for i in range(a.layers):
+            b = f"layers.{i}."
+            out.append(Tensor(b + "input_layernorm", h, 1, "fp32", 4 * h, "norm"))
+            lin(b + "q_proj", h, q, "attention")
+            lin(b + "k_proj", h, kv, "attention")
+            lin(b + "v_proj", h, kv, "attention")
+            lin(b + "o_proj", q, h, "attention")
+            out.append(Tensor(b + "post_attention_layernorm", h, 1, "fp32", 4 * h, "norm"))
+            lin(b + "gate_proj", h, inter, "mlp")
+            lin(b + "up_proj", h, inter, "mlp")
+            lin(b + "down_proj", inter, h, "mlp")
+        out.append(Tensor("norm", h, 1, "fp32", 4 * h, "norm"))
+        lin("lm_head", h, a.vocab_size, "output")
+        return out
+
+    return layout
+
+
+def _blockwise(bits: int, block: int, scale_bytes: int, zero_bits: int) -> Callable[[int, int], int]:
+    def nbytes(row: int, rows: int) -> int:
+        blocks = -(-row // block)
+        return rows * (blocks * block * bits // 8 + blocks * scale_bytes + -(-blocks * zero_bits // 8))
+
+    return nbytes
+
+
+register_format(Format("onnx", ("onnxruntime", "onnxruntime-genai"), ".onnx", 4, "ONNX for onnxruntime (KV cache fp32)"))
+register_scheme(Scheme("onnx", "fp32", "32-bit float", _dense_layout(lambda r, n: 4 * r * n, "fp32", 4, "fp32")))
+register_scheme(Scheme("onnx", "fp16", "16-bit float", _dense_layout(lambda r, n: 2 * r * n, "fp16", 2, "fp16")))
+register_scheme(Scheme(
+    "onnx", "int8", "int8 weights, per-channel scale (MatMulInteger / dynamic quantization)",
+    _dense_layout(lambda r, n: r * n + 4 * n, "int8", 4, "fp32"),
+))
+register_scheme(Scheme(
+    "onnx", "int4", "int4 MatMulNBits, block 32, fp32 scale + 4-bit zero point per block (5.125 bpw)",
+    _dense_layout(_blockwise(4, 32, 4, 4), "int4-b32", 4, "fp32"), 32,
+))
+register_scheme(Scheme(
+    "onnx", "int4-b128", "int4 MatMulNBits, block 128 (4.28 bpw)",
+    _dense_layout(_blockwise(4, 128, 4, 4), "int4-b128", 4, "fp32"), 128,
+))
+
+# --------------------------------------------------------------------------- ExecuTorch / XNNPACK
+
+register_format(Format("executorch", ("executorch",), ".pte", 4, "ExecuTorch .pte for XNNPACK (static KV cache fp32)"))
+register_scheme(Scheme("executorch", "fp32", "32-bit float", _dense_layout(lambda r, n: 4 * r * n, "fp32", 4, "fp32")))
+register_scheme(Scheme(
+    "executorch", "8da8w", "8-bit dynamic activations, int8 per-channel weights",
+    _dense_layout(lambda r, n: r * n + 4 * n, "int8", 4, "fp32"),
+))
+register_scheme(Scheme(
+    "executorch", "8da4w", "8-bit dynamic activations, int4 weights in groups of 32 (fp32 scale)",
+    _dense_layout(_blockwise(4, 32, 4, 0), "int4-g32", 4, "fp32"), 32,
+))
