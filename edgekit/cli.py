@@ -91,9 +91,10 @@ def cmd_plan(args) -> int:
     from edgekit.plan import plan
     from edgekit.quantize.schemes import get_scheme
 
-    get_scheme(args.format, args.quant)  # fail fast on an unknown quant before resolving anything
-    teacher = resolve_teacher(args.teacher, trust_remote_code=args.trust_remote_code)
+    # Fail fast on bad names before resolving (and maybe converting) the teacher.
+    get_scheme(args.format, args.quant)
     devices = [load_device(d) for d in args.device] if args.device else list_devices(include_host=True)
+    teacher = resolve_teacher(args.teacher, trust_remote_code=args.trust_remote_code)
     single = len(devices) == 1
     results = []
     for dev in devices:

@@ -125,7 +125,7 @@ def _from_gguf(spec: str, gguf: Path, source: str, name: str, license: str | Non
     size = gguf.stat().st_size
     with bar(total=size, desc=f"hashing {gguf.name}", unit="B") as b:
         digest = artifact.sha256_file(gguf, progress=b.update)
-    folder = _cache_root() / f"{_slug(name)}-{digest[:12]}"
+    folder = _cache_root() / f"gguf-{digest[:16]}"  # keyed by content: the same GGUF by any path reuses it
     converted = False
     if folder.is_dir():
         problems = _verify_cache(folder, digest)
@@ -196,9 +196,6 @@ def _convert_gguf(gguf: Path, digest: str, folder: Path, name: str, license: str
                     "origin": origin, "dtype": "float32"},
         )
 
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.-]+", "-", name).strip("-") or "model"
 
 
 # --------------------------------------------------------------------------- HF folders and the hub

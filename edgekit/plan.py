@@ -208,7 +208,8 @@ def candidate_shapes(teacher: Architecture, align: int) -> list[Architecture]:
         inter = min(inter, teacher.intermediate_size)
         shapes.append(teacher.with_shape(hidden_size=h, heads=heads, kv_heads=_kv_heads_for(heads, teacher),
                                          intermediate_size=inter))
-    return shapes
+    # A teacher narrower than one quant block can only shrink in depth (its rows fall back to another type).
+    return shapes or [teacher]
 
 
 def _fits(arch, scheme, device, runtime, context, target):
