@@ -104,13 +104,13 @@ def kv_cache_bytes(arch: Architecture, context: int, bytes_per_value: int, runti
 def compute_buffer_bytes(arch: Architecture, context: int, rt: RuntimeModel) -> int:
     """Live activations while prefilling one micro-batch against a full context.
 
-    The largest tensors are the attention scores and their softmax
-    (heads x micro-batch x context, f32), the MLP's gate/up/product
+    The largest tensors are the attention scores (heads x micro-batch x context, f32), the MLP's gate/up/product
     (3 x micro-batch x intermediate) and a handful of hidden-size rows; the runtime
     reuses this memory layer to layer, so one layer's worth is live at once.
     """
     ub = min(rt.micro_batch, context)
-    per_token = 2 * arch.heads * context + 3 * arch.intermediate_size + 4 * arch.hidden_size
+    # ggml-alloc computes the softmax in the scores' own buffer, so the scores count once.
+    per_token = arch.heads * context + 3 * arch.intermediate_size + 4 * arch.hidden_size
     logits = (ub if rt.all_logits else 1) * arch.vocab_size
     return 4 * (ub * per_token + logits)
 
@@ -131,9 +131,18 @@ def _bare_metal(device: DeviceProfile) -> bool:
     return device.device_class in ("mcu", "wearable") and device.ram < 64_000_000
 
 
-def bytes_read_per_token(arch: Architecture, scheme: Scheme, position: int, kv_bytes: int) -> int:
+# Decode kernels do not stream every storage type equally fast: unpacking a 5th bit (Q5_0/Q5_1) or
+# K-quant super-blocks costs CPU time on top of the bytes. Relative cost per byte, measured with
+# llama.cpp 0.3.36 on x86-64 AVX-512 (benchmarks/plan_accuracy.py; Q4_1 = 1). ARM kernels differ.
+KERNEL_COST = {"Q4_1": 1.0, "Q8_0": 1.05, "Q4_0": 1.25, "Q5_0": 1.5, "Q5_1": 1.5, "Q4_K": 1.2, "Q5_K": 1.2,
+               "Q6_K": 1.2, "Q3_K": 1.3, "Q2_K": 1.3, "IQ4_NL": 1.3}
+
+
+def bytes_read_per_token(arch: Architecture, scheme: Scheme, position: int, kv_bytes: int,
+                         cost_weighted: bool = False) -> float:
     """Weights touched to decode one token (the embedding table only if it is also the head) + KV so far."""
-    weights = sum(t.nbytes for t in scheme.tensors(arch) if t.role != "embedding")
+    weights = sum(t.nbytes * (KERNEL_COST.get(t.dtype, 1.0) if cost_weighted else 1.0)
+                  for t in scheme.tensors(arch) if t.role != "embedding")
     return weights + 2 * arch.layers * position * arch.kv_dim * kv_bytes
 
 
@@ -142,8 +151,9 @@ def predict_speed(arch: Architecture, scheme: Scheme, device: DeviceProfile, run
     fmt = get_format(scheme.format)
     position = min(context, DECODE_POSITION)
     nbytes = bytes_read_per_token(arch, scheme, position, fmt.kv_dtype_bytes)
+    weighted = bytes_read_per_token(arch, scheme, position, fmt.kv_dtype_bytes, cost_weighted=True)
     flops_token = 2 * (arch.params_non_embedding + arch.params_embedding) + 4 * arch.layers * position * arch.q_dim
-    t_mem = nbytes / (device.memory_bandwidth * rt.decode_bandwidth_eff)
+    t_mem = weighted / (device.memory_bandwidth * rt.decode_bandwidth_eff)
     t_cmp = flops_token / (device.cpu.peak_fp32 * rt.prefill_compute_eff)
     t_decode = max(t_mem, t_cmp) + rt.per_layer_overhead_s * arch.layers
     prefill_flops = 2 * arch.params_non_embedding + 4 * arch.layers * (min(context, 512) // 2) * arch.q_dim
@@ -151,7 +161,7 @@ def predict_speed(arch: Architecture, scheme: Scheme, device: DeviceProfile, run
         "predicted_decode_tok_s": 1.0 / t_decode,
         "predicted_prefill_tok_s": device.cpu.peak_fp32 * rt.prefill_compute_eff / prefill_flops,
         "decode_bound": "memory" if t_mem >= t_cmp else "compute",
-        "bytes_read_per_token": nbytes,
+        "bytes_read_per_token": int(nbytes),
         "decode_position": position,
     }
 
@@ -161,7 +171,7 @@ def _assumptions(runtime: str, device: DeviceProfile) -> list[str]:
     bw = "measured" if "memory_bandwidth" in device.measured else "spec-sheet peak"
     return [
         f"decode reaches {rt.decode_bandwidth_eff:.0%} of the device's {bw} memory bandwidth and pays "
-        f"{rt.per_layer_overhead_s * 1e6:.0f} us per layer per token ({rt.source})",
+        f"{rt.per_layer_overhead_s * 1e6:.0f} us per layer per token, with per-type kernel costs ({rt.source})",
         f"prefill reaches {rt.prefill_compute_eff:.0%} of the CPU's FP32 peak; CPU only, no GPU/NPU offload",
         f"decode measured at {DECODE_POSITION} tokens of context; batch size 1",
         f"{rt.name} processes prompts in micro-batches of {rt.micro_batch} tokens",

@@ -61,3 +61,12 @@ def open_llama(path: Path, n_ctx: int = 2048, n_threads: int | None = None, logi
                                    verbose=verbose)
     except ValueError as e:  # llama-cpp-python raises ValueError("Failed to load model from file: ...")
         raise ModelError(f"llama.cpp cannot load {path}: the file is corrupt, truncated or not a GGUF ({e})") from e
+
+
+def last_logits(llm):
+    """Logits of the last evaluated token (llama-cpp-python only fills ``scores`` when logits_all=True)."""
+    import llama_cpp
+    import numpy as np
+
+    ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()
