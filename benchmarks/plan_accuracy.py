@@ -142,6 +142,7 @@ def main() -> None:
                     "measured": measured,
                     "rss_error": mem.predicted_rss / measured["peak_rss_bytes"] - 1,
                     "decode_error": speed["predicted_decode_tok_s"] / measured["decode_tok_s"] - 1,
+                    "prefill_error": speed["predicted_prefill_tok_s"] / measured["prefill_tok_s"] - 1,
                 })
                 r = rows[-1]
                 print(f"  {quant:7} ctx {ctx:5}: RSS {mem.predicted_rss / 2**20:6.1f} MiB predicted vs "
@@ -161,13 +162,14 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"| quant | context | file | predicted RSS | measured peak RSS | error | predicted decode | "
-          f"measured decode | error | measured prefill (128 tok) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"measured decode | error | predicted prefill | measured prefill (128 tok) | error |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         p, m = r["predicted"], r["measured"]
         print(f"| {r['quant']} | {r['context']} | {r['file_bytes'] / 2**20:.1f} MiB | {p['peak_rss_bytes'] / 2**20:.1f} MiB | "
               f"{m['peak_rss_bytes'] / 2**20:.1f} MiB | {r['rss_error']:+.1%} | {p['decode_tok_s']:.1f} tok/s | "
-              f"{m['decode_tok_s']:.1f} tok/s | {r['decode_error']:+.1%} | {m['prefill_tok_s']:.0f} tok/s |")
+              f"{m['decode_tok_s']:.1f} tok/s | {r['decode_error']:+.1%} | {p['prefill_tok_s']:.0f} tok/s | "
+              f"{m['prefill_tok_s']:.0f} tok/s | {r['prefill_error']:+.1%} |")
     worst_rss = max(abs(r["rss_error"]) for r in rows)
     worst_dec = max(abs(r["decode_error"]) for r in rows)
     print(f"\nworst RSS error {worst_rss:.1%} (target 15%), worst decode error {worst_dec:.1%} (target 30%)")

@@ -51,8 +51,9 @@ RUNTIME_MODELS = {
     # Calibrated on the embedded teacher with llama-cpp-python 0.3.36, 2 threads, x86-64
     # (benchmarks/plan_accuracy.py re-measures them): import baseline 48 MiB, tokenizer
     # and context structures ~22 MiB for a 49k vocabulary, decode at ~46 % of the
-    # measured read bandwidth. A native app without Python is ~12 MiB smaller.
-    "llama.cpp": RuntimeModel("llama.cpp", 512, 50_000_000, 450, 0.5, 0.5, 25e-6, False,
+    # measured read bandwidth, prefill at ~35 % of the measured FP32 matmul peak. A native
+    # app without Python is ~12 MiB smaller.
+    "llama.cpp": RuntimeModel("llama.cpp", 512, 50_000_000, 450, 0.5, 0.35, 25e-6, False,
                               "calibrated: llama-cpp-python 0.3.36 on x86-64 (benchmarks/plan_accuracy.py)"),
     # Estimates until the ONNX and ExecuTorch exporters exist to measure them against.
     "onnxruntime": RuntimeModel("onnxruntime", 512, 80_000_000, 300, 0.4, 0.4, 40e-6, True,
@@ -173,7 +174,7 @@ def _assumptions(runtime: str, device: DeviceProfile) -> list[str]:
         f"decode reaches {rt.decode_bandwidth_eff:.0%} of the device's {bw} memory bandwidth and pays "
         f"{rt.per_layer_overhead_s * 1e6:.0f} us per layer per token, with per-type kernel costs ({rt.source})",
         f"prefill reaches {rt.prefill_compute_eff:.0%} of the CPU's FP32 peak; CPU only, no GPU/NPU offload",
-        f"decode measured at {DECODE_POSITION} tokens of context; batch size 1",
+        f"decode predicted with {DECODE_POSITION} tokens already in the KV cache; batch size 1",
         f"{rt.name} processes prompts in micro-batches of {rt.micro_batch} tokens",
     ]
 
