@@ -234,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     if not args.debug:
+        import os
+
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read by transformers at import
         for noisy in ("transformers", "huggingface_hub", "urllib3", "filelock"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
         import warnings
