@@ -258,6 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("edgekit: interrupted; finished artifacts are kept, re-run to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `edgekit plan | head`
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

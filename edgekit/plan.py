@@ -200,25 +200,36 @@ def _all_formats():
     return formats()
 
 
-def _kv_heads_for(heads: int, teacher: Architecture) -> int:
-    """Keep the teacher's query/kv grouping as closely as the new head count allows."""
-    want = heads * teacher.kv_heads / teacher.heads
-    divisors = [d for d in range(1, heads + 1) if heads % d == 0]
-    return min(divisors, key=lambda d: (abs(d - want), -d))
+def attention_heads_for(hidden: int, teacher: Architecture, align: int) -> tuple[int, int]:
+    """(heads, kv_heads) for a student of width ``hidden`` that pruning can carve out of the teacher.
+
+    Heads are selected, never invented: whole kv groups are kept (kv_heads <= the teacher's)
+    and each keeps at most the teacher's number of query heads per group. The query width
+    (heads x head_dim) stays within ``hidden`` and, where some choice allows it, is a multiple
+    of the quant block so the output projection does not fall back to another type.
+    """
+    group_max = max(1, teacher.heads // teacher.kv_heads)
+    options = []
+    for heads in range(max(1, min(teacher.heads, hidden // teacher.head_dim)), 0, -1):
+        for kv in range(min(teacher.kv_heads, heads), 0, -1):
+            if heads % kv == 0 and heads // kv <= group_max:
+                options.append((heads, kv))
+                break
+    aligned = [o for o in options if (o[0] * teacher.head_dim) % align == 0]
+    return (aligned or options or [(1, 1)])[0]
 
 
 def candidate_shapes(teacher: Architecture, align: int) -> list[Architecture]:
-    """Widths the student may take: multiples of the quant block (and of head_dim), no wider than the teacher."""
-    step = max(align, teacher.head_dim)
-    while step % teacher.head_dim or step % align:
+    """Widths the student may take: multiples of the quant block (and of 64), no wider than the teacher."""
+    step = max(align, 64)
+    while step % 64 or step % align:
         step += 1
     shapes = []
     for h in range(teacher.hidden_size - teacher.hidden_size % step, 0, -step):
-        heads = h // teacher.head_dim
+        heads, kv = attention_heads_for(h, teacher, align)
         inter = max(align, int(teacher.intermediate_size * h / teacher.hidden_size) // align * align)
         inter = min(inter, teacher.intermediate_size)
-        shapes.append(teacher.with_shape(hidden_size=h, heads=heads, kv_heads=_kv_heads_for(heads, teacher),
-                                         intermediate_size=inter))
+        shapes.append(teacher.with_shape(hidden_size=h, heads=heads, kv_heads=kv, intermediate_size=inter))
     # A teacher narrower than one quant block can only shrink in depth (its rows fall back to another type).
     return shapes or [teacher]
 

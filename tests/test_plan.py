@@ -48,7 +48,8 @@ def test_plan_for_each_device(device):
     assert r["memory"]["total_bytes"] <= r["budget_bytes"] == device.memory_budget
     s = r["student"]
     assert s["params"] > 0 and 1 <= s["layers"] <= 30 and s["hidden_size"] <= 576
-    assert s["hidden_size"] % s["head_dim"] == 0 and s["heads"] % s["kv_heads"] == 0
+    assert s["heads"] * s["head_dim"] <= s["hidden_size"] and s["heads"] % s["kv_heads"] == 0
+    assert s["heads"] // s["kv_heads"] <= SMOLLM2.heads // SMOLLM2.kv_heads and s["kv_heads"] <= SMOLLM2.kv_heads
     assert r["predicted_decode_tok_s"] > 0 and r["prediction"]["label"] == "predicted"
     for key in ("weights_bytes", "kv_cache_bytes", "compute_buffer_bytes", "runtime_overhead_bytes", "total_bytes"):
         assert r["memory"][key] > 0
@@ -115,7 +116,9 @@ def test_candidate_shapes_respect_blocks_and_heads():
         for a in candidate_shapes(SMOLLM2, align):
             assert a.hidden_size % align == 0 and a.hidden_size % 64 == 0
             assert a.intermediate_size % align == 0 and a.intermediate_size <= 1536
-            assert a.heads * a.head_dim == a.hidden_size and a.heads % a.kv_heads == 0
+            # prunable by selection: whole kv groups, at most 3 query heads per group as in the teacher
+            assert a.heads * a.head_dim <= a.hidden_size and a.heads % a.kv_heads == 0
+            assert a.kv_heads <= 3 and a.heads // a.kv_heads <= 3 and a.head_dim == 64
 
 
 @settings(max_examples=40, deadline=None)

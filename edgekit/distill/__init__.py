@@ -1,0 +1,1 @@
+"""Distillation: student initialisation, teacher data, logit cache, losses, training, evaluation."""
