@@ -1,0 +1,357 @@
+"""Student initialisation by structured pruning: carve the planned shape out of the teacher.
+
+Minitron (Muralidharan et al. 2024, "Compact Language Models via Pruning and Knowledge
+Distillation") shows that a student whose weights are *selected* from the teacher, ranked by
+activation-based importance measured on a little calibration text, starts far closer to the
+teacher than a random one and distils in a fraction of the tokens. This module does that:
+
+1. :func:`measure_importance` runs calibration batches through the teacher with forward hooks
+   and scores every prunable unit:
+
+   - ``block``           per layer, Block Influence = mean over tokens of 1 - cos(input, output)
+                         (ShortGPT, Men et al. 2024): a layer that barely turns its input is redundant.
+   - ``mlp_channel``     [layers, intermediate] mean |act(gate) * up|, the input of ``down_proj``.
+   - ``head``            [layers, heads] mean L2 norm of each head's slice of the input of ``o_proj``.
+   - ``hidden_channel``  [hidden] mean |x| of every RMSNorm output (both per layer, and the final one), summed.
+
+2. :func:`prune` builds a model of the target shape and copies the best units: the top layers
+   (kept in their original order), whole kv groups of attention heads (GQA: the query heads that
+   share one kv head stay together), the top MLP channels per layer and the top hidden channels
+   everywhere the residual stream is read or written. Units keep their original order, so a
+   target equal to the teacher's shape reproduces the teacher exactly. ``method="random"`` gives
+   the randomly initialised baseline of the same shape.
+
+3. :func:`run` is the stage: teacher folder + calibration texts in, artifact folder out
+   (student weights, tokenizer, ``importance.safetensors``, ``manifest.json``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from edgekit import artifact
+from edgekit.arch import Architecture
+from edgekit.errors import CacheError, ModelError, RecipeError
+
+log = logging.getLogger(__name__)
+
+METHODS = ("minitron", "random")
+CALIB_SEQ_LEN = 512  # tokens per calibration sequence
+CALIB_BATCH = 4  # sequences per forward pass
+
+
+@dataclass
+class Importance:
+    """Activation-based scores from :func:`measure_importance`; higher means more important."""
+
+    block: torch.Tensor  # [layers]
+    mlp_channel: torch.Tensor  # [layers, intermediate]
+    head: torch.Tensor  # [layers, heads]
+    hidden_channel: torch.Tensor  # [hidden]
+    tokens: int = 0  # calibration tokens the scores were averaged over
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name).contiguous() for name in ("block", "mlp_channel", "head", "hidden_channel")}
+
+
+# --------------------------------------------------------------------------- importance
+
+
+@torch.no_grad()
+def measure_importance(model: nn.Module, batches: list[torch.Tensor]) -> Importance:
+    """Score layers, MLP channels, heads and hidden channels of a Llama model on token batches [batch, seq]."""
+    cfg = model.config
+    layers = model.model.layers
+    head_dim = _head_dim(cfg)
+    dev = model.device
+    block = torch.zeros(len(layers), device=dev)
+    mlp = torch.zeros(len(layers), cfg.intermediate_size, device=dev)
+    head = torch.zeros(len(layers), cfg.num_attention_heads, device=dev)
+    hidden = torch.zeros(cfg.hidden_size, device=dev)
+
+    def on_block(i):
+        def hook(module, args, kwargs, output):
+            x_in = args[0] if args else kwargs["hidden_states"]
+            x_out = output[0] if isinstance(output, tuple) else output
+            block[i] += (1 - F.cosine_similarity(x_in.float(), x_out.float(), dim=-1)).sum()
+        return hook
+
+    def on_down_proj(i):
+        def hook(module, args):
+            mlp[i] += args[0].float().abs().sum(dim=(0, 1))
+        return hook
+
+    def on_o_proj(i):
+        def hook(module, args):
+            x = args[0].float()
+            head[i] += x.reshape(*x.shape[:-1], -1, head_dim).norm(dim=-1).sum(dim=(0, 1))
+        return hook
+
+    def on_norm(module, args, output):
+        hidden.add_(output.float().abs().sum(dim=(0, 1)))
+
+    handles = [model.model.norm.register_forward_hook(on_norm)]
+    for i, layer in enumerate(layers):
+        handles += [
+            layer.register_forward_hook(on_block(i), with_kwargs=True),
+            layer.mlp.down_proj.register_forward_pre_hook(on_down_proj(i)),
+            layer.self_attn.o_proj.register_forward_pre_hook(on_o_proj(i)),
+            layer.input_layernorm.register_forward_hook(on_norm),
+            layer.post_attention_layernorm.register_forward_hook(on_norm),
+        ]
+    model.eval()
+    tokens = 0
+    try:
+        for ids in batches:
+            model(input_ids=ids.to(dev), use_cache=False)
+            tokens += ids.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    if tokens == 0:
+        raise RecipeError("no calibration tokens to measure importance on; give at least one non-empty text")
+    return Importance((block / tokens).cpu(), (mlp / tokens).cpu(), (head / tokens).cpu(), (hidden / tokens).cpu(),
+                      tokens)
+
+
+# --------------------------------------------------------------------------- pruning
+
+
+def check_carvable(teacher: Architecture, target: Architecture) -> None:
+    """Raise RecipeError unless ``target`` can be selected out of ``teacher`` (no unit is ever invented)."""
+    problems = []
+    if target.layers < 1:
+        problems.append(f"layers {target.layers} is below 1")
+    for name in ("layers", "hidden_size", "intermediate_size", "heads", "kv_heads"):
+        want, have = getattr(target, name), getattr(teacher, name)
+        if want > have:
+            problems.append(f"{name} {want} is larger than the teacher's {have} (pruning only removes units)")
+        elif want < 1 and name != "layers":
+            problems.append(f"{name} {want} is below 1")
+    if target.head_dim != teacher.head_dim:
+        problems.append(f"head_dim {target.head_dim} differs from the teacher's {teacher.head_dim} "
+                        "(heads are kept or dropped whole, never resized)")
+    if target.kv_heads >= 1 and target.heads % target.kv_heads:
+        problems.append(f"heads {target.heads} is not a multiple of kv_heads {target.kv_heads}")
+    elif target.kv_heads >= 1 and target.heads // target.kv_heads > teacher.heads // teacher.kv_heads:
+        problems.append(f"heads // kv_heads = {target.heads // target.kv_heads} query heads per kv group exceeds "
+                        f"the teacher's group of {teacher.heads // teacher.kv_heads}")
+    if target.vocab_size != teacher.vocab_size:
+        problems.append(f"vocab_size {target.vocab_size} differs from the teacher's {teacher.vocab_size} "
+                        "(a pruned student keeps its teacher's tokenizer)")
+    if target.tie_embeddings != teacher.tie_embeddings:
+        problems.append(f"tie_embeddings {target.tie_embeddings} differs from the teacher's {teacher.tie_embeddings}")
+    if problems:
+        raise RecipeError(
+            "the student shape cannot be carved out of the teacher: " + "; ".join(problems) + ". Fix: choose a "
+            "student no larger than the teacher in every dimension, with the teacher's head_dim, vocab_size and "
+            "tie_embeddings and whole kv groups (edgekit.plan.candidate_shapes lists shapes that work)"
+        )
+
+
+def prune(model: nn.Module, target: Architecture, importance: Importance | None, method: str = "minitron",
+          seed: int = 0) -> nn.Module:
+    """A new model of exactly the ``target`` shape, its weights selected from ``model`` (or random, seeded)."""
+    if method not in METHODS:
+        raise RecipeError(f"unknown pruning method {method!r}; choose one of {', '.join(METHODS)}")
+    teacher = teacher_architecture(model)
+    check_carvable(teacher, target)
+    cfg = student_config(model.config, target)
+    if method == "random":
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return type(model)(cfg).to(model.dtype).eval()
+    if importance is None:
+        raise RecipeError("pruning method 'minitron' needs importance scores; call measure_importance() on "
+                          "calibration batches first, or use method 'random'")
+    _check_importance(importance, teacher)
+
+    student = type(model)(cfg).to(model.dtype).eval()
+    hid = top_indices(importance.hidden_channel, target.hidden_size)
+    kept_layers = top_indices(importance.block, target.layers)
+    with torch.no_grad():
+        for new, old in zip(student.model.layers, kept_layers.tolist(), strict=True):
+            src = model.model.layers[old]
+            q_rows, kv_rows = _head_rows(importance.head[old], teacher, target)
+            ch = top_indices(importance.mlp_channel[old], target.intermediate_size)
+            _copy_linear(new.self_attn.q_proj, src.self_attn.q_proj, rows=q_rows, cols=hid)
+            _copy_linear(new.self_attn.k_proj, src.self_attn.k_proj, rows=kv_rows, cols=hid)
+            _copy_linear(new.self_attn.v_proj, src.self_attn.v_proj, rows=kv_rows, cols=hid)
+            _copy_linear(new.self_attn.o_proj, src.self_attn.o_proj, rows=hid, cols=q_rows)
+            _copy_linear(new.mlp.gate_proj, src.mlp.gate_proj, rows=ch, cols=hid)
+            _copy_linear(new.mlp.up_proj, src.mlp.up_proj, rows=ch, cols=hid)
+            _copy_linear(new.mlp.down_proj, src.mlp.down_proj, rows=hid, cols=ch)
+            new.input_layernorm.weight.copy_(src.input_layernorm.weight[hid])
+            new.post_attention_layernorm.weight.copy_(src.post_attention_layernorm.weight[hid])
+        student.model.norm.weight.copy_(model.model.norm.weight[hid])
+        student.model.embed_tokens.weight.copy_(model.model.embed_tokens.weight[:, hid])
+        if not cfg.tie_word_embeddings:
+            _copy_linear(student.lm_head, model.lm_head, cols=hid)
+    log.info("pruned to %d layers (kept %s), hidden %d, intermediate %d, %d heads / %d kv heads",
+             target.layers, kept_layers.tolist(), target.hidden_size, target.intermediate_size,
+             target.heads, target.kv_heads)
+    return student
+
+
+def teacher_architecture(model: nn.Module) -> Architecture:
+    if getattr(model.config, "model_type", None) != "llama":
+        raise ModelError(f"pruning supports Llama models (LlamaForCausalLM); this teacher is "
+                         f"{getattr(model.config, 'model_type', '?')!r}. Use a Llama-architecture teacher")
+    return Architecture.from_hf_config(model.config.to_dict(), source="teacher config")
+
+
+def student_config(teacher_cfg, target: Architecture):
+    """The teacher's config (rope, eps, activation, ...) with the target's shape set explicitly."""
+    cfg = copy.deepcopy(teacher_cfg)
+    cfg.num_hidden_layers = target.layers
+    cfg.hidden_size = target.hidden_size
+    cfg.intermediate_size = target.intermediate_size
+    cfg.num_attention_heads = target.heads
+    cfg.num_key_value_heads = target.kv_heads
+    cfg.head_dim = target.head_dim
+    return cfg
+
+
+def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` highest scores, in their original (ascending) order."""
+    return torch.topk(scores.float(), k, sorted=False).indices.sort().values
+
+
+def _head_rows(head_scores: torch.Tensor, teacher: Architecture, target: Architecture):
+    """Row indices (into q_proj and k/v_proj) of the query heads and kv heads one layer keeps.
+
+    Query head h uses kv head h // group. Each kv group is scored by the sum of its query
+    heads; the best ``target.kv_heads`` groups stay, each with its best ``heads // kv_heads`` heads.
+    """
+    group = teacher.heads // teacher.kv_heads
+    per_group = head_scores.view(teacher.kv_heads, group)
+    kept_groups = top_indices(per_group.sum(dim=1), target.kv_heads)
+    q_heads = [g * group + j for g in kept_groups.tolist()
+               for j in top_indices(per_group[g], target.heads // target.kv_heads).tolist()]
+    d = teacher.head_dim
+    q_rows = torch.cat([torch.arange(h * d, (h + 1) * d) for h in q_heads])
+    kv_rows = torch.cat([torch.arange(g * d, (g + 1) * d) for g in kept_groups.tolist()])
+    return q_rows, kv_rows
+
+
+def _copy_linear(dst: nn.Linear, src: nn.Linear, rows: torch.Tensor | None = None,
+                 cols: torch.Tensor | None = None) -> None:
+    w, b = src.weight, src.bias
+    if rows is not None:
+        w = w[rows]
+        b = b[rows] if b is not None else None
+    if cols is not None:
+        w = w[:, cols]
+    dst.weight.copy_(w)
+    if b is not None:
+        dst.bias.copy_(b)
+
+
+def _check_importance(imp: Importance, teacher: Architecture) -> None:
+    expected = {"block": (teacher.layers,), "mlp_channel": (teacher.layers, teacher.intermediate_size),
+                "head": (teacher.layers, teacher.heads), "hidden_channel": (teacher.hidden_size,)}
+    for name, shape in expected.items():
+        if tuple(getattr(imp, name).shape) != shape:
+            raise RecipeError(f"importance {name} has shape {tuple(getattr(imp, name).shape)} but this teacher "
+                              f"needs {shape}; the scores were measured on another model, re-measure on this one")
+
+
+def _head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def calibration_batches(tokenizer, texts: list[str], max_tokens: int, seq_len: int = CALIB_SEQ_LEN,
+                        batch_size: int = CALIB_BATCH) -> list[torch.Tensor]:
+    """Texts joined by EOS into one token stream (at most ``max_tokens``), cut into [batch, seq_len] batches."""
+    stream: list[int] = []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=True)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            stream.append(tokenizer.eos_token_id)
+        if len(stream) >= max_tokens:
+            break
+    stream = stream[:max_tokens]
+    seqs = [stream[i:i + seq_len] for i in range(0, len(stream), seq_len)]
+    full = [s for s in seqs if len(s) == seq_len]
+    batches = [torch.tensor(full[i:i + batch_size]) for i in range(0, len(full), batch_size)]
+    if seqs and len(seqs[-1]) < seq_len:  # the short tail has its own batch rather than padding
+        batches.append(torch.tensor([seqs[-1]]))
+    return batches
+
+
+def run(teacher_dir: Path, target: Architecture, calib_texts: list[str], out_dir: Path, method: str = "minitron",
+        seed: int = 0, max_tokens: int = 16384) -> Path:
+    """Prune the teacher in ``teacher_dir`` to ``target`` and write the student artifact to ``out_dir``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
+    config = {"target": target.to_dict(), "method": method, "seed": seed, "max_tokens": max_tokens,
+              "calibration": artifact.content_id(calib_texts)}
+    if method not in METHODS:
+        raise RecipeError(f"unknown pruning method {method!r}; choose one of {', '.join(METHODS)}")
+    inputs = {"teacher": _teacher_id(teacher_dir)}
+    if _reusable(out_dir, config, inputs):
+        log.info("prune: reusing %s (same teacher, target and calibration)", out_dir)
+        return out_dir
+
+    started = time.monotonic()
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    teacher = teacher_architecture(model)
+    check_carvable(teacher, target)
+    importance, kept_layers = None, None
+    if method == "minitron":
+        seq_len = min(CALIB_SEQ_LEN, teacher.max_context)
+        importance = measure_importance(model, calibration_batches(tokenizer, calib_texts, max_tokens, seq_len))
+        kept_layers = top_indices(importance.block, target.layers).tolist()
+    student = prune(model, target, importance, method=method, seed=seed)
+
+    with artifact.atomic_dir(out_dir) as tmp:
+        student.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if importance is not None:
+            save_file(importance.tensors(), str(tmp / "importance.safetensors"))
+        artifact.write_manifest(tmp, stage="prune", config=config, inputs=inputs, metrics={
+            "params": sum(p.numel() for p in student.parameters()),
+            "teacher_params": sum(p.numel() for p in model.parameters()),
+            "kept_layers": kept_layers,
+            "block_importance": importance.block.tolist() if importance is not None else None,
+            "calibration_tokens": importance.tokens if importance is not None else 0,
+            "seconds": round(time.monotonic() - started, 2),
+        })
+    log.info("prune: wrote %s", out_dir)
+    return out_dir
+
+
+def _teacher_id(teacher_dir: Path) -> str:
+    """A content id of the teacher's config and weights: a changed teacher never reuses a stale student."""
+    files = [teacher_dir / "config.json", *sorted(teacher_dir.glob("*.safetensors"))]
+    missing = [p.name for p in files if not p.is_file()]
+    if missing or len(files) == 1:
+        raise ModelError(f"{teacher_dir} lacks {', '.join(missing) or '*.safetensors'}; pruning needs a Hugging Face "
+                         "folder with config.json and safetensors weights (resolve the teacher first)")
+    return artifact.content_id({p.name: artifact.sha256_file(p) for p in files})
+
+
+def _reusable(out_dir: Path, config: dict, inputs: dict) -> bool:
+    if not (out_dir / artifact.MANIFEST).is_file():
+        return False
+    try:
+        manifest = artifact.read_manifest(out_dir)
+    except CacheError as e:  # an unreadable manifest just means: build it again
+        log.warning("prune: %s has a bad manifest (%s); rebuilding it", out_dir, e)
+        return False
+    same = manifest.get("stage") == "prune" and manifest.get("config") == config and manifest.get("inputs") == inputs
+    return same and artifact.verify_manifest(out_dir) == []
