@@ -1,0 +1,117 @@
+"""Evaluation of a student against its teacher on held-out sequences.
+
+For every model: perplexity on the held-out targets (labels != -100), forward KL from the
+teacher's next-token distribution, top-1 agreement with the teacher's argmax, and greedy
+generations side by side with the teacher's for a few prompts. The teacher itself is
+evaluated the same way (KL 0, agreement 1) so every table has its reference row.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from edgekit.progress import bar
+
+log = logging.getLogger(__name__)
+
+
+def _load(folder: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True).eval()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, AttributeError):
+        tok = None
+    return model, tok
+
+
+def _batches(sequences: list[dict], batch_size: int):
+    for b in range(0, len(sequences), batch_size):
+        chunk = sequences[b:b + batch_size]
+        width = max(len(s["input_ids"]) for s in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for i, s in enumerate(chunk):
+            n = len(s["input_ids"])
+            ids[i, :n] = torch.tensor(s["input_ids"])
+            labels[i, :n] = torch.tensor(s["labels"])
+            mask[i, :n] = 1
+        yield ids, labels, mask
+
+
+def score(model, teacher, sequences: list[dict], batch_size: int = 8) -> dict:
+    """Held-out perplexity of ``model``, and its KL to / top-1 agreement with ``teacher``."""
+    nll = kl = agree = n = 0.0
+    with torch.no_grad(), bar(total=len(sequences), desc="evaluating", unit="seq") as progress:
+        for ids, labels, mask in _batches(sequences, batch_size):
+            s = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            t = teacher(input_ids=ids, attention_mask=mask).logits[:, :-1].float() if teacher is not model else s
+            target = labels[:, 1:]
+            keep = target != -100
+            log_s = F.log_softmax(s, -1)
+            log_t = F.log_softmax(t, -1)
+            nll += float(-log_s.gather(-1, target.clamp_min(0)[..., None])[..., 0][keep].sum())
+            kl += float((log_t.exp() * (log_t - log_s)).sum(-1)[keep].sum())
+            agree += float((s.argmax(-1) == t.argmax(-1))[keep].sum())
+            n += int(keep.sum())
+            progress.update(len(ids))
+    if n == 0:
+        raise ValueError("no held-out target tokens to evaluate (all labels are -100)")
+    return {"tokens": int(n), "perplexity": math.exp(nll / n), "cross_entropy": nll / n, "kl_to_teacher": kl / n,
+            "top1_agreement": agree / n}
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48) -> list[str]:
+    """Greedy answers to ``prompts`` (through the chat template when the tokenizer has one)."""
+    outs = []
+    for p in prompts:
+        if tokenizer.chat_template:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                return_tensors="pt")
+        else:
+            ids = tokenizer(p, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        outs.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    return outs
+
+
+def evaluate(models: dict[str, Path], teacher_dir: Path, sequences: list[dict], prompts: list[str] = (),
+             max_new_tokens: int = 48, batch_size: int = 8) -> dict:
+    """Score every model in ``models`` (name -> HF folder) and the teacher; side-by-side generations."""
+    teacher, tok = _load(teacher_dir)
+    rows = {"teacher": {"path": str(teacher_dir), "params": teacher.num_parameters(),
+                        **score(teacher, teacher, sequences, batch_size)}}
+    gens = {"teacher": generate(teacher, tok, list(prompts), max_new_tokens) if prompts and tok else []}
+    for name, folder in models.items():
+        t0 = time.perf_counter()
+        model, mtok = _load(folder)
+        rows[name] = {"path": str(folder), "params": model.num_parameters(),
+                      **score(model, teacher, sequences, batch_size)}
+        gens[name] = generate(model, mtok or tok, list(prompts), max_new_tokens) if prompts and (mtok or tok) else []
+        log.info("evaluated %s in %.1fs", name, time.perf_counter() - t0)
+    side_by_side = [{"prompt": p, **{name: g[i] for name, g in gens.items() if g}} for i, p in enumerate(prompts)]
+    return {"models": rows, "generations": side_by_side, "heldout_sequences": len(sequences)}
+
+
+def to_markdown(report: dict) -> str:
+    lines = ["| model | params | held-out ppl | KL to teacher | top-1 agreement |", "|---|---:|---:|---:|---:|"]
+    for name, r in report["models"].items():
+        lines.append(f"| {name} | {r['params'] / 1e6:.1f}M | {r['perplexity']:.2f} | {r['kl_to_teacher']:.3f} | "
+                     f"{100 * r['top1_agreement']:.1f}% |")
+    for g in report["generations"]:
+        lines.append("")
+        lines.append(f"**{g['prompt']}**")
+        for name, text in g.items():
+            if name != "prompt":
+                lines.append(f"- *{name}*: {text[:300]!r}")
+    return "\n".join(lines)
