@@ -160,6 +160,7 @@ def _env():
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "EDGEKIT_QUIET": "1"}
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_rerun_gives_the_uninterrupted_result(models, tmp_path):
     d, _ = models
     cmd = [sys.executable, "-m", "edgekit.distill.train", "--config"]
@@ -187,6 +188,7 @@ def test_kill_9_mid_run_then_rerun_gives_the_uninterrupted_result(models, tmp_pa
     assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(ref)]
 
 
+@pytest.mark.slow
 def test_two_processes_on_gloo_match_one_process(models, tmp_path):
     d, _ = models
     single = tmp_path / "single"

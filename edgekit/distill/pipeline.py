@@ -1,0 +1,181 @@
+"""``edgekit distill``: plan -> data -> prune -> (logit cache) -> train -> evaluate, through artifact folders.
+
+Each stage writes ``$EDGEKIT_HOME/artifacts/<stage>-<id>`` where the id hashes the stage's
+config and the ids of its inputs, so re-running the same command reuses every finished
+stage and a changed key reruns only the stages downstream of it. Within a stage the
+work itself is resumable (data generation per batch, the cache per shard, training per
+checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from edgekit import artifact
+from edgekit.arch import Architecture
+from edgekit.distill.cache import CacheConfig
+from edgekit.distill.data import DataConfig
+from edgekit.distill.train import TrainConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EVAL_PROMPTS = [
+    "What is the capital of France?",
+    "Give me three tips for staying focused while studying.",
+    "Explain what a battery does in one sentence.",
+]
+
+
+class StudentSpec(BaseModel):
+    """Either a device to plan for, or an explicit shape; ``init`` picks pruning or random weights."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: str | None = None
+    format: str = "gguf"
+    quant: str = "q4_k_m"
+    context: int = Field(2048, ge=16)
+    target_decode_tok_s: float | None = None
+    layers: int | None = Field(None, ge=1)
+    hidden_size: int | None = Field(None, ge=1)
+    intermediate_size: int | None = Field(None, ge=1)
+    heads: int | None = Field(None, ge=1)
+    kv_heads: int | None = Field(None, ge=1)
+    init: Literal["minitron", "random"] = "minitron"
+
+    @model_validator(mode="after")
+    def _one_way(self):
+        explicit = [self.layers, self.hidden_size, self.intermediate_size, self.heads, self.kv_heads]
+        if self.device and any(v is not None for v in explicit):
+            raise ValueError("give either device (the planner sizes the student) or an explicit shape, not both")
+        if not self.device and any(v is None for v in explicit):
+            raise ValueError("an explicit student needs layers, hidden_size, intermediate_size, heads and kv_heads "
+                             "(or set device to let the planner choose)")
+        return self
+
+
+class EvalSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_EVAL_PROMPTS))
+    max_new_tokens: int = Field(48, ge=1)
+    max_sequences: int = Field(200, ge=1)
+    baselines: list[Literal["ce", "teacher"]] = ["teacher"]
+
+
+class DistillConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    teacher: str = "default"
+    student: StudentSpec
+    data: DataConfig = Field(default_factory=DataConfig)
+    calibration_sequences: int = Field(64, ge=1, description="training sequences used to rank units for pruning")
+    cache: CacheConfig | None = Field(default_factory=CacheConfig, description="null: teacher online")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+
+
+def _stage_dir(stage: str, *parts) -> Path:
+    return artifact.home() / "artifacts" / f"{stage}-{artifact.content_id(stage, *parts)}"
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+def student_shape(spec: StudentSpec, teacher_arch: Architecture, teacher_name: str) -> tuple[Architecture, dict | None]:
+    if spec.device:
+        from edgekit.devices import load_device
+        from edgekit.plan import plan
+
+        p = plan(teacher_arch, load_device(spec.device), spec.format, spec.quant, spec.context,
+                 spec.target_decode_tok_s, teacher_name)
+        s = p["student"]
+        return teacher_arch.with_shape(layers=s["layers"], hidden_size=s["hidden_size"],
+                                       intermediate_size=s["intermediate_size"], heads=s["heads"],
+                                       kv_heads=s["kv_heads"]), p
+    return teacher_arch.with_shape(layers=spec.layers, hidden_size=spec.hidden_size,
+                                   intermediate_size=spec.intermediate_size, heads=spec.heads,
+                                   kv_heads=spec.kv_heads), None
+
+
+def run(cfg: DistillConfig, trust_remote_code: bool = False) -> dict:
+    """Run the whole distillation chain; returns a summary with every artifact path and the evaluation."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgekit.distill import cache as cache_stage
+    from edgekit.distill import data as data_stage
+    from edgekit.distill import evaluate as eval_stage
+    from edgekit.distill import prune as prune_stage
+    from edgekit.distill import train as train_stage
+    from edgekit.models import resolve_teacher
+
+    teacher = resolve_teacher(cfg.teacher, trust_remote_code=trust_remote_code)
+    teacher_id = artifact.content_id(str(teacher.path), teacher.files)
+    shape, plan = student_shape(cfg.student, teacher.arch, teacher.name)
+    log.info("student: %d layers, hidden %d, mlp %d, %d/%d heads (%.1fM params, %.0f%% of the teacher)",
+             shape.layers, shape.hidden_size, shape.intermediate_size, shape.heads, shape.kv_heads,
+             shape.params / 1e6, 100 * shape.params / teacher.arch.params)
+
+    data_dir = data_stage.run(cfg.data, teacher.path, _stage_dir("data", cfg.data.model_dump(mode="json"), teacher_id))
+    data_id = data_dir.name
+    train_examples = _jsonl(data_dir / "train.jsonl")
+    heldout_examples = _jsonl(data_dir / "heldout.jsonl")
+
+    tokenizer = AutoTokenizer.from_pretrained(str(teacher.path))
+    calib = [data_stage.render_text(e, tokenizer) for e in train_examples[:cfg.calibration_sequences]]
+    init_dir = prune_stage.run(teacher.path, shape, calib, _stage_dir(
+        "prune", shape.to_dict(), cfg.student.init, cfg.calibration_sequences, teacher_id, data_id),
+        method=cfg.student.init, seed=cfg.train.seed)
+
+    train_seqs = data_stage.tokenize_examples(train_examples, tokenizer, cfg.data.max_seq_len)
+    heldout_seqs = data_stage.tokenize_examples(heldout_examples, tokenizer, cfg.data.max_seq_len)
+    cache_dir = None
+    if cfg.cache is not None and cfg.train.kd_weight > 0:
+        teacher_model = AutoModelForCausalLM.from_pretrained(str(teacher.path), use_safetensors=True)
+        cache_dir = cache_stage.build(cfg.cache, teacher_model, train_seqs, _stage_dir(
+            "cache", cfg.cache.model_dump(), cfg.data.max_seq_len, teacher_id, data_id))
+        del teacher_model
+    online = cfg.cache is None and cfg.train.kd_weight + cfg.train.feature_weight > 0
+    student_dir = train_stage.train(
+        cfg.train, init_dir, _stage_dir("distill", cfg.train.model_dump(), init_dir.name,
+                                        cache_dir.name if cache_dir else teacher_id, data_id),
+        sequences=None if cache_dir else train_seqs, cache_dir=cache_dir,
+        teacher_dir=teacher.path if online else None)
+    models = {"student (KD)" if cfg.train.kd_weight > 0 else "student": student_dir}
+    if "ce" in cfg.eval.baselines and cfg.train.kd_weight > 0:
+        ce_cfg = cfg.train.model_copy(update={"kd_weight": 0.0, "ce_weight": 1.0, "feature_weight": 0.0,
+                                              "on_policy_fraction": 0.0, "assistant_fraction": 0.0})
+        models["student (CE only)"] = train_stage.train(
+            ce_cfg, init_dir, _stage_dir("distill", ce_cfg.model_dump(), init_dir.name, data_id), sequences=train_seqs)
+
+    eval_dir = _stage_dir("eval", cfg.eval.model_dump(), {k: v.name for k, v in models.items()}, data_id, teacher_id)
+    if (eval_dir / "report.json").is_file() and not artifact.verify_manifest(eval_dir):
+        report = json.loads((eval_dir / "report.json").read_text())
+    else:
+        report = eval_stage.evaluate(models, teacher.path, heldout_seqs[:cfg.eval.max_sequences], cfg.eval.prompts,
+                                     cfg.eval.max_new_tokens)
+        with artifact.atomic_dir(eval_dir) as tmp:
+            artifact.atomic_write_text(tmp / "report.json", json.dumps(report, indent=2))
+            artifact.atomic_write_text(tmp / "report.md", eval_stage.to_markdown(report) + "\n")
+            artifact.write_manifest(tmp, stage="eval", config=cfg.eval.model_dump(),
+                                    inputs={k: str(v) for k, v in models.items()})
+    train_metrics = artifact.read_manifest(student_dir)["metrics"]
+    return {
+        "teacher": {"name": teacher.name, "params": teacher.arch.params, "path": str(teacher.path)},
+        "student": {**shape.to_dict(), "fraction_of_teacher": shape.params / teacher.arch.params,
+                    "init": cfg.student.init, "path": str(student_dir)},
+        "plan": plan,
+        "artifacts": {"data": str(data_dir), "init": str(init_dir), "cache": str(cache_dir) if cache_dir else None,
+                      "student": str(student_dir), "eval": str(eval_dir),
+                      **{f"model:{k}": str(v) for k, v in models.items()}},
+        "data": artifact.read_manifest(data_dir)["metrics"],
+        "cache": artifact.read_manifest(cache_dir)["metrics"] if cache_dir else None,
+        "training": train_metrics,
+        "evaluation": report,
+    }
