@@ -91,6 +91,32 @@ def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind:
     return _masked_mean(per, mask) * temperature**2
 
 
+class _SparseForwardKL(torch.autograd.Function):
+    """sum_rows w_row * sum_k p_k (log p_k - log q_k), with log q = s - logsumexp(s), on [rows, vocab] logits.
+
+    Hand-written backward: d/ds = w * (softmax(s) * sum_k p_k - scatter(p)). Autograd's version
+    goes through logsumexp and a gather (two more full-vocabulary passes and a zero-filled
+    scatter buffer) and made this loss ~1.7x as costly as fused cross-entropy.
+    """
+
+    @staticmethod
+    def forward(ctx, s, indices, p, log_p, w):
+        lse = torch.logsumexp(s, dim=-1, keepdim=True)
+        log_q = s.gather(-1, indices) - lse
+        per = (p * (log_p - log_q)).sum(-1)
+        ctx.save_for_backward(s, lse, indices, p, w)
+        return (per * w).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        s, lse, indices, p, w = ctx.saved_tensors
+        grad = torch.exp(s - lse)
+        grad.mul_(p.sum(-1, keepdim=True))
+        grad.scatter_add_(-1, indices, -p)
+        grad.mul_((w * grad_out)[:, None])
+        return grad, None, None, None, None
+
+
 def sparse_forward_kl(student_logits: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
                       mode: str = "topk", temperature: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Forward KL against a sparse teacher (``indices``/``values`` of shape ``[batch, seq, k]``).
@@ -101,15 +127,25 @@ def sparse_forward_kl(student_logits: torch.Tensor, indices: torch.Tensor, value
     used as p directly, so T only softens the student side and must match the cache.
     Padding entries use index 0 with value -inf (topk) or weight 0 (sampled).
     """
-    log_q_full = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_q = log_q_full.gather(-1, indices.long())
+    vocab = student_logits.shape[-1]
+    s = student_logits.float().reshape(-1, vocab)
+    if temperature != 1.0:
+        s = s / temperature
+    idx = indices.long().reshape(-1, indices.shape[-1])
     if mode == "topk":
-        log_p = F.log_softmax(values.float() / temperature, dim=-1)
+        log_p = F.log_softmax(values.float().reshape(idx.shape) / temperature, dim=-1)
     elif mode == "sampled":
-        log_p = torch.log(values.float())  # weight 0 -> -inf -> floored in _kl
+        log_p = torch.log(values.float().reshape(idx.shape))  # weight 0 -> -inf, floored below
     else:
         raise ConfigError(f"unknown sparse target mode {mode!r}: choose topk or sampled")
-    return _masked_mean(_kl(log_p, log_q), mask) * temperature**2
+    log_p = log_p.clamp_min(_LOG_FLOOR)
+    p = log_p.exp()
+    if mask is None:
+        w = torch.full((s.shape[0],), 1.0 / s.shape[0])
+    else:
+        m = mask.reshape(-1).to(torch.float32)
+        w = m / m.sum().clamp_min(1.0)
+    return _SparseForwardKL.apply(s, idx, p, log_p, w) * temperature**2
 
 
 def cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
