@@ -78,6 +78,10 @@ class DistillConfig(BaseModel):
     cache: CacheConfig | None = Field(default_factory=CacheConfig, description="null: teacher online")
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+    progressive: StudentSpec | None = Field(
+        None, description="an intermediate model (teacher assistant): distilled from the teacher first, then the "
+                          "student learns from it for train.assistant_fraction of its run (default half) and from "
+                          "the teacher, online, for the rest")
 
 
 def _stage_dir(stage: str, *parts) -> Path:
@@ -142,11 +146,25 @@ def run(cfg: DistillConfig, trust_remote_code: bool = False) -> dict:
             "cache", cfg.cache.model_dump(), cfg.data.max_seq_len, teacher_id, data_id))
         del teacher_model
     online = cfg.cache is None and cfg.train.kd_weight + cfg.train.feature_weight > 0
+    train_cfg, assistant_dir = cfg.train, None
+    if cfg.progressive is not None:  # teacher -> intermediate (as configured) -> student (assistant, then teacher)
+        mid_shape, _ = student_shape(cfg.progressive, teacher.arch, teacher.name)
+        mid_init = prune_stage.run(teacher.path, mid_shape, calib, _stage_dir(
+            "prune", mid_shape.to_dict(), cfg.progressive.init, cfg.calibration_sequences, teacher_id, data_id),
+            method=cfg.progressive.init, seed=cfg.train.seed)
+        assistant_dir = train_stage.train(
+            cfg.train, mid_init, _stage_dir("distill", cfg.train.model_dump(), mid_init.name,
+                                            cache_dir.name if cache_dir else teacher_id, data_id),
+            sequences=None if cache_dir else train_seqs, cache_dir=cache_dir,
+            teacher_dir=teacher.path if online else None)
+        train_cfg = cfg.train.model_copy(update={"assistant_fraction": cfg.train.assistant_fraction or 0.5})
+        cache_dir, online = None, True  # the assistant schedule compares against live models
     student_dir = train_stage.train(
-        cfg.train, init_dir, _stage_dir("distill", cfg.train.model_dump(), init_dir.name,
-                                        cache_dir.name if cache_dir else teacher_id, data_id),
+        train_cfg, init_dir, _stage_dir("distill", train_cfg.model_dump(), init_dir.name,
+                                        cache_dir.name if cache_dir else teacher_id, data_id,
+                                        assistant_dir.name if assistant_dir else None),
         sequences=None if cache_dir else train_seqs, cache_dir=cache_dir,
-        teacher_dir=teacher.path if online else None)
+        teacher_dir=teacher.path if online else None, assistant_dir=assistant_dir)
     models = {"student (KD)" if cfg.train.kd_weight > 0 else "student": student_dir}
     if "ce" in cfg.eval.baselines and cfg.train.kd_weight > 0:
         ce_cfg = cfg.train.model_copy(update={"kd_weight": 0.0, "ce_weight": 1.0, "feature_weight": 0.0,
@@ -172,6 +190,7 @@ def run(cfg: DistillConfig, trust_remote_code: bool = False) -> dict:
                     "init": cfg.student.init, "path": str(student_dir)},
         "plan": plan,
         "artifacts": {"data": str(data_dir), "init": str(init_dir), "cache": str(cache_dir) if cache_dir else None,
+                      "assistant": str(assistant_dir) if assistant_dir else None,
                       "student": str(student_dir), "eval": str(eval_dir),
                       **{f"model:{k}": str(v) for k, v in models.items()}},
         "data": artifact.read_manifest(data_dir)["metrics"],

@@ -55,3 +55,36 @@ def test_distill_the_real_teacher_for_a_few_steps(teacher, teacher_home, monkeyp
     assert main(["distill", str(cfg), "--json", "-q"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["artifacts"] == summary["artifacts"]
+
+
+def _text_data(tmp_path, n=24):
+    import random
+
+    rng = random.Random(0)
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"text": " ".join(f"w{rng.randrange(3, 256)}" for _ in range(20))}) + "\n"
+                            for _ in range(n)))
+    return path
+
+
+def test_pipeline_on_the_tiny_model_with_user_text_and_a_progressive_schedule(tiny_llama_dir, tmp_path, monkeypatch):
+    from edgekit.distill.pipeline import run
+
+    monkeypatch.setenv("EDGEKIT_HOME", str(tmp_path / "home"))
+    cfg = DistillConfig.model_validate({
+        "teacher": str(tiny_llama_dir),
+        "student": {"layers": 1, "hidden_size": 32, "intermediate_size": 64, "heads": 2, "kv_heads": 1},
+        "progressive": {"layers": 2, "hidden_size": 48, "intermediate_size": 96, "heads": 2, "kv_heads": 1},
+        "data": {"sources": [str(_text_data(tmp_path))], "heldout_fraction": 0.25, "max_seq_len": 32},
+        "cache": {"k": 8},
+        "train": {"steps": 2, "batch_size": 2, "precision": "fp32", "warmup_steps": 1},
+        "eval": {"prompts": [], "baselines": ["teacher", "ce"]},
+    })
+    summary = run(cfg)
+    assert summary["artifacts"]["assistant"] and summary["student"]["hidden_size"] == 32
+    rows = summary["evaluation"]["models"]
+    assert set(rows) == {"teacher", "student (KD)", "student (CE only)"}
+    assert rows["student (KD)"]["params"] < rows["teacher"]["params"]
+    assert artifact.read_manifest(summary["artifacts"]["student"])["config"]["assistant"]
+    again = run(cfg)  # nothing reruns
+    assert again["artifacts"] == summary["artifacts"]
