@@ -37,7 +37,7 @@ def home() -> Path:
     return Path(platformdirs.user_cache_dir("edgekit"))
 
 
-def _disk_error(e: OSError, path: Path, needed: int | None = None) -> CacheError:
+def disk_error(e: OSError, path: Path, needed: int | None = None) -> CacheError:
     if e.errno == errno.ENOSPC:
         try:
             free = shutil.disk_usage(path.parent if not path.exists() else path).free
@@ -65,7 +65,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except OSError as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise _disk_error(e, path, len(data)) from e
+        raise disk_error(e, path, len(data)) from e
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -84,7 +84,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     try:
         tmp.mkdir(parents=True)
     except OSError as e:
-        raise _disk_error(e, tmp) from e
+        raise disk_error(e, tmp) from e
     try:
         yield tmp
         _fsync_dir(tmp)
@@ -98,7 +98,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         _fsync_dir(final.parent)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _disk_error(e, final) from e
+        raise disk_error(e, final) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -214,6 +214,11 @@ def _cpuinfo() -> tuple[str, list[str]]:
     return name, [f for f in ISA_FLAGS if f in flags]
 
 
+def cpu_flags() -> list[str]:
+    """This CPU's ISA flags in edgekit's vocabulary (``avx2``, ``amx``, ``neon``, ``dotprod`` ...)."""
+    return _cpuinfo()[1]
+
+
 def _physical_cores() -> int:
     import psutil
 

@@ -139,20 +139,20 @@ KERNEL_COST = {"Q4_1": 1.0, "Q8_0": 1.05, "Q4_0": 1.25, "Q5_0": 1.5, "Q5_1": 1.5
                "Q6_K": 1.2, "Q3_K": 1.3, "Q2_K": 1.3, "IQ4_NL": 1.3}
 
 
-def bytes_read_per_token(arch: Architecture, scheme: Scheme, position: int, kv_bytes: int,
-                         cost_weighted: bool = False) -> float:
-    """Weights touched to decode one token (the embedding table only if it is also the head) + KV so far."""
-    weights = sum(t.nbytes * (KERNEL_COST.get(t.dtype, 1.0) if cost_weighted else 1.0)
-                  for t in scheme.tensors(arch) if t.role != "embedding")
-    return weights + 2 * arch.layers * position * arch.kv_dim * kv_bytes
+def bytes_read_per_token(arch: Architecture, scheme: Scheme, position: int, kv_bytes: int) -> tuple[int, float]:
+    """Bytes decode reads for one token: weights touched (the embedding table only if it is also the
+    head) + the KV cache so far; returned plain and weighted by KERNEL_COST."""
+    read = [t for t in scheme.tensors(arch) if t.role != "embedding"]
+    kv = 2 * arch.layers * position * arch.kv_dim * kv_bytes
+    return (sum(t.nbytes for t in read) + kv,
+            sum(t.nbytes * KERNEL_COST.get(t.dtype, 1.0) for t in read) + kv)
 
 
 def predict_speed(arch: Architecture, scheme: Scheme, device: DeviceProfile, runtime: str, context: int) -> dict:
     rt = RUNTIME_MODELS[runtime]
     fmt = get_format(scheme.format)
     position = min(context, DECODE_POSITION)
-    nbytes = bytes_read_per_token(arch, scheme, position, fmt.kv_dtype_bytes)
-    weighted = bytes_read_per_token(arch, scheme, position, fmt.kv_dtype_bytes, cost_weighted=True)
+    nbytes, weighted = bytes_read_per_token(arch, scheme, position, fmt.kv_dtype_bytes)
     flops_token = 2 * (arch.params_non_embedding + arch.params_embedding) + 4 * arch.layers * position * arch.q_dim
     t_mem = weighted / (device.memory_bandwidth * rt.decode_bandwidth_eff)
     t_cmp = flops_token / (device.cpu.peak_fp32 * rt.prefill_compute_eff)

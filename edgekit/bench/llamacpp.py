@@ -20,10 +20,9 @@ log = logging.getLogger(__name__)
 
 
 def host_has_amx() -> bool:
-    try:
-        return "amx_tile" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    from edgekit.devices import cpu_flags
+
+    return "amx" in cpu_flags()
 
 
 @contextlib.contextmanager
@@ -52,8 +51,9 @@ def open_llama(path: Path, n_ctx: int = 2048, n_threads: int | None = None, logi
         import llama_cpp
     except ImportError as e:
         raise ModelError("llama.cpp is not installed: pip install llama-cpp-python (it compiles llama.cpp)") from e
-    guard = _model_params_without_extra_buffers() if host_has_amx() else contextlib.nullcontext()
-    if host_has_amx():
+    amx = host_has_amx()
+    guard = _model_params_without_extra_buffers() if amx else contextlib.nullcontext()
+    if amx:
         log.debug("AMX CPU: loading %s without llama.cpp's extra buffer types (see edgekit.bench.llamacpp)", path)
     try:
         with guard:

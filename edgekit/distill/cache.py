@@ -29,6 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgekit import artifact
+from edgekit.distill.train import collate
 from edgekit.errors import CacheError
 from edgekit.progress import bar
 
@@ -83,7 +84,7 @@ def _write_shard(path: Path, seqs: list[dict], indices: list[np.ndarray], values
         tmp.replace(path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise artifact._disk_error(e, path) from e
+        raise artifact.disk_error(e, path) from e
 
 
 def build(cfg: CacheConfig, teacher, sequences: list[dict], out_dir: Path) -> Path:
@@ -118,12 +119,8 @@ def build(cfg: CacheConfig, teacher, sequences: list[dict], out_dir: Path) -> Pa
             all_idx, all_val = [], []
             for b in range(0, len(seqs), cfg.batch_size):
                 batch = seqs[b:b + cfg.batch_size]
-                width = max(len(s["input_ids"]) for s in batch)
-                ids = torch.zeros(len(batch), width, dtype=torch.long)
-                mask = torch.zeros(len(batch), width, dtype=torch.long)
-                for i, s in enumerate(batch):
-                    ids[i, :len(s["input_ids"])] = torch.tensor(s["input_ids"])
-                    mask[i, :len(s["input_ids"])] = 1
+                padded = collate(batch, None)
+                ids, mask = padded["input_ids"], padded["attention_mask"]
                 with torch.no_grad():
                     logits = teacher(input_ids=ids, attention_mask=mask).logits
                 for i, s in enumerate(batch):

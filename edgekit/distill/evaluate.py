@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from edgekit.distill.train import collate
 from edgekit.progress import bar
 
 log = logging.getLogger(__name__)
@@ -34,17 +35,8 @@ def _load(folder: Path):
 
 def _batches(sequences: list[dict], batch_size: int):
     for b in range(0, len(sequences), batch_size):
-        chunk = sequences[b:b + batch_size]
-        width = max(len(s["input_ids"]) for s in chunk)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for i, s in enumerate(chunk):
-            n = len(s["input_ids"])
-            ids[i, :n] = torch.tensor(s["input_ids"])
-            labels[i, :n] = torch.tensor(s["labels"])
-            mask[i, :n] = 1
-        yield ids, labels, mask
+        batch = collate(sequences[b:b + batch_size], None)
+        yield batch["input_ids"], batch["labels"], batch["attention_mask"]
 
 
 def score(model, teacher, sequences: list[dict], batch_size: int = 8) -> dict:

@@ -93,7 +93,8 @@ def batch_indices(n_examples: int, batch_size: int, seed: int, micro: int) -> li
     return perm[j * batch_size:(j + 1) * batch_size].tolist()
 
 
-def _pad(rows: list[torch.Tensor], value, width: int) -> torch.Tensor:
+def _pad(rows: list, value, width: int) -> torch.Tensor:
+    rows = [torch.as_tensor(r) for r in rows]
     out = torch.full((len(rows), width, *rows[0].shape[1:]), value, dtype=rows[0].dtype)
     for i, r in enumerate(rows):
         out[i, :len(r)] = r
@@ -101,7 +102,8 @@ def _pad(rows: list[torch.Tensor], value, width: int) -> torch.Tensor:
 
 
 def collate(items: list[dict], sparse_mode: str | None) -> dict:
-    """Right-pad a micro-batch; padded labels are -100, padded sparse targets are harmless zeros."""
+    """Right-pad sequences (lists or tensors) into a batch; padded labels are -100, padded sparse targets
+    are harmless zeros. Used for training, the logit cache and evaluation alike."""
     width = max(len(x["input_ids"]) for x in items)
     batch = {
         "input_ids": _pad([x["input_ids"] for x in items], 0, width),
