@@ -84,3 +84,52 @@ def tiny_copy(tiny_llama_dir, tmp_path) -> Path:
     dst = tmp_path / "model"
     shutil.copytree(tiny_llama_dir, dst)
     return dst
+
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def _tiny_bpe_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A real byte-level BPE (GPT-2 style, like SmolLM2's), trained on a few sentences, with ChatML specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = ["The quick brown fox jumps over the lazy dog.", "Hello world, how are you today?",
+              "Quantization trades bits for accuracy; distillation trades size for speed.",
+              "def add(a, b):\n    return a + b\n", "1234567890 apples and 42 oranges"] * 20
+    tok.train_from_iterator(corpus, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   unk_token=None, pad_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    fast.save_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_bpe_llama_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama (2 layers, hidden 64, vocab 320) with a byte-level BPE tokenizer and a ChatML template.
+
+    Unlike ``tiny_llama_dir`` (word-level tokenizer), llama.cpp and onnxruntime-genai can load its tokenizer,
+    so exporters round-trip it end to end.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-bpe-llama")
+    _tiny_bpe_tokenizer(folder, 320)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
+    return folder
