@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from edgekit import __version__
 from edgekit.errors import EdgekitError
@@ -296,6 +297,76 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _export_config(args, require_quant: bool):
+    from pydantic import ValidationError
+
+    from edgekit.errors import ConfigError, RecipeError
+    from edgekit.export.pipeline import ExportConfig
+
+    if require_quant and not args.quant:
+        raise RecipeError("edgekit quantize needs --quant (e.g. q4_k_m for gguf, int4 for onnx); "
+                          "`edgekit export` without --quant writes the float model")
+    raw = {"model": args.model, "format": args.format, "quant": args.quant, "calibrate": args.calibrate,
+           "calibration": args.calibration or [], "threads": args.threads,
+           "trust_remote_code": args.trust_remote_code}
+    if args.calibration_tokens:
+        raw["calibration_tokens"] = args.calibration_tokens
+    try:
+        return ExportConfig.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'options'}: {x['msg']}" for x in e.errors())
+        raise ConfigError(f"export options: {problems}") from e
+
+
+def _print_export(result: dict) -> None:
+    m = result["manifest"]
+    metrics = m["metrics"]
+    verb = "reused" if result["reused"] else f"exported in {metrics.get('seconds', 0):.0f}s"
+    print(f"{m['label']}  {m['source_model']['name']}  {verb}")
+    print(f"file     {result['path']}/{m['model_file']}  ({format_bytes(metrics['size_bytes'])}, "
+          f"{metrics['bits_per_weight']:.2f} bits/weight)")
+    for fb in metrics.get("fallbacks") or []:
+        print(f"fallback {fb['summary'] if isinstance(fb, dict) else fb}")
+    if metrics.get("imatrix"):
+        print(f"imatrix  {result['path']}/imatrix.safetensors")
+    print(f"manifest {result['path']}/manifest.json")
+
+
+def cmd_export(args, require_quant: bool = False) -> int:
+    from edgekit.export.pipeline import run
+
+    result = run(_export_config(args, require_quant))
+    if args.json:
+        _emit_json({"path": result["path"], "reused": result["reused"], **{k: result["manifest"].get(k) for k in (
+            "label", "format", "quant", "calibrated", "model_file", "metrics", "config", "inputs")}})
+    else:
+        _print_export(result)
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    return cmd_export(args, require_quant=True)
+
+
+def cmd_fidelity(args) -> int:
+    from edgekit.models import resolve_teacher
+    from edgekit.quantize.report import run, to_markdown
+
+    reference = args.reference
+    if reference is None:  # the model the first export was made from
+        from edgekit.artifact import read_manifest
+
+        reference = read_manifest(args.artifacts[0])["config"]["model_path"]
+    ref = resolve_teacher(reference, trust_remote_code=args.trust_remote_code)
+    report = run(ref.path, args.artifacts, texts=args.text, max_tokens=args.max_tokens, threads=args.threads)
+    if args.json:
+        _emit_json(report)
+        return 0
+    print(to_markdown(report))
+    print(f"report   {report['path']}/report.md")
+    return 0
+
+
 # --------------------------------------------------------------------------- argv
 
 
@@ -366,6 +437,37 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--trust-remote-code", action="store_true")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_eval)
+
+    def export_args(sp, quant_help):
+        sp.add_argument("model", nargs="?", default="default",
+                        help="'default' (embedded teacher), a distilled student's folder, an HF folder, .gguf or hub id")
+        sp.add_argument("--format", default="gguf", choices=["gguf", "onnx"])
+        sp.add_argument("--quant", help=quant_help)
+        sp.add_argument("--calibrate", action="store_true",
+                        help="calibrated 4-bit: importance matrix (gguf) or activation-aware int4 (onnx)")
+        sp.add_argument("--calibration", action="append", type=Path, help="calibration text (JSONL/txt; repeatable)")
+        sp.add_argument("--calibration-tokens", type=int, help="at most this many calibration tokens (default 30000)")
+        sp.add_argument("--threads", type=int)
+        sp.add_argument("--trust-remote-code", action="store_true", help="DANGEROUS: allow a model's own Python code")
+        sp.add_argument("--json", action="store_true")
+
+    ex = sub.add_parser("export", parents=[common], help="convert a model to GGUF or ONNX (float or quantized)")
+    export_args(ex, "gguf: f32 | f16 (default) | bf16 | q8_0 | q4_k_m ...; onnx: fp32 (default) | int8 | int4 | int4-b128")
+    ex.set_defaults(func=cmd_export)
+    qu = sub.add_parser("quantize", parents=[common], help="quantize a model: llama.cpp (gguf) or onnxruntime (onnx)")
+    export_args(qu, "required: q8_0 | q4_0 | q4_1 | q5_k_m | q4_k_m ... (gguf); int8 | int4 | int4-b128 (onnx)")
+    qu.set_defaults(func=cmd_quantize)
+
+    fi = sub.add_parser("fidelity", parents=[common],
+                        help="ppl, KL and top-1 of exports vs the full-precision PyTorch model; greedy parity")
+    fi.add_argument("artifacts", nargs="+", type=Path, help="export artifact folders")
+    fi.add_argument("--reference", help="full-precision model (default: the one the first export came from)")
+    fi.add_argument("--text", action="append", type=Path, help="held-out text (JSONL/txt; default: bundled set)")
+    fi.add_argument("--max-tokens", type=int, default=16_384)
+    fi.add_argument("--threads", type=int)
+    fi.add_argument("--trust-remote-code", action="store_true")
+    fi.add_argument("--json", action="store_true")
+    fi.set_defaults(func=cmd_fidelity)
     return p
 
 
@@ -381,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         import os
 
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read by transformers at import
-        for noisy in ("transformers", "huggingface_hub", "urllib3", "filelock"):
+        for noisy in ("transformers", "huggingface_hub", "urllib3", "filelock", "gguf", "optimum", "onnxruntime"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
         import warnings
 

@@ -237,23 +237,31 @@ for _name, _base, _mult, _desc in _GGUF:
 
 
 def _dense_layout(
-    weight_bytes: Callable[[int, int], int], dtype: str, embed_bytes: int, embed_dtype: str
+    weight_bytes: Callable[[int, int], int], dtype: str, embed_bytes: int, embed_dtype: str,
+    head_bytes: Callable[[int, int], int] | None = None,
 ) -> Callable[[Architecture], list[Tensor]]:
     """Layout for exporters that store the embedding (a Gather) and every linear separately.
 
-    The ONNX and ExecuTorch exports keep the token embedding unquantized (a Gather
-    of float rows) and give the LM head its own quantized copy even when the
-    PyTorch model ties them, so a tied model stores the matrix twice.
+    The fp32/fp16 ONNX and the ExecuTorch exports keep the token embedding unquantized (a Gather
+    of float rows) and give the LM head its own quantized copy even when the PyTorch model ties
+    them. The MatMulNBits ONNX exports (``embed_dtype="shared"``) quantize the LM head with
+    ``head_bytes`` and let a tied embedding read that same copy (GatherBlockQuantized), so the
+    vocabulary matrix is stored once.
     """
 
     def layout(a: Architecture) -> list[Tensor]:
         out: list[Tensor] = []
         h, q, kv, inter = a.hidden_size, a.q_dim, a.kv_dim, a.intermediate_size
 
-        def lin(name, row, rows, role):
-            out.append(Tensor(name, row, rows, dtype, weight_bytes(row, rows), role))
+        def lin(name, row, rows, role, nbytes=weight_bytes, kind=dtype):
+            out.append(Tensor(name, row, rows, kind, nbytes(row, rows), role))
 
-        out.append(Tensor("embed_tokens", h, a.vocab_size, embed_dtype, embed_bytes * h * a.vocab_size, "embedding"))
+        shared = embed_dtype == "shared" and a.tie_embeddings
+        if embed_dtype == "shared" and not shared:
+            out.append(Tensor("embed_tokens", h, a.vocab_size, "int8-b32", head_bytes(h, a.vocab_size), "embedding"))
+        elif not shared:
+            out.append(Tensor("embed_tokens", h, a.vocab_size, embed_dtype, embed_bytes * h * a.vocab_size,
+                              "embedding"))
         for i in range(a.layers):
             b = f"layers.{i}."
             out.append(Tensor(b + "input_layernorm", h, 1, "fp32", 4 * h, "norm"))
@@ -266,7 +274,10 @@ def _dense_layout(
             lin(b + "up_proj", h, inter, "mlp")
             lin(b + "down_proj", inter, h, "mlp")
         out.append(Tensor("norm", h, 1, "fp32", 4 * h, "norm"))
-        lin("lm_head", h, a.vocab_size, "output")
+        if head_bytes is not None:
+            lin("lm_head", h, a.vocab_size, "output", head_bytes, "int8-b32")
+        else:
+            lin("lm_head", h, a.vocab_size, "output")
         return out
 
     return layout
@@ -284,16 +295,21 @@ register_format(Format("onnx", ("onnxruntime", "onnxruntime-genai"), ".onnx", 4,
 register_scheme(Scheme("onnx", "fp32", "32-bit float", _dense_layout(lambda r, n: 4 * r * n, "fp32", 4, "fp32")))
 register_scheme(Scheme("onnx", "fp16", "16-bit float", _dense_layout(lambda r, n: 2 * r * n, "fp16", 2, "fp16")))
 register_scheme(Scheme(
-    "onnx", "int8", "int8 weights, per-channel scale (MatMulInteger / dynamic quantization)",
+    "onnx", "int8", "int8 weight-only MatMulNBits, block 32 (fp32 scale + 8-bit zero point); embedding shares it",
+    _dense_layout(_blockwise(8, 32, 4, 8), "int8-b32", 0, "shared", head_bytes=_blockwise(8, 32, 4, 8)),
+))
+register_scheme(Scheme(
+    "onnx", "int8-dynamic", "int8 weights per output channel, int8 activations per tensor (MatMulInteger)",
     _dense_layout(lambda r, n: r * n + 4 * n, "int8", 4, "fp32"),
 ))
 register_scheme(Scheme(
-    "onnx", "int4", "int4 MatMulNBits, block 32, fp32 scale + 4-bit zero point per block (5.125 bpw)",
-    _dense_layout(_blockwise(4, 32, 4, 4), "int4-b32", 4, "fp32"), 32,
+    "onnx", "int4", "int4 MatMulNBits, block 32, fp32 scale + 4-bit zero point per block (5.125 bpw); "
+    "LM head and tied embedding int8",
+    _dense_layout(_blockwise(4, 32, 4, 4), "int4-b32", 0, "shared", head_bytes=_blockwise(8, 32, 4, 8)), 32,
 ))
 register_scheme(Scheme(
-    "onnx", "int4-b128", "int4 MatMulNBits, block 128 (4.28 bpw)",
-    _dense_layout(_blockwise(4, 128, 4, 4), "int4-b128", 4, "fp32"), 128,
+    "onnx", "int4-b128", "int4 MatMulNBits, block 128 (4.28 bpw); LM head and tied embedding int8",
+    _dense_layout(_blockwise(4, 128, 4, 4), "int4-b128", 0, "shared", head_bytes=_blockwise(8, 32, 4, 8)), 128,
 ))
 
 # --------------------------------------------------------------------------- ExecuTorch / XNNPACK

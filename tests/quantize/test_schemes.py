@@ -39,7 +39,7 @@ def test_bits_per_weight_include_scales():
     a = SMOLLM2.with_shape(hidden_size=512, heads=8, kv_heads=2, intermediate_size=1536, tie_embeddings=False)
     assert get_scheme("gguf", "f16").bits_per_weight(a) == pytest.approx(16, abs=0.05)
     assert get_scheme("gguf", "q4_0").bits_per_weight(a) == pytest.approx(4.5, abs=0.5)  # head stays Q6_K
-    assert get_scheme("onnx", "int4").bits_per_weight(a) > 5  # fp32 embedding kept next to an int4 head
+    assert get_scheme("onnx", "int4").bits_per_weight(a) > 5  # int8 head (shared with the embedding) next to int4 blocks
 
 
 def test_unknown_scheme_names_the_choices_and_the_right_format():

@@ -1,0 +1,203 @@
+"""The export stage: one model in, one runtime-ready artifact folder out.
+
+``run(cfg)`` resolves the model (the embedded teacher, a distilled student's
+artifact folder, any HF Llama folder, a ``.gguf`` or a hub id), converts it to
+the requested format and quantization, and writes
+``$EDGEKIT_HOME/artifacts/export-<id>/`` with ``manifest.json``. The id hashes
+the resolved config and the model's identity, so asking twice for the same
+export reuses the folder, and a changed model or key never reuses stale output.
+
+- GGUF: the float model is written with ``gguf``'s writer (f32 as the quantizer's
+  source), then llama.cpp's own quantizer makes the requested type. ``calibrate``
+  computes an importance matrix from calibration text first (llama.cpp's imatrix).
+- ONNX: optimum exports the decoder with its KV cache; onnxruntime's quantization
+  tools make int8 / int4; ``calibrate`` picks the activation-aware int4 variant.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from edgekit import artifact
+from edgekit.errors import RecipeError
+
+log = logging.getLogger(__name__)
+
+RESOURCES = Path(__file__).resolve().parent.parent / "resources"
+DEFAULT_CALIBRATION = RESOURCES / "calibration.jsonl"
+DEFAULT_QUANT = {"gguf": "f16", "onnx": "fp32"}
+GGUF_FLOATS = ("f32", "f16", "bf16")
+# ONNX quant names the exporter understands, and what ``calibrate`` turns each into.
+ONNX_CALIBRATED = {"int4": "int4-awq"}
+
+
+class ExportConfig(BaseModel):
+    """What to export and how; every default lives here."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("default", description="'default' (embedded teacher), a folder, a .gguf, or a hub id")
+    format: Literal["gguf", "onnx"] = "gguf"
+    quant: str | None = Field(None, description="scheme name; default f16 for gguf, fp32 for onnx")
+    calibrate: bool = Field(False, description="calibrated 4-bit: imatrix for gguf, activation-aware int4 for onnx")
+    calibration: list[Path] = Field(default_factory=list,
+                                    description="calibration text files (JSONL/txt); default: the bundled set")
+    calibration_tokens: int = Field(30_000, gt=0, description="at most this many calibration tokens")
+    threads: int | None = Field(None, gt=0)
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _check(self):
+        from edgekit.quantize.schemes import get_scheme
+
+        if self.quant is None:
+            self.quant = DEFAULT_QUANT[self.format]
+        quant = self.quant.lower()
+        self.quant = quant
+        if self.format == "onnx" and quant in ONNX_CALIBRATED.values():
+            self.quant, self.calibrate = next(k for k, v in ONNX_CALIBRATED.items() if v == quant), True
+        else:
+            get_scheme(self.format, quant)  # raises RecipeError listing the valid names
+        if self.calibrate:
+            if self.format == "gguf" and self.quant in GGUF_FLOATS:
+                raise RecipeError(f"calibrate needs a quantized type, not {self.quant}: an importance matrix only "
+                                  "guides quantization; pick e.g. --quant q4_k_m")
+            if self.format == "onnx" and self.quant not in ONNX_CALIBRATED:
+                raise RecipeError(f"calibrate is available for onnx {', '.join(ONNX_CALIBRATED)} only, not "
+                                  f"{self.quant}; drop --calibrate or use --quant int4")
+        return self
+
+    @property
+    def exporter_quant(self) -> str:
+        """The name the format's exporter is called with."""
+        if self.format == "onnx" and self.calibrate:
+            return ONNX_CALIBRATED[self.quant]
+        return self.quant
+
+    @property
+    def label(self) -> str:
+        return f"{self.format}-{self.quant}" + ("-calibrated" if self.calibrate else "")
+
+
+def _model_id(teacher) -> str:
+    """The model's identity: its file hashes (manifest or GGUF) when known, else names, sizes and mtimes."""
+    from edgekit.distill.data import _folder_id
+
+    return _folder_id(teacher.path)
+
+
+def calibration_texts(paths: list[Path], tokenizer, max_tokens: int) -> list[str]:
+    """Rendered calibration texts (chat examples through the chat template), up to ``max_tokens`` tokens."""
+    from edgekit.distill.data import load_examples, render_text
+
+    examples = load_examples(paths or [DEFAULT_CALIBRATION])
+    texts, total = [], 0
+    for e in examples:
+        if "messages" in e and e["messages"][-1]["role"] != "assistant":
+            continue
+        text = render_text(e, tokenizer)
+        texts.append(text)
+        total += len(tokenizer(text, add_special_tokens=False).input_ids)
+        if total >= max_tokens:
+            break
+    if not texts:
+        raise RecipeError(f"no calibration text in {', '.join(map(str, paths))}: give JSONL/txt files with "
+                          "'text' records or finished chats")
+    return texts
+
+
+def artifact_dir(cfg: ExportConfig, model_id: str) -> Path:
+    key = cfg.model_dump(mode="json", exclude={"model", "threads", "trust_remote_code"})
+    key["calibration"] = [artifact.sha256_file(Path(p)) for p in (cfg.calibration or [DEFAULT_CALIBRATION])] \
+        if cfg.calibrate else []
+    return artifact.home() / "artifacts" / f"export-{artifact.content_id('export', key, model_id)}"
+
+
+def run(cfg: ExportConfig) -> dict:
+    """Export (reusing an intact earlier export); returns ``{"path", "reused", "manifest"}``."""
+    from edgekit.models import resolve_teacher
+
+    model = resolve_teacher(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    model_id = _model_id(model)
+    out = artifact_dir(cfg, model_id)
+    if (out / artifact.MANIFEST).is_file():
+        problems = artifact.verify_manifest(out)
+        if not problems:
+            log.info("reusing %s", out)
+            return {"path": str(out), "reused": True, "manifest": artifact.read_manifest(out)}
+        log.warning("rebuilding %s: %s", out, "; ".join(problems[:3]))
+
+    t0 = time.perf_counter()
+    inputs = {"model": model_id}
+    config = {**cfg.model_dump(mode="json"), "model_path": str(model.path), "model_name": model.name}
+    with artifact.atomic_dir(out) as tmp:
+        texts = None
+        if cfg.calibrate:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(model.path))
+            texts = calibration_texts(cfg.calibration, tok, cfg.calibration_tokens)
+        if cfg.format == "gguf":
+            summary = _export_gguf(cfg, model, tmp, texts)
+        else:
+            summary = _export_onnx(cfg, model, tmp, texts)
+        summary["seconds"] = round(time.perf_counter() - t0, 1)
+        summary["params"] = model.arch.params
+        manifest = artifact.write_manifest(
+            tmp, "export", config, inputs, metrics=summary,
+            extra={"format": cfg.format, "quant": cfg.quant, "calibrated": cfg.calibrate, "label": cfg.label,
+                   "model_file": summary["model_file"], "source_model": model.describe()},
+        )
+    log.info("exported %s to %s in %.0fs", cfg.label, out, time.perf_counter() - t0)
+    return {"path": str(out), "reused": False, "manifest": manifest}
+
+
+def _export_gguf(cfg: ExportConfig, model, tmp: Path, texts: list[str] | None) -> dict:
+    from edgekit.export.gguf import export_gguf
+    from edgekit.quantize.gguf import compute_imatrix, quantize_gguf, save_imatrix
+
+    meta = {"name": model.name, "license": model.license, "teacher": model.origin}
+    final = tmp / "model.gguf"
+    if cfg.quant in GGUF_FLOATS:
+        written = export_gguf(model.path, final, cfg.quant, **meta)
+        return {"model_file": final.name, "size_bytes": final.stat().st_size, "export": written,
+                "bits_per_weight": 8 * final.stat().st_size / model.arch.params}
+    source = tmp / "source-f32.gguf.tmp"  # the quantizer's input; deleted before the manifest is written
+    try:
+        export_gguf(model.path, source, "f32", **meta)
+        imatrix = None
+        if texts is not None:
+            imatrix = compute_imatrix(model.path, texts, max_tokens=cfg.calibration_tokens)
+            save_imatrix(tmp / "imatrix.safetensors", imatrix, {"texts": len(texts), "model": model.name})
+        report = quantize_gguf(source, final, cfg.quant, imatrix=imatrix, nthreads=cfg.threads)
+    finally:
+        source.unlink(missing_ok=True)
+    artifact.atomic_write_text(tmp / "quant_report.json", _json(report))
+    return {"model_file": final.name, "size_bytes": final.stat().st_size,
+            "bits_per_weight": report["bits_per_weight"], "fallbacks": report["fallbacks"],
+            "imatrix": texts is not None}
+
+
+def _export_onnx(cfg: ExportConfig, model, tmp: Path, texts: list[str] | None) -> dict:
+    from edgekit.export.onnx import export_onnx
+
+    work = tmp / "onnx"
+    summary = export_onnx(model.path, work, cfg.exporter_quant, calibration_texts=texts)
+    for p in work.iterdir():  # flatten: the artifact folder is the ONNX folder
+        shutil.move(str(p), tmp / p.name)
+    work.rmdir()
+    size = sum(p.stat().st_size for p in tmp.iterdir() if p.name.startswith("model.onnx"))
+    return {"model_file": "model.onnx", "size_bytes": size, "bits_per_weight": 8 * size / model.arch.params,
+            "export": summary}
+
+
+def _json(obj) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, default=str) + "\n"

@@ -1,0 +1,68 @@
+"""The fidelity report: exact exports score as exact, lossy ones as lossy, and the maths is right."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edgekit.export.pipeline import ExportConfig, run
+from edgekit.quantize import report
+
+
+def test_tally_matches_hand_computed_kl_and_agreement():
+    ref = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    cand = np.array([[1.0, 0.5, -1.0], [0.0, 0.0, 1.0]], dtype=np.float32)
+    targets = torch.tensor([0, 2])
+    t = report._Tally()
+    t.add(F.log_softmax(ref, -1), cand, targets)
+    r = t.result()
+    p, q = F.softmax(ref, -1), F.softmax(torch.from_numpy(cand), -1)
+    kl = (p * (p.log() - q.log())).sum(-1)
+    assert r["kl_mean"] == pytest.approx(float(kl.mean()), rel=1e-5)
+    assert r["top1_agreement"] == 0.5  # row 0 agrees (index 0), row 1 does not (1 vs 2)
+    nll = -(math.log(float(q[0, 0])) + math.log(float(q[1, 2]))) / 2
+    assert r["perplexity"] == pytest.approx(math.exp(nll), rel=1e-5)
+
+
+def test_tally_of_identical_logits_is_zero_kl_full_agreement():
+    logits = torch.randn(7, 11)
+    t = report._Tally()
+    t.add(F.log_softmax(logits, -1), logits.numpy(), torch.randint(0, 11, (7,)))
+    r = t.result()
+    assert r["kl_mean"] == pytest.approx(0.0, abs=1e-6) and r["top1_agreement"] == 1.0
+
+
+def test_fidelity_of_tiny_exports(tiny_bpe_llama_dir, home):
+    """f32 GGUF and fp32 ONNX reproduce PyTorch; q4_0 is measurably lossy; greedy parity is counted."""
+    paths = [run(ExportConfig(model=str(tiny_bpe_llama_dir), format=f, quant=q))["path"]
+             for f, q in (("gguf", "f32"), ("gguf", "q4_0"), ("onnx", "fp32"))]
+    rep = report.run(tiny_bpe_llama_dir, paths, max_tokens=600)
+    rows = {r["label"]: r for r in rep["rows"]}
+    assert rep["tokens"] > 300
+    ref = rows["pytorch-fp32 (reference)"]
+    assert ref["kl_mean"] == pytest.approx(0, abs=1e-6) and ref["top1_agreement"] == 1.0
+    for exact in ("gguf-f32", "onnx-fp32"):
+        assert rows[exact]["kl_mean"] < 1e-4, exact
+        assert rows[exact]["top1_agreement"] > 0.99, exact
+        assert rows[exact]["greedy_match"] == report.GREEDY_TOKENS, exact
+        assert abs(rows[exact]["ppl_delta_pct"]) < 0.1
+    assert rows["gguf-q4_0"]["kl_mean"] > 10 * rows["gguf-f32"]["kl_mean"]
+    md = report.to_markdown(rep)
+    assert "| gguf-q4_0 |" in md and "greedy match" in md
+    again = report.run(tiny_bpe_llama_dir, paths, max_tokens=600)
+    assert again["reused"] and again["path"] == rep["path"]
+
+
+def test_fidelity_refuses_a_non_export_folder(tiny_bpe_llama_dir, tmp_path):
+    from edgekit import artifact
+    from edgekit.errors import EdgekitError
+
+    folder = tmp_path / "x"
+    folder.mkdir()
+    artifact.write_manifest(folder, "distill", {})
+    with pytest.raises(EdgekitError, match="not an export"):
+        report.open_export(folder, 128)
