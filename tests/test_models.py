@@ -180,3 +180,23 @@ def test_teacher_generates_a_sensible_answer(teacher):
                                   add_generation_prompt=True, return_tensors="pt")
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+
+
+@pytest.mark.slow
+def test_converted_tokenizer_says_what_the_gguf_says(teacher):
+    """No BOS added (the GGUF's add_bos is false), EOS is <|im_end|>, digits split one by one ('smollm'),
+    and llama.cpp tokenizes the original embedded GGUF exactly as the converted HF tokenizer does."""
+    from transformers import AutoTokenizer
+
+    from edgekit.bench.llamacpp import open_llama
+
+    tok = AutoTokenizer.from_pretrained(str(teacher.path))
+    assert tok.eos_token == "<|im_end|>" and tok.bos_token == "<|im_start|>"
+    assert tok("hi").input_ids == tok("hi", add_special_tokens=False).input_ids
+    assert [tok.decode([i]) for i in tok("2024", add_special_tokens=False).input_ids] == ["2", "0", "2", "4"]
+    llm = open_llama(teacher.gguf, n_ctx=256)
+    for text in ["Hello world! 12345 apples, 3.14 and 2024-11-24.", "  spaces\n\ttabs\n\nlines", "émoji 😀 中文",
+                 "<|im_start|>user\nhi<|im_end|>\n", "def f(x):\n    return x**2"]:
+        ids = tok(text, add_special_tokens=False).input_ids
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, text
+        assert tok.decode(ids) == text

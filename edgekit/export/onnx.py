@@ -17,8 +17,9 @@ What does each step:
      (SmolLM2's down_proj inputs) punish hard (KL 0.56 on the teacher, worse than int4).
    - ``int4`` / ``int4-b128``: ``MatMulNBitsQuantizer``'s default algorithm: round to
      nearest, asymmetric, an fp32 scale and a 4-bit zero point per block of 32 (128) weights,
-     accuracy_level 4 (int8 dot products on CPU). Like llama.cpp's mixes, the LM head -- the
-     most sensitive matrix of a small model, and here also the tied embedding -- stays 8-bit.
+     accuracy_level 4 (int8 dot products on CPU). Like llama.cpp's ``_M`` mixes, the most
+     sensitive matrices get more bits: the LM head (here also the tied embedding), and v_proj
+     and down_proj in the layers llama.cpp's ``use_more_bits`` picks, are 8-bit blocks.
    - ``int4-awq``: the same MatMulNBits format after activation-aware scaling of the PyTorch
      weights on calibration text (``edgekit.quantize.awq``, which says why it is hand-written:
      onnxruntime 1.32's GPTQ runs without extra packages but returns round-to-nearest weights).
@@ -399,12 +400,14 @@ def _quantize(model, spec: OnnxQuant, work: Path):
     bits = 8 if spec.kind == "int8" else 4
     # accuracy_level 4 (int8 dot products): at the default level onnxruntime 1.32's CPU kernel dequantizes
     # 8-bit blocks on every call (~15x slower than fp32) and 4-bit decode is ~38 % slower, for the same KL.
-    model = _quantize_rtn(model, spec.block_size, bits, 4, exclude=[head_node.name] if bits == 4 else None)
+    more = _more_bits_nodes(model) if bits == 4 else []
+    model = _quantize_rtn(model, spec.block_size, bits, 4, exclude=[head_node.name, *more] if bits == 4 else None)
     weights = (f"{ort} MatMulNBitsQuantizer default algorithm (round to nearest), {bits}-bit, block {spec.block_size}, "
                "asymmetric, accuracy_level 4")
     if bits == 4:
-        model = _quantize_rtn(model, HEAD_BLOCK, HEAD_BITS, 4, include=[head_node.name])
-        weights += f"; LM head {HEAD_BITS}-bit, block {HEAD_BLOCK}"
+        model = _quantize_rtn(model, HEAD_BLOCK, HEAD_BITS, 4, include=[head_node.name, *more])
+        weights += (f"; LM head and {len(more)} v_proj/down_proj of the use_more_bits layers {HEAD_BITS}-bit, "
+                    f"block {HEAD_BLOCK} (llama.cpp's _M mix)")
     if spec.algorithm == "awq":
         weights = "edgekit.quantize.awq activation-aware scaling (PyTorch), then " + weights
     head_bits, head_block = (HEAD_BITS, HEAD_BLOCK) if bits == 4 else (bits, spec.block_size)
@@ -457,6 +460,24 @@ def _materialize_tied_head(model) -> str | None:
             model.graph.node.remove(node)
             return src.name
     return None
+
+
+def _more_bits_nodes(model) -> list[str]:
+    """The v_proj and down_proj MatMuls that llama.cpp's ``_M`` mixes give more bits (``use_more_bits`` layers).
+
+    llama.cpp keeps attn_v and ffn_down at Q6_K in the first and last eighth of the layers and every
+    third layer between; the 4-bit ONNX exports do the same with 8-bit blocks, the most sensitive
+    matrices of a small model getting the bits (on the teacher: KL to fp32 roughly halves for +7 % size).
+    """
+    import re
+
+    from edgekit.quantize.schemes import use_more_bits
+
+    pattern = re.compile(r"/model/layers\.(\d+)/(self_attn/v_proj|mlp/down_proj)/MatMul$")
+    found = [(int(m.group(1)), n.name) for n in model.graph.node if n.op_type == "MatMul"
+             and (m := pattern.search(n.name))]
+    layers = 1 + max((i for i, _ in found), default=-1)
+    return [name for i, name in found if use_more_bits(i, layers)]
 
 
 def _lm_head(model):

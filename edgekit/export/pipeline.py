@@ -35,6 +35,8 @@ DEFAULT_QUANT = {"gguf": "f16", "onnx": "fp32"}
 GGUF_FLOATS = ("f32", "f16", "bf16")
 # ONNX quant names the exporter understands, and what ``calibrate`` turns each into.
 ONNX_CALIBRATED = {"int4": "int4-awq"}
+# Bump when an exporter's output changes for the same config, so older artifacts are not reused.
+EXPORTER_VERSION = {"gguf": 1, "onnx": 2}
 
 
 class ExportConfig(BaseModel):
@@ -114,6 +116,7 @@ def calibration_texts(paths: list[Path], tokenizer, max_tokens: int) -> list[str
 
 def artifact_dir(cfg: ExportConfig, model_id: str) -> Path:
     key = cfg.model_dump(mode="json", exclude={"model", "threads", "trust_remote_code"})
+    key["exporter"] = EXPORTER_VERSION[cfg.format]
     key["calibration"] = [artifact.sha256_file(Path(p)) for p in (cfg.calibration or [DEFAULT_CALIBRATION])] \
         if cfg.calibrate else []
     return artifact.home() / "artifacts" / f"export-{artifact.content_id('export', key, model_id)}"

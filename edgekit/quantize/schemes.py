@@ -136,7 +136,7 @@ def _ggml_block(dtype: str) -> int:
 _K_FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
 
-def _use_more_bits(i: int, n: int) -> bool:
+def use_more_bits(i: int, n: int) -> bool:
     # llama.cpp: the first and last eighth of the layers, and every third layer between.
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
@@ -149,7 +149,7 @@ def _gguf_type(ftype: str, base: str, role: str, kind: str, i: int, n: int, row:
     if role == "output":
         want = "Q8_0" if row % 256 else ("Q8_0" if base == "Q8_0" else "Q6_K")
     elif kind == "attn_v":
-        if ftype in ("q4_k_m", "q5_k_m") and _use_more_bits(i, n):
+        if ftype in ("q4_k_m", "q5_k_m") and use_more_bits(i, n):
             want = "Q6_K"
         elif ftype == "q4_k_s" and i < 4:
             want = "Q5_K"
@@ -158,12 +158,12 @@ def _gguf_type(ftype: str, base: str, role: str, kind: str, i: int, n: int, row:
         elif ftype == "q2_k":
             want = "Q3_K"
     elif kind == "ffn_down":
-        if ftype in ("q4_k_m", "q5_k_m") and _use_more_bits(i, n):
+        if ftype in ("q4_k_m", "q5_k_m") and use_more_bits(i, n):
             want = "Q6_K"
         elif ftype == "q4_k_s" and i < n // 8:
             want = "Q5_K"
         elif ftype == "q3_k_m":
-            want = "Q5_K" if i < n // 16 else ("Q4_K" if _use_more_bits(i, n) else "Q3_K")
+            want = "Q5_K" if i < n // 16 else ("Q4_K" if use_more_bits(i, n) else "Q3_K")
         elif ftype == "q2_k":
             want = "Q3_K"
     elif kind == "attn_output" and ftype == "q3_k_m":
@@ -238,7 +238,7 @@ for _name, _base, _mult, _desc in _GGUF:
 
 def _dense_layout(
     weight_bytes: Callable[[int, int], int], dtype: str, embed_bytes: int, embed_dtype: str,
-    head_bytes: Callable[[int, int], int] | None = None,
+    head_bytes: Callable[[int, int], int] | None = None, mix: bool = False,
 ) -> Callable[[Architecture], list[Tensor]]:
     """Layout for exporters that store the embedding (a Gather) and every linear separately.
 
@@ -246,7 +246,8 @@ def _dense_layout(
     of float rows) and give the LM head its own quantized copy even when the PyTorch model ties
     them. The MatMulNBits ONNX exports (``embed_dtype="shared"``) quantize the LM head with
     ``head_bytes`` and let a tied embedding read that same copy (GatherBlockQuantized), so the
-    vocabulary matrix is stored once.
+    vocabulary matrix is stored once. ``mix`` also gives v_proj and down_proj of the
+    :func:`use_more_bits` layers ``head_bytes`` (llama.cpp's ``_M`` idea, as the int4 exports do).
     """
 
     def layout(a: Architecture) -> list[Tensor]:
@@ -267,12 +268,19 @@ def _dense_layout(
             out.append(Tensor(b + "input_layernorm", h, 1, "fp32", 4 * h, "norm"))
             lin(b + "q_proj", h, q, "attention")
             lin(b + "k_proj", h, kv, "attention")
-            lin(b + "v_proj", h, kv, "attention")
+            more = mix and use_more_bits(i, a.layers)
+            if more:
+                lin(b + "v_proj", h, kv, "attention", head_bytes, "int8-b32")
+            else:
+                lin(b + "v_proj", h, kv, "attention")
             lin(b + "o_proj", q, h, "attention")
             out.append(Tensor(b + "post_attention_layernorm", h, 1, "fp32", 4 * h, "norm"))
             lin(b + "gate_proj", h, inter, "mlp")
             lin(b + "up_proj", h, inter, "mlp")
-            lin(b + "down_proj", inter, h, "mlp")
+            if more:
+                lin(b + "down_proj", inter, h, "mlp", head_bytes, "int8-b32")
+            else:
+                lin(b + "down_proj", inter, h, "mlp")
         out.append(Tensor("norm", h, 1, "fp32", 4 * h, "norm"))
         if head_bytes is not None:
             lin("lm_head", h, a.vocab_size, "output", head_bytes, "int8-b32")
@@ -304,12 +312,14 @@ register_scheme(Scheme(
 ))
 register_scheme(Scheme(
     "onnx", "int4", "int4 MatMulNBits, block 32, fp32 scale + 4-bit zero point per block (5.125 bpw); "
-    "LM head and tied embedding int8",
-    _dense_layout(_blockwise(4, 32, 4, 4), "int4-b32", 0, "shared", head_bytes=_blockwise(8, 32, 4, 8)), 32,
+    "LM head, tied embedding and the _M mix's v_proj/down_proj int8",
+    _dense_layout(_blockwise(4, 32, 4, 4), "int4-b32", 0, "shared", head_bytes=_blockwise(8, 32, 4, 8), mix=True),
+    32,
 ))
 register_scheme(Scheme(
-    "onnx", "int4-b128", "int4 MatMulNBits, block 128 (4.28 bpw); LM head and tied embedding int8",
-    _dense_layout(_blockwise(4, 128, 4, 4), "int4-b128", 0, "shared", head_bytes=_blockwise(8, 32, 4, 8)), 128,
+    "onnx", "int4-b128", "int4 MatMulNBits, block 128 (4.28 bpw); LM head, tied embedding and _M mix int8",
+    _dense_layout(_blockwise(4, 128, 4, 4), "int4-b128", 0, "shared", head_bytes=_blockwise(8, 32, 4, 8), mix=True),
+    128,
 ))
 
 # --------------------------------------------------------------------------- ExecuTorch / XNNPACK

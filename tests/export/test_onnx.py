@@ -185,8 +185,10 @@ def test_matmulnbits_exports_have_their_bits_block_and_a_quantized_embedding(exp
     head = next(n for n in nbits if "logits" in n.output)
     for node in nbits:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        # the LM head (shared with the tied embedding) stays 8-bit, block 32, as llama.cpp keeps its output
-        want = (8, 32) if node is head else (bits, block)
+        # the LM head (shared with the tied embedding) stays 8-bit, block 32, as llama.cpp keeps its output;
+        # so do v_proj and down_proj of the layers llama.cpp's use_more_bits picks (of 2 layers: the last)
+        more = "/layers.1/self_attn/v_proj/" in node.name or "/layers.1/mlp/down_proj/" in node.name
+        want = (8, 32) if node is head or (bits == 4 and more) else (bits, block)
         assert (attrs["bits"], attrs["block_size"]) == want, node.name
         assert attrs.get("accuracy_level", 0) == 4
         assert len(node.input) == 4  # asymmetric: zero points present
@@ -382,3 +384,19 @@ def test_teacher_int4_runs_and_mostly_agrees_with_fp32(teacher_exports, teacher_
     assert top1 >= 0.5
     chat = tok.apply_chat_template(CHAT, add_generation_prompt=True)
     assert len(genai_generate(folder, chat, 16)) > 0
+
+
+@pytest.mark.slow
+def test_teacher_folder_tokenizes_in_onnxruntime_genai_like_transformers(teacher_exports, teacher_torch):
+    """onnxruntime-genai's own tokenizer reads the exported tokenizer files and agrees with transformers."""
+    import onnxruntime_genai as og
+    from transformers import AutoTokenizer
+
+    folder = teacher_exports["fp32"][0]
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    og_tok = og.Tokenizer(og.Model(str(folder)))
+    for text in ["Hello world! 12345 apples, 3.14 and 2024-11-24.", "<|im_start|>user\nhi<|im_end|>\n",
+                 "  spaces\n\ttabs émoji 😀"]:
+        ids = tok(text, add_special_tokens=False).input_ids
+        assert list(og_tok.encode(text)) == ids, text
+        assert og_tok.decode(ids) == text

@@ -66,3 +66,27 @@ def test_fidelity_refuses_a_non_export_folder(tiny_bpe_llama_dir, tmp_path):
     artifact.write_manifest(folder, "distill", {})
     with pytest.raises(EdgekitError, match="not an export"):
         report.open_export(folder, 128)
+
+
+@pytest.mark.slow
+def test_teacher_quantize_and_fidelity_through_the_cli(teacher, teacher_home, monkeypatch, capsys):
+    """The real teacher end to end: q8_0, q4_k_m and imatrix-calibrated q4_k_m GGUFs, and the fidelity table.
+
+    8-bit is close to lossless, 4-bit costs measurably more, and the importance matrix helps 4-bit."""
+    import json
+
+    from edgekit.cli import main
+
+    monkeypatch.setenv("EDGEKIT_HOME", str(teacher_home))
+    paths = {}
+    for label, extra in (("q8_0", []), ("q4_k_m", []), ("q4_k_m-cal", ["--calibrate", "--calibration-tokens", "8000"])):
+        quant = label.split("-")[0]
+        assert main(["quantize", "default", "--format", "gguf", "--quant", quant, *extra, "--json", "-q"]) == 0
+        paths[label] = json.loads(capsys.readouterr().out)["path"]
+    assert main(["fidelity", *paths.values(), "--max-tokens", "3000", "--json", "-q"]) == 0
+    rows = {r["label"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    q8, q4, cal = rows["gguf-q8_0"], rows["gguf-q4_k_m"], rows["gguf-q4_k_m-calibrated"]
+    assert q8["kl_mean"] < 0.01 and q8["top1_agreement"] > 0.95
+    assert q4["kl_mean"] > 3 * q8["kl_mean"]
+    assert cal["kl_mean"] < 0.9 * q4["kl_mean"]
+    assert q8["size_bytes"] > q4["size_bytes"] == cal["size_bytes"]
