@@ -7,7 +7,7 @@ then runs the fidelity stage (edgekit.quantize.report) on the bundled held-out c
 and top-1 agreement against the PyTorch fp32 model, file size, bits per weight, and a 64-token greedy
 generation compared token by token.
 
-    python benchmarks/quant_fidelity.py [--max-tokens 16384] [--threads 2]
+    python benchmarks/quant_fidelity.py [--max-tokens 16384] [--threads 2] [--model default|FOLDER]
 
 Prints Markdown, checks the targets of issue #5, writes benchmarks/out/quant_fidelity.json.
 """
@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16_384, help="held-out tokens scored")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip-onnx", action="store_true")
+    ap.add_argument("--model", default="default",
+                    help="model to export (default: the embedded teacher; e.g. a distilled student's folder)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "quant_fidelity.json"))
     args = ap.parse_args()
 
@@ -60,14 +62,14 @@ def main() -> None:
         jobs += [{"format": "onnx", "quant": q} for q in ONNX] + [{"format": "onnx", "quant": "int4", "calibrate": True}]
     exports, timings = [], {}
     for job in jobs:
-        cfg = ExportConfig.model_validate({"model": "default", "threads": args.threads, **job})
+        cfg = ExportConfig.model_validate({"model": args.model, "threads": args.threads, **job})
         r = run(cfg)
         exports.append(Path(r["path"]))
         timings[cfg.label] = r["manifest"]["metrics"].get("seconds")
         print(f"{cfg.label:<28} {r['path']} ({'reused' if r['reused'] else 'built'})", file=sys.stderr)
 
-    teacher = resolve_teacher("default")
-    rep = report.run(teacher.path, exports, max_tokens=args.max_tokens, threads=args.threads)
+    model = resolve_teacher(args.model)
+    rep = report.run(model.path, exports, max_tokens=args.max_tokens, threads=args.threads)
     md = report.to_markdown(rep)
     print(md)
 

@@ -367,6 +367,93 @@ def cmd_fidelity(args) -> int:
     return 0
 
 
+def _fidelity_reports(paths: list[Path] | None) -> list[dict]:
+    from edgekit.errors import ConfigError
+
+    reports = []
+    for p in paths or []:
+        p = Path(p) / "report.json" if Path(p).is_dir() else Path(p)
+        try:
+            reports.append(json.loads(p.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read fidelity report {p}: {e}; pass a fidelity-<id> folder or its "
+                              "report.json (made by `edgekit fidelity`)") from e
+    return reports
+
+
+def _report_inputs(args, results: dict):
+    """Devices to project onto and the architecture of the benchmarked model (from its source config)."""
+    from edgekit.arch import Architecture
+    from edgekit.devices import list_devices, load_device
+
+    devices = [load_device(d) for d in args.device] if args.device else list_devices()
+    arch = None
+    for run in results["runs"]:
+        src = run.get("artifact")
+        if not src:
+            continue
+        src = Path(src)
+        cfg = src / "config.json"
+        if not cfg.is_file() and (src / "manifest.json").is_file():
+            from edgekit.artifact import read_manifest
+
+            cfg = Path(read_manifest(src).get("config", {}).get("model_path", "")) / "config.json"
+        if cfg.is_file():
+            arch = Architecture.from_hf_config(json.loads(cfg.read_text()), str(cfg))
+            break
+    return devices, arch
+
+
+def cmd_bench(args) -> int:
+    import time as _time
+
+    from edgekit import artifact
+    from edgekit.bench.measure import run_benchmark
+    from edgekit.bench.report import to_markdown, write_report
+
+    runtimes = [r for spec in args.runtimes or [] for r in spec.split(",") if r] or None
+    results = run_benchmark(args.artifacts, runtimes, repeats=args.repeats, warmup=args.warmup,
+                            threads=args.threads, prompt_lengths=tuple(args.prompt_lengths),
+                            decode_tokens=args.decode_tokens, remote=args.remote)
+    devices, arch = _report_inputs(args, results)
+    out = args.out or artifact.home() / "artifacts" / (
+        "bench-" + artifact.content_id([str(a) for a in args.artifacts], _time.time()))
+    out.mkdir(parents=True, exist_ok=True)
+    paths = write_report(results, out, _fidelity_reports(args.fidelity), devices=devices, arch=arch)
+    if args.json:
+        _emit_json(json.loads(paths["json"].read_text()))
+        return 0
+    print(paths["markdown"].read_text() if paths.get("markdown") else to_markdown(results, []))
+    for kind, p in paths.items():
+        print(f"{kind:<9}{p}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from edgekit.bench.report import write_report
+    from edgekit.errors import ConfigError
+
+    try:
+        results = json.loads(Path(args.results).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {args.results}: {e}; pass the results.json `edgekit bench` wrote") from e
+    try:
+        devices, arch = _report_inputs(args, results)
+        out = args.out or Path(args.results).parent
+        out.mkdir(parents=True, exist_ok=True)
+        paths = write_report(results, out, _fidelity_reports(args.fidelity), devices=devices, arch=arch)
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"{args.results} is not an edgekit benchmark result: {e}") from e
+    if args.html:
+        import shutil
+
+        shutil.copyfile(paths["html"], args.html)
+        paths["html"] = args.html
+    for kind, p in paths.items():
+        print(f"{kind:<9}{p}")
+    return 0
+
+
 # --------------------------------------------------------------------------- argv
 
 
@@ -468,6 +555,31 @@ def _parser() -> argparse.ArgumentParser:
     fi.add_argument("--trust-remote-code", action="store_true")
     fi.add_argument("--json", action="store_true")
     fi.set_defaults(func=cmd_fidelity)
+
+    be = sub.add_parser("bench", parents=[common],
+                        help="measure exports on every installed runtime; project to devices; JSON/MD/HTML report")
+    be.add_argument("artifacts", nargs="+", type=Path, help="export artifact folders (or HF folders for PyTorch)")
+    be.add_argument("--runtimes", action="append", help="comma-separated subset: llama.cpp,onnxruntime,"
+                    "onnxruntime-genai,pytorch (default: all that can run each format)")
+    be.add_argument("--device", action="append", help="project onto this device (repeatable; default: all profiles)")
+    be.add_argument("--repeats", type=int, default=5)
+    be.add_argument("--warmup", type=int, default=1)
+    be.add_argument("--threads", type=int, help="threads per runtime (default: physical cores)")
+    be.add_argument("--prompt-lengths", type=int, nargs="+", default=[128, 512])
+    be.add_argument("--decode-tokens", type=int, default=128)
+    be.add_argument("--fidelity", action="append", type=Path, help="fidelity report(s) to join quality columns from")
+    be.add_argument("--remote", help="user@host: run the same worker over ssh (artifacts at the same paths there)")
+    be.add_argument("--out", type=Path, help="report folder (default: $EDGEKIT_HOME/artifacts/bench-<id>)")
+    be.add_argument("--json", action="store_true")
+    be.set_defaults(func=cmd_bench)
+
+    re_ = sub.add_parser("report", parents=[common], help="re-render a benchmark's Markdown/HTML report")
+    re_.add_argument("results", type=Path, help="results.json written by `edgekit bench`")
+    re_.add_argument("--html", type=Path, help="also copy the HTML report here")
+    re_.add_argument("--fidelity", action="append", type=Path)
+    re_.add_argument("--device", action="append")
+    re_.add_argument("--out", type=Path, help="folder for results.json/report.md/report.html (default: beside it)")
+    re_.set_defaults(func=cmd_report)
     return p
 
 

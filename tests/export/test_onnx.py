@@ -378,7 +378,7 @@ def test_teacher_int4_runs_and_mostly_agrees_with_fp32(teacher_exports, teacher_
     _, tok = teacher_torch
     folder, summary = teacher_exports["int4"]
     assert summary["quantized_ops"]["MatMulNBits"] == 30 * 7 + 1
-    assert summary["model_bytes"] < 100e6  # the fp32 teacher is ~540 MB
+    assert summary["model_bytes"] < 115e6  # the fp32 teacher is ~540 MB; int4 with its 8-bit head and _M mix 109 MB
     ids = tok(HELD_OUT + " The sky is blue because sunlight is scattered by the air.")["input_ids"]
     _, top1 = kl_and_top1(_ort(teacher_exports["fp32"][0]).logits(ids), _ort(folder).logits(ids))
     assert top1 >= 0.5
@@ -399,4 +399,4 @@ def test_teacher_folder_tokenizes_in_onnxruntime_genai_like_transformers(teacher
                  "  spaces\n\ttabs émoji 😀"]:
         ids = tok(text, add_special_tokens=False).input_ids
         assert list(og_tok.encode(text)) == ids, text
-        assert og_tok.decode(ids) == text
+        assert og_tok.decode(ids) == tok.decode(ids, skip_special_tokens=True)  # genai drops special tokens

@@ -1,0 +1,41 @@
+"""`edgekit bench` and `edgekit report` end to end on the tiny model (threads=1, tiny settings)."""
+
+from __future__ import annotations
+
+import json
+
+from edgekit.cli import main
+from edgekit.export.pipeline import ExportConfig, run
+
+
+def test_bench_then_report(tiny_bpe_llama_dir, home, tmp_path, capsys):
+    gguf = run(ExportConfig(model=str(tiny_bpe_llama_dir), format="gguf", quant="q8_0"))["path"]
+    onnx = run(ExportConfig(model=str(tiny_bpe_llama_dir), format="onnx", quant="fp32"))["path"]
+    fid = tmp_path / "fidelity.json"
+    fid.write_text(json.dumps({"schema": "edgekit.fidelity/1", "rows": [
+        {"label": "gguf-q8_0", "format": "gguf", "artifact": gguf.rsplit("/", 1)[-1], "perplexity": 300.0,
+         "kl_mean": 0.001, "kl_p99": 0.01, "top1_agreement": 0.99}]}))
+    out = tmp_path / "bench"
+    argv = ["bench", gguf, onnx, "--runtimes", "llama.cpp,onnxruntime", "--repeats", "1", "--warmup", "0",
+            "--threads", "1", "--prompt-lengths", "8", "16", "--decode-tokens", "4", "--device", "pi-5-8gb",
+            "--fidelity", str(fid), "--out", str(out), "--json", "-q"]
+    assert main(argv) == 0
+    results = json.loads(capsys.readouterr().out)
+    ok = {r["runtime"]: r for r in results["runs"] if r["status"] == "ok"}
+    assert set(ok) == {"llama.cpp", "onnxruntime"}
+    assert ok["llama.cpp"]["quality"]["kl_mean"] == 0.001 and ok["onnxruntime"]["quality"] is None
+    assert ok["llama.cpp"]["metrics"]["decode_tok_s"]["median"] > 0
+    assert {p.name for p in out.iterdir()} >= {"results.json", "report.md", "report.html"}
+    html = (out / "report.html").read_text()
+    assert "<svg" in html and "predicted" in html.lower() and "Raspberry Pi 5" in html
+
+    assert main(["report", str(out / "results.json"), "--html", str(tmp_path / "copy.html"), "-q"]) == 0
+    assert (tmp_path / "copy.html").read_text().startswith("<!")
+
+
+def test_report_of_a_non_result_is_one_line_error(tmp_path, capsys):
+    bad = tmp_path / "results.json"
+    bad.write_text('{"schema": "something-else", "runs": []}')
+    assert main(["report", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("edgekit: error:") and "\n" not in err and "results.json" in err
