@@ -73,7 +73,7 @@ class Teacher:
             "architecture": self.arch.to_dict(),
             "files": self.files,
             "has_chat_template": (self.path / "chat_template.jinja").is_file()
-            or "chat_template" in _read_json(self.path / "tokenizer_config.json", required=False),
+            or "chat_template" in read_json(self.path / "tokenizer_config.json", required=False),
         }
 
 
@@ -138,7 +138,7 @@ def _from_gguf(spec: str, gguf: Path, source: str, name: str, license: str | Non
         _convert_gguf(gguf, digest, folder, name, license, origin)
         converted = True
     manifest = artifact.read_manifest(folder)
-    cfg = _read_json(folder / "config.json")
+    cfg = read_json(folder / "config.json", needed="a model folder needs config.json next to its safetensors")
     return Teacher(
         spec=spec, source=source, path=folder, arch=Architecture.from_hf_config(cfg, str(folder / "config.json")),
         name=name, license=license or manifest["config"].get("license"), origin=origin, gguf=gguf,
@@ -252,13 +252,14 @@ def _match_gguf_tokenizer(folder: Path, gguf: Path) -> None:
 # --------------------------------------------------------------------------- HF folders and the hub
 
 
-def _read_json(path: Path, required: bool = True) -> dict:
+def read_json(path: Path, required: bool = True, needed: str = "a model folder needs it") -> dict:
+    """A model folder's JSON file; missing (when ``required``) or broken gives one ModelError line naming it."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         if not required:
             return {}
-        raise ModelError(f"{path} is missing; a model folder needs config.json next to its safetensors") from e
+        raise ModelError(f"{path} is missing; {needed}") from e
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelError(f"{path} is not valid JSON ({e}); restore or re-download it") from e
 
@@ -282,7 +283,7 @@ def _numel(shape) -> int:
 
 
 def _from_folder(spec: str, folder: Path, source: str, trust_remote_code: bool, origin: str) -> Teacher:
-    cfg = _read_json(folder / "config.json")
+    cfg = read_json(folder / "config.json", needed="a model folder needs config.json next to its safetensors")
     if cfg.get("auto_map") and not trust_remote_code:
         raise ModelError(
             f"{folder / 'config.json'} asks to run the model's own Python code (auto_map); edgekit refuses by default. "

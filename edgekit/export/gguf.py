@@ -36,6 +36,7 @@ from pathlib import Path
 
 from edgekit import __version__
 from edgekit.errors import ModelError
+from edgekit.models import read_json
 from edgekit.progress import bar
 
 log = logging.getLogger(__name__)
@@ -497,14 +498,7 @@ def _add_tokenizer(w, v: dict) -> None:
 
 
 def _json(path: Path, required: bool = True) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        if not required:
-            return {}
-        raise ModelError(f"{path} is missing; a model folder needs config.json and tokenizer.json") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{path} is not valid JSON ({e}); restore or re-save it") from e
+    return read_json(path, required, "a model folder needs config.json and tokenizer.json")
 
 
 # --------------------------------------------------------------------------- reading back

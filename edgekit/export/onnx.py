@@ -51,7 +51,7 @@ from pathlib import Path
 from edgekit import artifact
 from edgekit.arch import Architecture
 from edgekit.errors import ModelError, RecipeError
-from edgekit.models import HF_FILES
+from edgekit.models import HF_FILES, read_json
 
 log = logging.getLogger(__name__)
 
@@ -745,14 +745,7 @@ def _np_int64(values):
 
 
 def _read_json(path: Path, required: bool = True) -> dict:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        if not required:
-            return {}
-        raise ModelError(f"{path} is missing; an HF model folder needs it to export to ONNX") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{path} is not valid JSON ({e}); restore or re-download it") from e
+    return read_json(path, required, "an HF model folder needs it to export to ONNX")
 
 
 def _special_vocab(model_dir: Path) -> dict[str, int]:
