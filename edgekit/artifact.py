@@ -12,6 +12,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -25,6 +26,7 @@ from edgekit import __version__
 from edgekit.errors import CacheError
 
 MANIFEST = "manifest.json"
+log = logging.getLogger(__name__)
 
 
 def home() -> Path:
@@ -200,3 +202,38 @@ def verify_manifest(folder: Path, progress=None) -> list[str]:
         if sha256_file(p, progress=progress) != meta.get("sha256"):
             problems.append(f"{rel}: sha256 mismatch")
     return problems
+
+
+@contextlib.contextmanager
+def locked(name: str, wait: bool = True) -> Iterator[Path]:
+    """Hold ``$EDGEKIT_HOME/locks/<name>.lock`` (an flock, released if the process dies).
+
+    A second holder logs who holds it ("waiting for ... locked by pid N") and waits, or with
+    ``wait=False`` raises CacheError naming the pid.
+    """
+    import fcntl
+
+    folder = home() / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            if not wait:
+                raise CacheError(f"{path} is locked by {holder}: another edgekit run is writing the same "
+                                 "artifacts; wait for it to finish or stop it") from None
+            log.warning("waiting for %s, locked by %s", path, holder)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        try:
+            yield path
+        finally:
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f, fcntl.LOCK_UN)

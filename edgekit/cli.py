@@ -454,6 +454,103 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_validate(args) -> int:
+    from edgekit.recipe import validate_recipe
+
+    failed = 0
+    for path in args.recipes:
+        problems = validate_recipe(Path(path))
+        if args.json:
+            continue
+        if problems:
+            failed += 1
+            print(f"{path}: {len(problems)} problem(s)")
+            for p in problems:
+                print(f"  - {p}")
+        else:
+            print(f"{path}: ok")
+    if args.json:
+        _emit_json({str(p): validate_recipe(Path(p)) for p in args.recipes})
+    return 2 if failed else 0
+
+
+def cmd_run(args) -> int:
+    from edgekit.run import run
+
+    record = run(Path(args.recipe), trust_remote_code=args.trust_remote_code)
+    if args.json:
+        _emit_json(record)
+        return 0
+    rows = [[st["stage"], "reused" if st["reused"] else "built", f"{st['seconds']:.0f}s", st["path"] or ""]
+            for st in record["stages"]]
+    print(_table(rows, ["stage", "", "time", "artifact"], right={2}))
+    print(f"\n{record['name']} for {record['device']}: finished in {record['seconds']:.0f}s")
+    for st in record["stages"]:
+        if st["stage"] == "bench" and st.get("report"):
+            print(f"report   {st['report']}")
+        if st["stage"] == "bench" and not st.get("report") and st["path"]:
+            print(f"report   {st['path']}/report.html")
+        if st["stage"].startswith("package"):
+            print(f"bundle   {st['path']}" + (f"  ({st['tarball']})" if st.get("tarball") else ""))
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from edgekit.run import list_artifacts
+
+    rows = list_artifacts()
+    if args.json:
+        _emit_json(rows)
+        return 0
+    print(_table([[r["id"], r["stage"], r["created"], format_bytes(r["bytes"]), r["label"]] for r in rows],
+                 ["artifact", "stage", "created", "size", "label"], right={3}))
+    return 0
+
+
+def cmd_show(args) -> int:
+    from edgekit.artifact import read_manifest
+    from edgekit.run import find_artifact
+
+    _emit_json(read_manifest(find_artifact(args.id)))
+    return 0
+
+
+def cmd_package(args) -> int:
+    from edgekit.package import package
+    from edgekit.run import find_artifact
+
+    from edgekit.artifact import read_manifest
+    from edgekit.errors import ConfigError
+
+    folder = find_artifact(args.artifact)
+    fmt = read_manifest(folder).get("format")
+    if args.format and fmt != args.format:
+        raise ConfigError(f"{folder} is a {fmt} export, not {args.format}; package an export of that format "
+                          f"(edgekit export MODEL --format {args.format}) or drop --format")
+    fidelity = _fidelity_reports(args.fidelity)
+    bench = json.loads(Path(args.bench).read_text()) if args.bench else None
+    result = package(folder, device=args.device, context=args.context, fidelity=fidelity[0] if fidelity else None,
+                     bench=bench)
+    if args.json:
+        _emit_json(result)
+        return 0
+    for key in ("folder", "path", "tarball"):
+        if result.get(key):
+            print(f"{key:<9}{result[key]}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from edgekit.package import verify
+
+    report = verify(Path(args.bundle))
+    if args.json:
+        _emit_json(report)
+    else:
+        print(f"{args.bundle}: ok, {len(report.get('files', []))} files verified")
+    return 0
+
+
 # --------------------------------------------------------------------------- argv
 
 
@@ -580,6 +677,41 @@ def _parser() -> argparse.ArgumentParser:
     re_.add_argument("--device", action="append")
     re_.add_argument("--out", type=Path, help="folder for results.json/report.md/report.html (default: beside it)")
     re_.set_defaults(func=cmd_report)
+
+    va = sub.add_parser("validate", parents=[common], help="check recipes without running them (every problem)")
+    va.add_argument("recipes", nargs="+")
+    va.add_argument("--json", action="store_true")
+    va.set_defaults(func=cmd_validate)
+
+    ru = sub.add_parser("run", parents=[common], help="run a recipe: distill, export, fidelity, bench, package")
+    ru.add_argument("recipe")
+    ru.add_argument("--trust-remote-code", action="store_true", help="DANGEROUS: allow a model's own Python code")
+    ru.add_argument("--json", action="store_true")
+    ru.set_defaults(func=cmd_run)
+
+    rs = sub.add_parser("runs", parents=[common], help="list the artifacts in the store")
+    rs.add_argument("--json", action="store_true")
+    rs.set_defaults(func=cmd_runs)
+
+    sh = sub.add_parser("show", parents=[common], help="print an artifact's manifest")
+    sh.add_argument("id", help="artifact id (e.g. export-1a2b…), a unique prefix, or a folder")
+    sh.set_defaults(func=cmd_show)
+
+    pk = sub.add_parser("package", parents=[common], help="bundle an export for an app (folder + .tar.gz)")
+    pk.add_argument("artifact", help="export artifact id or folder")
+    pk.add_argument("--format", choices=["gguf", "onnx", "executorch"],
+                    help="the export's format (checked; the artifact decides)")
+    pk.add_argument("--device", help="device the bundle is built for (memory fit in the manifest)")
+    pk.add_argument("--context", type=int, default=2048)
+    pk.add_argument("--fidelity", action="append", type=Path, help="fidelity report to take quality figures from")
+    pk.add_argument("--bench", help="results.json of `edgekit bench` to take speed figures from")
+    pk.add_argument("--json", action="store_true")
+    pk.set_defaults(func=cmd_package)
+
+    ve = sub.add_parser("verify", parents=[common], help="check a bundle (folder or .tar.gz): hashes, safe paths")
+    ve.add_argument("bundle")
+    ve.add_argument("--json", action="store_true")
+    ve.set_defaults(func=cmd_verify)
     return p
 
 

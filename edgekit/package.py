@@ -1,0 +1,516 @@
+"""App bundles: one export artifact made ready to ship, plus a safe way to check one received.
+
+``package(export_dir)`` writes ``<out_dir or $EDGEKIT_HOME/bundles>/<name>-<label>-<id8>/`` and a
+``.tar.gz`` of it next to it, both atomically. A bundle holds what a runtime needs and nothing else:
+
+    model.gguf                        (gguf)  or  model.onnx [+ model.onnx.data], genai_config.json (onnx)
+    tokenizer.json, tokenizer_config.json, special_tokens_map.json, chat_template.jinja  (when known)
+    generation.json                   generation defaults (temperature, top_p, max_new_tokens, eos ids, stop)
+    run_llamacpp.py | run_genai.py    a standalone example loader (needs only the runtime)
+    README.md                         a model card generated from the manifest
+    manifest.json                     schema "edgekit.bundle/1": every other file's sha256 and size, the
+                                      runtimes and minimum versions, minimum RAM (planner), device fit,
+                                      measured speed and quality when given, teacher and license note
+
+``verify(path)`` checks a bundle folder or a ``.tar.gz``. A tarball's members are all checked before
+anything is extracted (no absolute paths, ``..``, links, devices, members outside one top folder, or
+more than ``max_bytes`` in total); it is then extracted into a temporary folder with tarfile's
+``data`` filter as a second line of defence, and verified like a folder: every listed file present
+with the right size and sha256, and no unlisted file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import time
+import uuid
+from pathlib import Path, PurePosixPath
+
+from edgekit import __version__, artifact
+from edgekit.errors import ConfigError, EdgekitError
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "edgekit.bundle/1"
+MANIFEST = artifact.MANIFEST
+LOADERS_DIR = Path(__file__).resolve().parent / "resources" / "loaders"
+# What runs each format, oldest version known to work, and which example loader uses it (first = primary).
+RUNTIMES = {
+    "gguf": [{"name": "llama.cpp", "package": "llama-cpp-python", "min_version": "0.3.0", "loader": "run_llamacpp.py"}],
+    "onnx": [{"name": "onnxruntime-genai", "package": "onnxruntime-genai", "min_version": "0.16",
+              "loader": "run_genai.py"},
+             {"name": "onnxruntime", "package": "onnxruntime", "min_version": "1.20", "loader": None}],
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+LICENSE_NOTE = ("A distilled or quantized model is derived from its teacher's weights and outputs, so it inherits "
+                "the teacher's license terms; check them before you ship this bundle.")
+MAX_TAR_BYTES = 64 * 2**30  # verify() refuses archives whose members add up to more than this
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+# --------------------------------------------------------------------------- package
+
+
+def package(artifact_dir: Path, *, out_dir: Path | None = None, device: str | None = None, context: int = 2048,
+            fidelity: dict | None = None, bench: dict | None = None, recipe: str | None = None) -> dict:
+    """Bundle one export artifact; returns ``{"path", "tarball", "manifest"}``.
+
+    ``device`` names a device profile to check the fit against; ``context`` is the context length the
+    minimum RAM is computed for (lowered to the model's maximum if larger). ``fidelity`` (an
+    ``edgekit.fidelity/1`` report) and ``bench`` (``edgekit.bench/1`` results) are optional: their rows
+    for this artifact become the card's quality and speed tables. ``recipe`` is recorded as given.
+    """
+    src = Path(artifact_dir)
+    export = _read_export(src)
+    fmt, label = export["format"], export["label"]
+    arch = _architecture(export, src)
+    if context < 1:
+        raise ConfigError(f"context must be a positive number of tokens, not {context}; pass e.g. --context 2048")
+    if context > arch.max_context:
+        log.warning("context %d is beyond %s's maximum %d; sizing for %d", context, src, arch.max_context,
+                    arch.max_context)
+        context = arch.max_context
+    memory, device_block, runtime = _memory(arch, fmt, export["quant"], context, device)
+    model_folder = Path(export.get("config", {}).get("model_path") or "")
+    name = f"{_slug(export.get('config', {}).get('model_name') or export['source_model'].get('name') or 'model')}" \
+           f"-{label}-{_export_id(src)[:8]}"
+    final = Path(out_dir) if out_dir is not None else artifact.home() / "bundles"
+    final = final / name
+
+    manifest = {
+        "schema": SCHEMA,
+        "name": name,
+        "format": fmt,
+        "quant": export["quant"],
+        "calibrated": bool(export.get("calibrated", False)),
+        "label": label,
+        "model_file": export.get("model_file"),
+        "runtimes": [dict(rt) for rt in RUNTIMES[fmt]],
+        "loader": RUNTIMES[fmt][0]["loader"],
+        "context": context,
+        "min_ram_bytes": memory.total,
+        "memory": {**memory.to_dict(), "runtime": runtime},
+        "size_bytes": None,  # filled in below
+        "params": arch.params,
+        "architecture": arch.to_dict(),
+        "device": device_block,
+        "speed": _bench_rows(bench, src),
+        "quality": _fidelity_rows(fidelity, src),
+        "teacher": _teacher(export),
+        "source_artifact": {"id": src.name, "label": label, "created": export.get("created")},
+        "recipe": recipe,
+        "edgekit_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    # Re-packaging the same export with the same facts reuses the bundle (so `edgekit run` is a no-op
+    # the second time); anything that changes the manifest's content makes a new one.
+    inputs_id = artifact.content_id({k: v for k, v in manifest.items() if k != "created"})
+    manifest["inputs_id"] = inputs_id
+    tarball = final.with_name(final.name + ".tar.gz")
+    if (final / MANIFEST).is_file() and tarball.is_file():
+        try:
+            old = json.loads((final / MANIFEST).read_text(encoding="utf-8"))
+            if old.get("inputs_id") == inputs_id and verify(final, strict=False)["ok"]:
+                return {"path": str(final), "tarball": str(tarball), "manifest": old, "reused": True}
+        except (OSError, ValueError, EdgekitError):
+            pass  # rebuild below
+    with artifact.atomic_dir(final) as tmp:
+        _copy_model(src, fmt, export, tmp)
+        _copy_tokenizer(src if fmt == "onnx" else model_folder, tmp)
+        artifact.atomic_write_text(tmp / "generation.json", _json(_generation(src, model_folder, tmp)))
+        loader = manifest["loader"]
+        shutil.copyfile(LOADERS_DIR / loader, tmp / loader)
+        manifest["size_bytes"] = sum(p.stat().st_size for p in tmp.iterdir() if p.name.startswith("model."))
+        artifact.atomic_write_text(tmp / "README.md", model_card(manifest))
+        manifest["files"] = _hash_files(tmp)
+        artifact.atomic_write_text(tmp / MANIFEST, _json(manifest))
+    tarball = _write_tarball(final)
+    log.info("bundled %s into %s (%s)", src, final, tarball.name)
+    return {"path": str(final), "tarball": str(tarball), "manifest": manifest, "reused": False}
+
+
+def _read_export(src: Path) -> dict:
+    if not (src / MANIFEST).is_file():
+        raise ConfigError(f"{src} is not an export artifact (no {MANIFEST}); pass a folder made by `edgekit export`, "
+                          "e.g. $EDGEKIT_HOME/artifacts/export-<id>")
+    try:
+        manifest = artifact.read_manifest(src)
+    except EdgekitError as e:
+        raise ConfigError(f"{src} is not a readable export artifact ({e})") from e
+    if manifest.get("stage") != "export" or manifest.get("format") not in RUNTIMES:
+        raise ConfigError(f"{src / MANIFEST} describes a {manifest.get('stage')!r} artifact of format "
+                          f"{manifest.get('format')!r}, not a gguf/onnx export; pass a folder made by `edgekit export`")
+    for key in ("quant", "label", "source_model"):
+        if key not in manifest:
+            raise ConfigError(f"{src / MANIFEST} lacks {key!r}; re-run `edgekit export` to rebuild the artifact")
+    problems = artifact.verify_manifest(src)
+    if problems:
+        raise ConfigError(f"export {src} is damaged ({'; '.join(problems[:3])}); re-run `edgekit export` to rebuild it")
+    return manifest
+
+
+def _export_id(src: Path) -> str:
+    return src.name.removeprefix("export-") or artifact.content_id(src.name)
+
+
+def _architecture(export: dict, src: Path):
+    from dataclasses import fields
+
+    from edgekit.arch import Architecture
+
+    arch = export["source_model"].get("architecture") or {}
+    names = {f.name for f in fields(Architecture)}
+    try:
+        return Architecture(**{k: v for k, v in arch.items() if k in names})
+    except TypeError as e:
+        raise ConfigError(f"{src / MANIFEST}: source_model.architecture is incomplete ({e}); re-run `edgekit export`")\
+            from e
+
+
+def _memory(arch, fmt: str, quant: str, context: int, device: str | None):
+    """(memory model, device block or None, runtime the figure is for)."""
+    from edgekit import plan
+    from edgekit.quantize.schemes import get_scheme
+
+    scheme = get_scheme(fmt, quant)
+    if device is None:
+        runtime = RUNTIMES[fmt][0]["name"]
+        return plan.memory_model(arch, scheme, context, runtime), None, runtime
+    from edgekit.devices import load_device
+
+    profile = load_device(device)
+    runtime = RUNTIMES[fmt][0]["name"]  # what the example loader uses, if the device has it
+    if runtime not in profile.runtimes:
+        runtime = plan.runtime_for(fmt, profile)  # RecipeError if the device cannot run this format at all
+    memory = plan.memory_model(arch, scheme, context, runtime, bare_metal=plan._bare_metal(profile))
+    fits = memory.total <= profile.memory_budget
+    if not fits:
+        log.warning("%s needs %d bytes at context %d but %s allows %d", fmt, memory.total, context, device,
+                    profile.memory_budget)
+    return memory, {"name": profile.name, "display_name": profile.display_name, "runtime": runtime,
+                    "memory_budget_bytes": profile.memory_budget, "ram_bytes": profile.ram, "fits": fits,
+                    "headroom_bytes": profile.memory_budget - memory.total}, runtime
+
+
+def _same_artifact(path: str | None, src: Path) -> bool:
+    """Export folder names are content ids, so a matching name is the same export (even measured elsewhere)."""
+    return bool(path) and PurePosixPath(str(path).replace("\\", "/")).name == src.name
+
+
+def _bench_rows(bench: dict | None, src: Path) -> list[dict]:
+    if bench is None:
+        return []
+    if not isinstance(bench, dict) or bench.get("schema") != "edgekit.bench/1":
+        raise ConfigError("bench results are not an edgekit.bench/1 report (schema key); pass the JSON written by "
+                          "`edgekit bench`")
+    rows = []
+    for run in bench.get("runs") or []:
+        if run.get("status") == "ok" and _same_artifact(run.get("artifact"), src) and run.get("metrics"):
+            m = run["metrics"]
+            rows.append({"runtime": run.get("runtime"), "device": run.get("device"),
+                         "decode_tok_s": (m.get("decode_tok_s") or {}).get("median"),
+                         "peak_rss_bytes": m.get("peak_rss_bytes")})
+    return rows
+
+
+def _fidelity_rows(fidelity: dict | None, src: Path) -> list[dict]:
+    if fidelity is None:
+        return []
+    if not isinstance(fidelity, dict) or fidelity.get("schema") != "edgekit.fidelity/1":
+        raise ConfigError("fidelity report is not an edgekit.fidelity/1 report (schema key); pass the report.json "
+                          "written by `edgekit quantize report`")
+    return [{"reference": fidelity.get("reference"), "perplexity": r.get("perplexity"),
+             "ppl_delta_pct": r.get("ppl_delta_pct"), "kl_mean": r.get("kl_mean"),
+             "top1_agreement": r.get("top1_agreement")}
+            for r in fidelity.get("rows") or [] if r.get("artifact") == src.name]
+
+
+def _teacher(export: dict) -> dict:
+    """The model this one derives from: for a distilled student the teacher it learnt from, else itself."""
+    source = export["source_model"]
+    teacher = {"name": source.get("name"), "license": source.get("license"), "origin": source.get("origin"),
+               "distilled": False}
+    folder = Path(source.get("path") or "")
+    with contextlib.suppress(EdgekitError, OSError, ValueError):
+        student = artifact.read_manifest(folder) if (folder / MANIFEST).is_file() else {}
+        if student.get("stage") == "distill":
+            teacher = {"name": None, "license": None, "origin": None, "distilled": True}
+            teacher_dir = (student.get("inputs") or {}).get("teacher")
+            if teacher_dir and Path(teacher_dir).is_dir():
+                from edgekit.models import resolve_teacher
+
+                t = resolve_teacher(teacher_dir)
+                teacher.update(name=t.name, license=t.license, origin=t.origin)
+    teacher["license_note"] = LICENSE_NOTE
+    return teacher
+
+
+def _copy_model(src: Path, fmt: str, export: dict, tmp: Path) -> None:
+    if fmt == "gguf":
+        names = [export.get("model_file") or "model.gguf"]
+    else:
+        names = sorted(p.name for p in src.iterdir() if p.name.startswith("model.onnx")) + ["genai_config.json"]
+    for n in names:
+        if not (src / n).is_file():
+            raise ConfigError(f"{src} has no {n}; re-run `edgekit export` to rebuild the artifact")
+        shutil.copyfile(src / n, tmp / n)
+
+
+def _copy_tokenizer(folder: Path, tmp: Path) -> None:
+    if not folder.is_dir():
+        log.warning("source model folder %s is gone: the bundle relies on the tokenizer the model file embeds", folder)
+        return
+    for n in TOKENIZER_FILES:
+        if (folder / n).is_file():
+            shutil.copyfile(folder / n, tmp / n)
+
+
+def _generation(src: Path, model_folder: Path, bundle: Path) -> dict:
+    """Generation defaults from generation_config.json (export folder first, then the source model's)."""
+    cfg = {}
+    for folder in (src, model_folder):
+        path = folder / "generation_config.json"
+        if path.is_file():
+            with contextlib.suppress(OSError, ValueError):
+                cfg = json.loads(path.read_text(encoding="utf-8"))
+                break
+    eos = cfg.get("eos_token_id")
+    eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    stop = []
+    tok_cfg = bundle / "tokenizer_config.json"
+    if tok_cfg.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            tok = json.loads(tok_cfg.read_text(encoding="utf-8"))
+            eos_tok = tok.get("eos_token")
+            eos_tok = eos_tok.get("content") if isinstance(eos_tok, dict) else eos_tok
+            stop = [eos_tok] if eos_tok else []
+    return {"do_sample": bool(cfg.get("do_sample", False)), "temperature": cfg.get("temperature", 1.0),
+            "top_p": cfg.get("top_p", 1.0), "top_k": cfg.get("top_k", 50),
+            "repetition_penalty": cfg.get("repetition_penalty", 1.0),
+            "max_new_tokens": cfg.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS,
+            "bos_token_id": cfg.get("bos_token_id"), "eos_token_ids": eos_ids, "pad_token_id": cfg.get("pad_token_id"),
+            "stop": stop}
+
+
+def _hash_files(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): {"sha256": artifact.sha256_file(p), "size": p.stat().st_size}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST}
+
+
+def _write_tarball(folder: Path) -> Path:
+    """``<folder>.tar.gz`` with the folder as its one top-level member, written to a temp name then renamed."""
+    final = folder.with_name(folder.name + ".tar.gz")
+    tmp = folder.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+
+    def clean(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        return info
+
+    try:
+        with tarfile.open(tmp, "w:gz") as tf:
+            tf.add(folder, arcname=folder.name, filter=clean)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise artifact.disk_error(e, final) from e
+    return final
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
+
+
+def _json(obj) -> str:
+    return json.dumps(obj, indent=2, default=str) + "\n"
+
+
+# --------------------------------------------------------------------------- model card
+
+
+def model_card(m: dict) -> str:
+    """The bundle's README.md, generated from its manifest (without the files table)."""
+    fmt, loader = m["format"], m["loader"]
+    rt = m["runtimes"][0]
+    teacher = m["teacher"]
+    runtimes = ", ".join(f"{r['package']}>={r['min_version']}" for r in m["runtimes"])
+    lines = [
+        f"# {m['name']}", "",
+        f"{m['architecture']['model_type'].capitalize()}-family language model, {m['params'] / 1e6:.2f}M parameters, "
+        f"exported as **{fmt.upper()}** with **{m['quant']}** quantization"
+        f"{' (calibrated)' if m['calibrated'] else ''}, packaged by edgekit {m['edgekit_version']} on {m['created']}.",
+        "", "## Run it", "",
+        f"```sh\npip install \"{rt['package']}>={rt['min_version']}\"\npython {loader} \"Hello!\"\n```", "",
+    ]
+    if fmt == "gguf":
+        lines += ["On Intel AMX CPUs, llama-cpp-python 0.3.36 can crash unless llama.cpp's extra buffer types are "
+                  f"off; `{loader}` turns them off when it sees AMX (force with `--no-extra-buffers` or "
+                  "`NO_EXTRA_BUFFERS=1`).", ""]
+    lines += [
+        "## Facts", "",
+        "| | |", "|---|---|",
+        f"| format | {fmt} ({runtimes}) |",
+        f"| quant | {m['quant']} |",
+        f"| model size | {_mb(m['size_bytes'])} |",
+        f"| context | {m['context']} tokens |",
+        f"| minimum RAM | {_mb(m['min_ram_bytes'])} (planner estimate for {m['memory']['runtime']}, "
+        f"incl. 10 % margin) |",
+        f"| source artifact | {m['source_artifact']['id']} |", "",
+    ]
+    if m["device"]:
+        d = m["device"]
+        verdict = "fits" if d["fits"] else "does NOT fit"
+        lines += ["## Device fit", "", f"Built for **{d['display_name']}** (`{d['name']}`): needs "
+                  f"{_mb(m['min_ram_bytes'])} of its {_mb(d['memory_budget_bytes'])} budget on {d['runtime']} "
+                  f"-- {verdict}.", ""]
+    if m["quality"]:
+        lines += ["## Quality", "", "| perplexity | Δppl vs reference | mean KL | top-1 agreement |",
+                  "|---:|---:|---:|---:|"]
+        for q in m["quality"]:
+            lines.append(f"| {_num(q['perplexity'], '.3f')} | {_num(q['ppl_delta_pct'], '+.2f')}% | "
+                         f"{_num(q['kl_mean'], '.4f')} | {_num(q['top1_agreement'], '.1%')} |")
+        lines.append("")
+    if m["speed"]:
+        lines += ["## Speed", "", "| runtime | measured on | decode tok/s (median) | peak RSS |", "|---|---|---:|---:|"]
+        for s in m["speed"]:
+            lines.append(f"| {s['runtime']} | {s['device']} | {_num(s['decode_tok_s'], '.1f')} | "
+                         f"{_mb(s['peak_rss_bytes'])} |")
+        lines.append("")
+    origin = teacher.get("name") or "unknown (record it before shipping)"
+    lines += ["## License", "", f"{'Teacher' if teacher['distilled'] else 'Source model'}: {origin}; license: "
+              f"{teacher.get('license') or 'unknown -- check the source model card'}.", "", teacher["license_note"], "",
+              "manifest.json lists every file's sha256 and size; `edgekit.package.verify(<this folder or its "
+              ".tar.gz>)` checks them.", ""]
+    return "\n".join(lines)
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.1f} MB"
+
+
+def _num(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def verify(bundle: Path, *, strict: bool = True, max_bytes: int = MAX_TAR_BYTES) -> dict:
+    """Check a bundle folder or ``.tar.gz``; returns ``{"ok", "path", "files", "problems"}``.
+
+    ``files`` lists the manifest's files; ``problems`` names each file that is missing, resized,
+    altered or unlisted. With ``strict`` (the default) any problem raises ConfigError instead.
+    An archive with an unsafe member (absolute path, ``..``, link, device, outside the one top folder,
+    over ``max_bytes`` in total) always raises ConfigError, and nothing is extracted.
+    """
+    bundle = Path(bundle)
+    if bundle.is_dir():
+        result = _verify_folder(bundle)
+    elif bundle.is_file():
+        result = _verify_tarball(bundle, max_bytes)
+    else:
+        raise ConfigError(f"{bundle} does not exist; pass a bundle folder or its .tar.gz made by `edgekit package`")
+    result = {"ok": not result["problems"], "path": str(bundle), **result}
+    if strict and result["problems"]:
+        raise ConfigError(f"bundle {bundle} failed verification: {'; '.join(result['problems'][:5])}"
+                          f"{' ...' if len(result['problems']) > 5 else ''}; rebuild it with `edgekit package` or "
+                          "fetch an intact copy")
+    return result
+
+
+def _verify_tarball(path: Path, max_bytes: int) -> dict:
+    try:
+        tf = tarfile.open(path, "r:*")
+    except (tarfile.TarError, OSError) as e:
+        raise ConfigError(f"{path} is not a readable tar archive ({e}); pass a bundle folder or its .tar.gz") from e
+    with tf:
+        try:
+            members = tf.getmembers()
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise ConfigError(f"{path} is a truncated or corrupt archive ({e}); fetch it again") from e
+        top = check_members(members, path, max_bytes)
+        with tempfile.TemporaryDirectory(prefix="edgekit-verify-") as tmp:
+            try:
+                tf.extractall(tmp, members=members, filter="data")
+            except (tarfile.TarError, OSError) as e:
+                raise ConfigError(f"{path}: extracting failed ({e}); the archive is corrupt, fetch it again") from e
+            return _verify_folder(Path(tmp) / top)
+
+
+def check_members(members: list[tarfile.TarInfo], path: Path, max_bytes: int = MAX_TAR_BYTES) -> str:
+    """Refuse an archive unless every member is a plain file or folder under one top folder; returns that folder."""
+    def refuse(member: str, reason: str) -> ConfigError:
+        return ConfigError(f"{path}: member {member!r} is refused: {reason}; nothing was extracted -- this is not an "
+                           "intact edgekit bundle, fetch it again from a trusted source")
+
+    if not members:
+        raise ConfigError(f"{path} is an empty archive; fetch the bundle again")
+    top, total, seen = None, 0, set()
+    for m in members:
+        name = m.name
+        parts = PurePosixPath(name).parts
+        if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or PurePosixPath(name).is_absolute():
+            raise refuse(name, "absolute path")
+        if ".." in parts or "\\" in name:
+            raise refuse(name, "'..' or backslash in the path")
+        if m.issym():
+            raise refuse(name, f"symbolic link (to {m.linkname!r})")
+        if m.islnk():
+            raise refuse(name, f"hard link (to {m.linkname!r})")
+        if m.ischr() or m.isblk() or m.isfifo():
+            raise refuse(name, "device or fifo")
+        if not (m.isfile() or m.isdir()):
+            raise refuse(name, "not a regular file or folder")
+        if not parts or (len(parts) == 1 and not m.isdir()):
+            raise refuse(name, "outside the bundle's top folder")
+        if top is None:
+            top = parts[0]
+        elif parts[0] != top:
+            raise refuse(name, f"outside the bundle's top folder {top!r}")
+        if name in seen:
+            raise refuse(name, "appears twice (a later copy would overwrite the first)")
+        seen.add(name)
+        total += m.size
+        if m.size > max_bytes or total > max_bytes:
+            raise refuse(name, f"the archive's members exceed the {max_bytes} byte limit (pass a larger max_bytes)")
+    return top
+
+
+def _verify_folder(folder: Path) -> dict:
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {"files": [], "problems": [f"{MANIFEST}: missing"]}
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return {"files": [], "problems": [f"{MANIFEST}: unreadable ({e})"]}
+    valid = isinstance(manifest, dict) and manifest.get("schema") == SCHEMA and isinstance(manifest.get("files"), dict)
+    if not valid:
+        return {"files": [], "problems": [f"{MANIFEST}: not an {SCHEMA} manifest with a files table"]}
+    listed, problems = manifest["files"], []
+    for rel, meta in listed.items():
+        p = folder / rel
+        if PurePosixPath(rel).is_absolute() or ".." in PurePosixPath(rel).parts:
+            problems.append(f"{rel}: unsafe path in {MANIFEST}")
+        elif p.is_symlink() or not p.is_file():
+            problems.append(f"{rel}: missing")
+        elif not isinstance(meta, dict) or p.stat().st_size != meta.get("size"):
+            problems.append(f"{rel}: size {p.stat().st_size} != {meta.get('size') if isinstance(meta, dict) else '?'}")
+        elif artifact.sha256_file(p) != meta.get("sha256"):
+            problems.append(f"{rel}: sha256 mismatch (altered)")
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if (p.is_file() or p.is_symlink()) and rel != MANIFEST and rel not in listed:
+            problems.append(f"{rel}: not listed in {MANIFEST}")
+    return {"files": sorted(listed), "problems": problems}

@@ -1,0 +1,634 @@
+"""Recipes: one YAML file describes one reproducible run, distill -> export -> fidelity -> bench -> package.
+
+``load_recipe(path)`` reads a recipe (following ``extends:``) into a typed :class:`Recipe`;
+every unknown key, wrong type or bad unit is a :class:`~edgekit.errors.RecipeError` that
+names the file and the dotted key. ``validate_recipe(path)`` goes further without running
+anything heavy: device, registered quant schemes, runtimes, the memory budget (through the
+planner) and the data files, and reports every problem at once.
+
+The recipe speaks in recipe words (``time_budget: 10m``, ``cache: none``); the stage
+configs (:class:`~edgekit.distill.pipeline.DistillConfig`,
+:class:`~edgekit.export.pipeline.ExportConfig`) stay the single source of truth for what
+each stage runs, and :meth:`Recipe.distill_config` / :meth:`Recipe.export_configs` build
+them. Stage modules are imported lazily so that loading and validating a recipe stays cheap
+(no torch import).
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, PrivateAttr, Tag,
+                      ValidationError, model_validator)
+
+from edgekit.distill.data import DataConfig
+from edgekit.errors import EdgekitError, RecipeError
+
+EXPORTER_ISSUE = "issue #8"
+LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl")  # == edgekit.distill.losses.KINDS (tested)
+_DURATION = re.compile(r"\s*(-?[0-9]*\.?[0-9]+)\s*(s|sec|m|min|h)\s*")
+_DURATION_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
+NOT_INHERITED = ("name", "description")  # per file: a child never takes its base's name
+
+
+# --------------------------------------------------------------------------- units
+
+
+def parse_duration(text: object) -> float:
+    """``"90s"``, ``"10m"``, ``"1.5h"`` -> seconds. A unit is required; the value must be positive."""
+    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+        raise ValueError(f"expected a duration such as 90s, 10m or 1.5h, got {type(text).__name__}")
+    if isinstance(text, (int, float)):
+        raise ValueError(f"{text!r} has no unit; write it with one: {text}s, {text}m or {text}h")
+    m = _DURATION.fullmatch(text)
+    if not m:
+        raise ValueError(f"cannot read duration {text!r}; write e.g. 90s, 10m or 1.5h (units s, m/min, h)")
+    seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    if seconds <= 0:
+        raise ValueError(f"duration {text!r} must be positive; give e.g. 10m")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+# --------------------------------------------------------------------------- schema
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StudentShape(_Section):
+    """An explicit student; the planner is not consulted (validate still checks it fits)."""
+
+    layers: int = Field(ge=1, description="decoder layers")
+    hidden_size: int = Field(ge=1, description="model width")
+    intermediate_size: int = Field(ge=1, description="MLP width")
+    heads: int = Field(ge=1, description="query heads")
+    kv_heads: int = Field(ge=1, description="key/value heads (grouped-query attention)")
+
+    @model_validator(mode="after")
+    def _groups(self):
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+        return self
+
+
+def _student_kind(v: Any) -> str:
+    return "<auto>" if isinstance(v, str) else "<shape>"
+
+
+Student = Annotated[Union[Annotated[Literal["auto"], Tag("<auto>")], Annotated[StudentShape, Tag("<shape>")]],
+                    Discriminator(_student_kind)]
+
+
+class DistillSection(_Section):
+    """What ``edgekit distill`` runs, in recipe words. Defaults equal the stage configs' (tested)."""
+
+    student: Student = Field("auto", description="'auto': the planner sizes it for `device` at the first export's "
+                                                 "format/quant and `context`; or {layers, hidden_size, "
+                                                 "intermediate_size, heads, kv_heads}")
+    target_decode_tok_s: float | None = Field(None, gt=0, description="auto only: also reach this predicted "
+                                                                      "decode speed on the device")
+    init: Literal["minitron", "random"] = Field("minitron", description="prune the teacher, or random weights")
+    data: DataConfig = Field(default_factory=DataConfig, description="the data stage's keys; sources are paths "
+                                                                     "relative to the recipe file")
+    loss: Literal[LOSSES] = Field("forward_kl", description="distillation divergence")  # type: ignore[valid-type]
+    temperature: float = Field(1.0, gt=0, description="softmax temperature of the distillation loss")
+    steps: int | None = Field(200, ge=1, description="optimizer steps (used when time_budget is null)")
+    time_budget: Duration | None = Field(None, description="train for this wall-clock time instead, e.g. 10m")
+    batch_size: int = Field(8, ge=1, description="sequences per optimizer step")
+    lr: float = Field(5e-4, gt=0, description="peak learning rate")
+    cache: Literal["topk", "sampled", "none"] = Field("topk", description="teacher logit cache; none: teacher online")
+
+    @model_validator(mode="after")
+    def _length(self):
+        if self.time_budget is not None:
+            if "steps" in self.model_fields_set and self.steps is not None:
+                raise ValueError("give steps or time_budget, not both; set the other to null")
+            self.steps = None
+        elif self.steps is None:
+            raise ValueError("set steps (e.g. 200) or time_budget (e.g. 10m)")
+        if self.target_decode_tok_s is not None and self.student != "auto":
+            raise ValueError("target_decode_tok_s only applies to student: auto; drop it or let the planner size "
+                             "the student")
+        return self
+
+
+class ExportSpec(_Section):
+    format: str = Field(description="registered format: gguf, onnx (executorch: planned, no exporter yet)")
+    quant: str = Field(description="registered scheme of that format, e.g. q4_k_m, int4 (see `edgekit plan`)")
+    calibrate: bool = Field(False, description="calibrated 4-bit: imatrix for gguf, activation-aware int4 for onnx")
+
+
+class FidelitySection(_Section):
+    max_tokens: int = Field(4096, ge=1, description="held-out tokens each export is compared on")
+
+
+class BenchSection(_Section):
+    runtimes: list[str] | None = Field(None, description="null: every installed runtime that runs the format")
+    repeats: int = Field(3, ge=1)
+    prompt_lengths: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [128], min_length=1)
+    decode_tokens: int = Field(64, ge=1)
+    threads: int | None = Field(None, ge=1, description="null: the runtime's default")
+
+
+class PackageSection(_Section):
+    formats: list[str] | None = Field(None, description="null: every exported format")
+
+
+class Recipe(_Section):
+    """One reproducible run for one (device, teacher) pair."""
+
+    name: str = Field("", description="default: the file stem")
+    description: str = ""
+    extends: str | None = Field(None, description="a base recipe, relative to this file; deep-merged, this file wins")
+    teacher: str = Field("default", description="'default' (embedded), a folder, a .gguf or a hub id")
+    device: str = Field(description="a profile name from devices/ or 'host'")
+    context: int = Field(2048, ge=16, description="tokens the student is sized and packaged for")
+    distill: DistillSection | None = Field(default_factory=DistillSection,
+                                           description="null: skip distillation and export the teacher as is")
+    exports: list[ExportSpec] = Field(min_length=1)
+    fidelity: FidelitySection | None = Field(default_factory=FidelitySection)
+    bench: BenchSection | None = Field(default_factory=BenchSection)
+    package: PackageSection | None = Field(default_factory=PackageSection)
+
+    _path: Path | None = PrivateAttr(None)
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
+
+    def distill_config(self):
+        """The :class:`DistillConfig` this recipe's distillation runs."""
+        from edgekit.distill.pipeline import DistillConfig
+
+        d = self.distill
+        if d is None:
+            raise RecipeError(f"{self._where()}: distill is null, so this recipe exports the teacher as is and has "
+                              "no distillation; give a distill section to distil a student")
+        first = self.exports[0]
+        student: dict = {"format": first.format, "quant": first.quant, "context": self.context, "init": d.init}
+        if d.student == "auto":
+            student.update(device=self.device, target_decode_tok_s=d.target_decode_tok_s)
+        else:
+            student.update(d.student.model_dump())
+        raw = {
+            "teacher": self.teacher,
+            "student": student,
+            "data": d.data.model_dump(),
+            "cache": None if d.cache == "none" else {"mode": d.cache},
+            "train": {"loss": d.loss, "temperature": d.temperature, "steps": d.steps,
+                      "time_budget_s": d.time_budget, "batch_size": d.batch_size, "lr": d.lr},
+        }
+        try:
+            return DistillConfig.model_validate(raw)
+        except ValidationError as e:
+            raise RecipeError(f"{self._where()}: distill: " + _format_errors(e, None, {})) from e
+
+    def export_configs(self, model: str = "default") -> list:
+        """One :class:`ExportConfig` per ``exports`` entry, for ``model`` (the runner passes the student)."""
+        from edgekit.export.pipeline import ExportConfig
+
+        out = []
+        for i, e in enumerate(self.exports):
+            if e.format not in exporter_formats():
+                raise RecipeError(f"{self._where()}: exports.{i}.format: {_no_exporter(e.format)}")
+            try:
+                out.append(ExportConfig(model=model, format=e.format, quant=e.quant, calibrate=e.calibrate,
+                                        threads=self.bench.threads if self.bench else None))
+            except (ValidationError, RecipeError) as err:
+                msg = _format_errors(err, None, {}) if isinstance(err, ValidationError) else str(err)
+                raise RecipeError(f"{self._where()}: exports.{i}: {msg}") from err
+        return out
+
+    def _where(self) -> str:
+        return f"recipe {self._path}" if self._path else f"recipe {self.name!r}"
+
+
+def exporter_formats() -> tuple[str, ...]:
+    """Formats the export stage can write (the ``ExportConfig.format`` choices)."""
+    import typing
+
+    from edgekit.export.pipeline import ExportConfig
+
+    return typing.get_args(ExportConfig.model_fields["format"].annotation)
+
+
+def _no_exporter(fmt: str) -> str:
+    return (f"format {fmt} has no exporter yet ({EXPORTER_ISSUE}); the planner can size a student for it, but "
+            f"edgekit cannot write it; export {' or '.join(exporter_formats())} instead, or wait for {EXPORTER_ISSUE}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise RecipeError(f"recipe {path} does not exist; check the path (recipes live in recipes/)") from e
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise RecipeError(f"cannot read recipe {path}: {e}; fix the YAML") from e
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe {path} must be a YAML mapping of keys to values, not {type(raw).__name__}")
+    return raw
+
+
+def _absolutize(raw: dict, base: Path) -> dict:
+    """Paths in a file are relative to that file: data sources, and a teacher folder or .gguf that exists."""
+    distill = raw.get("distill")
+    if isinstance(distill, dict) and isinstance(distill.get("data"), dict):
+        sources = distill["data"].get("sources")
+        if isinstance(sources, list):
+            distill["data"]["sources"] = [str((base / Path(s).expanduser()).resolve()) if isinstance(s, str) else s
+                                          for s in sources]
+    teacher = raw.get("teacher")
+    if isinstance(teacher, str) and teacher != "default":
+        local = base / Path(teacher).expanduser()
+        if teacher.startswith((".", "~", "/")) or local.exists():
+            raw["teacher"] = str(local.resolve())
+    return raw
+
+
+def deep_merge(base: dict, child: dict) -> dict:
+    """``child`` over ``base``: nested mappings merge key by key, anything else (lists, null) replaces."""
+    out = dict(base)
+    for k, v in child.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _record(origins: dict, raw: dict, path: Path, prefix: tuple = ()) -> None:
+    for k, v in raw.items():
+        origins[prefix + (k,)] = path
+        if isinstance(v, dict):
+            _record(origins, v, path, prefix + (k,))
+
+
+def _load_raw(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, dict]:
+    """The merged mapping of ``path`` and its bases, and which file set each key path."""
+    path = path.resolve()
+    if path in chain:
+        names = " -> ".join(str(p) for p in (*chain, path))
+        raise RecipeError(f"recipe {chain[0]}: extends: circular chain {names}; remove one of these extends")
+    raw = _absolutize(_read_yaml(path), path.parent)
+    parent = raw.get("extends")
+    merged, origins = {}, {}
+    if parent is not None:
+        if not isinstance(parent, str) or not parent.strip():
+            raise RecipeError(f"recipe {path}: extends: expected a recipe file name such as base.yaml, got {parent!r}")
+        target = (path.parent / parent).expanduser()
+        if not target.is_file():
+            raise RecipeError(f"recipe {path}: extends: {target} does not exist; the path is relative to {path.parent}")
+        merged, origins = _load_raw(target, (*chain, path))
+        for key in NOT_INHERITED:
+            merged.pop(key, None)
+    _record(origins, raw, path)
+    return deep_merge(merged, raw), origins
+
+
+def _format_errors(err: ValidationError, path: Path | None, origins: dict) -> str:
+    return "; ".join(_error_lines(err, path, origins))
+
+
+def _error_lines(err: ValidationError, path: Path | None, origins: dict) -> list[str]:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and (p.startswith("<") or "[" in p)))
+        key = ".".join(map(str, loc)) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            known = _known_keys(loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+            msg = ("unknown key" + (f"; did you mean {close[0]!r}?" if close else "")
+                   + (f" Keys allowed here: {', '.join(known)}" if known else "") + " (see recipes/README.md)")
+        elif e["type"] == "missing":
+            msg = "required key is missing; add it (see recipes/README.md)"
+        elif e["type"] in ("too_short",) and loc == ("exports",):
+            msg = "give at least one export, e.g. [{format: gguf, quant: q4_k_m}]"
+        source = path
+        for n in range(len(loc), 0, -1):
+            if loc[:n] in origins:
+                source = origins[loc[:n]]
+                break
+        lines.append((f"{source}: " if source else "") + f"{key}: {msg}")
+    return lines
+
+
+def _known_keys(loc: tuple) -> list[str]:
+    model: Any = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        nested = [a for a in _flatten(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not nested:
+            return []
+        model = nested[0]
+    return sorted(getattr(model, "model_fields", {}))
+
+
+def _flatten(ann) -> list:
+    import typing
+
+    args = typing.get_args(ann)
+    if not args:
+        return [ann]
+    return [x for a in args for x in _flatten(a)]
+
+
+def _parse(path: Path) -> tuple[Recipe | None, dict, list[str]]:
+    """(recipe or None, the merged mapping, schema problems). Raises RecipeError for unreadable files / extends."""
+    path = Path(path)
+    merged, origins = _load_raw(path)
+    merged.pop("extends", None)
+    merged.setdefault("name", path.stem)
+    try:
+        recipe = Recipe.model_validate(merged)
+    except ValidationError as e:
+        return None, merged, _error_lines(e, path.resolve(), origins)
+    recipe.extends = _read_yaml(path.resolve()).get("extends")  # this file's own base, not the base's
+    recipe._path = path.resolve()
+    return recipe, merged, []
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read, merge (``extends``) and type-check a recipe; RecipeError names the file and key of every problem."""
+    recipe, _, problems = _parse(Path(path))
+    if problems:
+        raise RecipeError(f"recipe {Path(path)} is invalid: " + "; ".join(problems))
+    return recipe
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@functools.lru_cache(maxsize=16)
+def _gguf_arch(path: str, mtime: float):
+    import gguf
+
+    from edgekit.arch import Architecture
+
+    reader = gguf.GGUFReader(path)
+    f = reader.fields
+
+    def value(key, default=None):
+        return f[key].contents() if key in f else default
+
+    a = value("general.architecture", "?")
+    vocab = value(f"{a}.vocab_size") or len(value("tokenizer.ggml.tokens", []))
+    heads = value(f"{a}.attention.head_count")
+    cfg = {"model_type": a, "num_hidden_layers": value(f"{a}.block_count"),
+           "hidden_size": value(f"{a}.embedding_length"), "intermediate_size": value(f"{a}.feed_forward_length"),
+           "num_attention_heads": heads, "num_key_value_heads": value(f"{a}.attention.head_count_kv", heads),
+           "head_dim": value(f"{a}.attention.key_length"), "vocab_size": vocab,
+           "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
+           "max_position_embeddings": value(f"{a}.context_length")}
+    return Architecture.from_hf_config(cfg, f"{path} (GGUF header)")
+
+
+def teacher_architecture(spec: str):
+    """(Architecture, name) of a teacher, read from its config or GGUF header without converting or downloading.
+
+    Raises ModelError when it cannot be read cheaply (a hub id not in the local cache)."""
+    import json
+
+    from edgekit.arch import Architecture
+    from edgekit.errors import ModelError
+    from edgekit.models import DEFAULT_TEACHER, EMBEDDED, embedded_gguf_path
+
+    if spec == DEFAULT_TEACHER:
+        g = embedded_gguf_path()
+        return _gguf_arch(str(g), g.stat().st_mtime), EMBEDDED["name"]
+    p = Path(spec).expanduser()
+    if p.is_dir() and not (p / "config.json").is_file():
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            p = ggufs[0]
+    if p.is_file() and p.suffix == ".gguf":
+        return _gguf_arch(str(p), p.stat().st_mtime), p.stem
+    if p.is_dir():
+        cfg = p / "config.json"
+        if not cfg.is_file():
+            raise ModelError(f"teacher folder {p} has no config.json; point teacher at an HF model folder or a .gguf")
+        return Architecture.from_hf_config(json.loads(cfg.read_text(encoding="utf-8")), str(cfg)), p.name
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(spec, "config.json") if re.match(r"^[\w.-]+/[\w.-]+$", spec) else None
+    if isinstance(cached, str):
+        return Architecture.from_hf_config(json.loads(Path(cached).read_text(encoding="utf-8")), cached), spec
+    raise ModelError(f"teacher {spec!r} is not on this machine (validate never downloads), so its size is unknown "
+                     f"and the memory budget was not checked; run `edgekit teacher {spec}` once, then validate again")
+
+
+def validate_recipe(path: str | Path) -> list[str]:
+    """Every problem with a recipe, each naming the file and key and saying the fix; [] when it can run.
+
+    Checks the schema, the device, each export's format/quant/runtime, the memory budget (the
+    planner for ``student: auto``, the memory model otherwise), data files, bench runtimes and
+    package formats. Nothing is converted, downloaded, trained or exported.
+    """
+    path = Path(path)
+    try:
+        recipe, merged, problems = _parse(path)
+    except RecipeError as e:
+        return [str(e)]
+    where = str(path.resolve())
+    if recipe is None:  # still check the parts that parsed, so one run shows everything
+        problems += _partial_checks(merged, where)
+        return problems
+    return problems + _checks(recipe, where)
+
+
+def _partial_checks(merged: dict, where: str) -> list[str]:
+    problems = []
+    if isinstance(merged.get("device"), str):
+        _, err = _device(merged["device"])
+        if err:
+            problems.append(f"{where}: device: {err}")
+    for i, e in enumerate(merged.get("exports") or [] if isinstance(merged.get("exports"), list) else []):
+        try:
+            spec = ExportSpec.model_validate(e)
+        except ValidationError:
+            continue
+        problems += [f"{where}: exports.{i}.{k}: {m}" for k, m in _export_problems(spec)]
+    bench = merged.get("bench")
+    if isinstance(bench, dict):
+        try:
+            b = BenchSection.model_validate(bench)
+        except ValidationError:
+            b = None
+        if b and b.runtimes:
+            problems += [f"{where}: bench.runtimes: {m}" for m in _runtime_problems(b.runtimes, None)]
+    return problems
+
+
+def _device(name: str):
+    from edgekit.devices import load_device
+
+    try:
+        return load_device(name), None
+    except EdgekitError as e:
+        return None, str(e)
+
+
+def _export_problems(e: ExportSpec) -> list[tuple[str, str]]:
+    from edgekit.quantize.schemes import get_format, get_scheme
+
+    try:
+        get_format(e.format)
+    except RecipeError as err:
+        return [("format", str(err))]
+    if e.format not in exporter_formats():
+        out = [("format", _no_exporter(e.format))]
+        try:
+            get_scheme(e.format, e.quant)
+        except RecipeError as err:
+            out.append(("quant", str(err)))
+        return out
+    from edgekit.export.pipeline import ExportConfig
+
+    try:
+        ExportConfig(format=e.format, quant=e.quant, calibrate=e.calibrate)
+    except (RecipeError, ValidationError) as err:
+        key = "calibrate" if e.calibrate and "calibrate" in str(err) else "quant"
+        return [(key, str(err) if isinstance(err, RecipeError) else _format_errors(err, None, {}))]
+    return []
+
+
+def _runtime_problems(names: list[str], formats: set[str] | None) -> list[str]:
+    from edgekit.bench.runners import runners
+
+    registry = runners()
+    out = []
+    for rt in names:
+        runner = registry.get(rt)
+        if runner is None:
+            close = difflib.get_close_matches(rt, list(registry), n=1, cutoff=0.5)
+            out.append(f"unknown runtime {rt!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                       + f" Registered runtimes: {', '.join(registry)}")
+            continue
+        missing = runner.available()
+        if missing:
+            out.append(f"{missing}, or remove it from bench.runtimes")
+        elif formats is not None and "pytorch" not in runner.formats and not set(runner.formats) & formats:
+            out.append(f"runtime {rt} runs {', '.join(runner.formats)} but this recipe exports only "
+                       f"{', '.join(sorted(formats))}; remove it or add an export it can run")
+    return out
+
+
+def _checks(r: Recipe, where: str) -> list[str]:
+    from edgekit.plan import RUNTIME_MODELS, _bare_metal, memory_model, plan, runtime_for
+    from edgekit.quantize.schemes import formats, get_scheme
+    from edgekit.units import format_bytes
+
+    problems: list[str] = []
+
+    def add(key: str, msg: str) -> None:
+        problems.append(f"{where}: {key}: {msg}")
+
+    device, err = _device(r.device)
+    if err:
+        add("device", err)
+    usable = []  # (index, spec, scheme, runtime) of exports the budget can be checked for
+    for i, e in enumerate(r.exports):
+        bad = _export_problems(e)
+        for key, msg in bad:
+            add(f"exports.{i}.{key}", msg)
+        if device is None or e.format not in formats():
+            continue
+        try:
+            rt = runtime_for(e.format, device)
+        except RecipeError as rerr:
+            add(f"exports.{i}.format", str(rerr))
+            continue
+        try:
+            usable.append((i, e, get_scheme(e.format, e.quant), rt))
+        except RecipeError:
+            pass
+
+    arch = None
+    try:
+        arch, teacher_name = teacher_architecture(r.teacher)
+    except EdgekitError as terr:
+        add("teacher", str(terr))
+
+    if device is not None and arch is not None:
+        d = r.distill
+        student, what = None, "the student"
+        if d is None:
+            student, what = arch, f"the teacher {teacher_name} (exported as is, distill: null)"
+            if r.context > arch.max_context:
+                add("context", f"{r.context} exceeds what {teacher_name} was trained for ({arch.max_context}); "
+                               f"use context <= {arch.max_context}")
+        elif d.student == "auto":
+            first = r.exports[0]
+            if usable and usable[0][0] == 0:
+                try:
+                    p = plan(arch, device, first.format, first.quant, r.context, d.target_decode_tok_s, teacher_name)
+                    s = p["student"]
+                    student = arch.with_shape(layers=s["layers"], hidden_size=s["hidden_size"],
+                                              intermediate_size=s["intermediate_size"], heads=s["heads"],
+                                              kv_heads=s["kv_heads"])
+                    what = "the planned student"
+                except EdgekitError as berr:
+                    add("distill.student", f"auto: {berr}")
+        else:
+            shape = d.student
+            student = arch.with_shape(layers=shape.layers, hidden_size=shape.hidden_size,
+                                      intermediate_size=shape.intermediate_size, heads=shape.heads,
+                                      kv_heads=shape.kv_heads, head_dim=arch.head_dim)
+            what = (f"the explicit student ({shape.layers} layers, hidden {shape.hidden_size}, "
+                    f"{student.params / 1e6:.0f}M params)")
+            if r.context > arch.max_context:
+                add("context", f"{r.context} exceeds what {teacher_name} was trained for ({arch.max_context}); "
+                               f"use context <= {arch.max_context}")
+        if student is not None:
+            for i, e, scheme, rt in usable:
+                if rt not in RUNTIME_MODELS:
+                    continue
+                need = memory_model(student, scheme, r.context, rt, _bare_metal(device)).total
+                if need > device.memory_budget:
+                    if d is None:
+                        fix = "add a distill section (student: auto)"
+                    elif d.student != "auto":
+                        fix = "use student: auto, or shrink it"
+                    else:
+                        fix = "export it at a smaller quant"
+                    add(f"exports.{i}" if d is None or d.student == "auto" else "distill.student",
+                        f"{what} needs {format_bytes(need)} at {e.format} {e.quant} with context {r.context} "
+                        f"(runtime {rt}) but device {device.name!r} allows {format_bytes(device.memory_budget)}; "
+                        f"{fix}, lower context, or choose a larger device")
+
+    if r.distill is not None:
+        for j, src in enumerate(r.distill.data.sources):
+            if not Path(src).exists():
+                add(f"distill.data.sources.{j}", f"{src} does not exist; paths are relative to the recipe file")
+
+    exported = {e.format for e in r.exports}
+    if r.bench is not None:
+        if r.bench.runtimes:
+            for m in _runtime_problems(r.bench.runtimes, exported):
+                add("bench.runtimes", m)
+        longest = max(r.bench.prompt_lengths) + r.bench.decode_tokens
+        if longest > r.context:
+            add("bench.prompt_lengths", f"the longest prompt plus decode_tokens is {longest} tokens but context is "
+                                        f"{r.context}; shorten the prompts or raise context")
+    if r.package is not None and r.package.formats is not None:
+        for fmt in r.package.formats:
+            if fmt not in exported:
+                add("package.formats", f"{fmt!r} is not exported by this recipe (exports: {', '.join(sorted(exported))}"
+                                       f"); add an export in {fmt} or drop it from package.formats")
+    return problems
