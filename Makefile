@@ -26,9 +26,7 @@ $(STAMP): requirements.lock pyproject.toml
 	@touch $(STAMP)
 
 demo: setup
-	$(BIN)/edgekit teacher
-	@echo
-	$(BIN)/edgekit plan
+	$(BIN)/edgekit run recipes/quick.yaml
 
 test: setup
 	$(BIN)/python -m pytest -m "slow or not slow"
