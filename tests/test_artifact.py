@@ -58,3 +58,32 @@ def test_content_id_is_stable_and_sensitive():
     a = artifact.content_id("plan", {"b": 1, "a": 2}, ["x"])
     assert a == artifact.content_id("plan", {"a": 2, "b": 1}, ["x"])
     assert a != artifact.content_id("plan", {"a": 2, "b": 2}, ["x"])
+
+
+def test_lock_is_exclusive_and_names_its_holder(home):
+    import multiprocessing as mp
+
+    import pytest
+
+    from edgekit.artifact import locked
+    from edgekit.errors import CacheError
+
+    ready, release = mp.Event(), mp.Event()
+
+    def hold():
+        with locked("run-demo"):
+            ready.set()
+            release.wait(30)
+
+    p = mp.get_context("fork").Process(target=hold)
+    p.start()
+    try:
+        assert ready.wait(30)
+        with pytest.raises(CacheError, match=rf"locked by pid {p.pid}"):
+            with locked("run-demo", wait=False):
+                pass
+    finally:
+        release.set()
+        p.join(30)
+    with locked("run-demo", wait=False):  # free again once the holder is gone
+        pass
