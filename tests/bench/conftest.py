@@ -124,3 +124,26 @@ def results() -> dict:
 @pytest.fixture
 def fidelity_report() -> dict:
     return sample_fidelity()
+
+
+@pytest.fixture(scope="session")
+def sharp_dir(tiny_bpe_llama_dir, tmp_path_factory):
+    """The tiny BPE Llama re-initialised with 10x larger weights (initializer_range 0.2).
+
+    With the default 0.02 its logits are nearly flat and greedy decoding repeats one token, so
+    "identical generations" would prove little; these weights give a different token at most steps.
+    """
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("sharp-tiny")
+    for p in tiny_bpe_llama_dir.iterdir():
+        if p.suffix != ".safetensors":
+            shutil.copy2(p, folder / p.name)
+    cfg = LlamaConfig.from_pretrained(str(tiny_bpe_llama_dir))
+    cfg.initializer_range = 0.2
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
+    return folder

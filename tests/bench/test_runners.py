@@ -25,21 +25,11 @@ def registry(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def exports(tiny_bpe_llama_dir, tmp_path_factory):
+def exports(sharp_dir, tmp_path_factory):
     """The tiny BPE Llama with 10x larger weights (so greedy tokens vary), exported to GGUF f32 and ONNX fp32."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from edgekit.export.pipeline import ExportConfig, run
 
-    sharp = tmp_path_factory.mktemp("sharp")
-    for p in tiny_bpe_llama_dir.iterdir():
-        if p.suffix != ".safetensors":
-            shutil.copy2(p, sharp / p.name)
-    cfg = LlamaConfig.from_pretrained(str(tiny_bpe_llama_dir))
-    cfg.initializer_range = 0.2
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(sharp, safe_serialization=True)
+    sharp = sharp_dir
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EDGEKIT_HOME", str(tmp_path_factory.mktemp("runners-home")))
         gguf = run(ExportConfig(model=str(sharp), format="gguf", quant="f32"))["path"]
