@@ -84,3 +84,8 @@ class Architecture:
         d = asdict(self)
         d["params"] = self.params
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Architecture:
+        """The inverse of :meth:`to_dict` (derived keys such as ``params`` are ignored)."""
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from edgekit import __version__
-from edgekit.errors import CacheError
+from edgekit.errors import CacheError, ModelError
 
 MANIFEST = "manifest.json"
 log = logging.getLogger(__name__)
@@ -130,6 +130,18 @@ def content_id(*parts: object) -> str:
     """A short stable id for (stage, config, input ids): the same inputs give the same id."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def folder_id(folder: Path) -> str:
+    """A model folder's identity: its manifest's file hashes if it has one, else file names, sizes and mtimes."""
+    folder = Path(folder)
+    if (folder / MANIFEST).is_file():
+        return content_id(read_manifest(folder)["files"])
+    if not folder.is_dir():
+        raise ModelError(f"model folder {folder} does not exist; resolve the teacher first (edgekit teacher)")
+    files = {p.relative_to(folder).as_posix(): [p.stat().st_size, p.stat().st_mtime_ns]
+             for p in sorted(folder.rglob("*")) if p.is_file()}
+    return content_id(files)
 
 
 def host_facts() -> dict:

@@ -162,14 +162,10 @@ def _export_id(src: Path) -> str:
 
 
 def _architecture(export: dict, src: Path):
-    from dataclasses import fields
-
     from edgekit.arch import Architecture
 
-    arch = export["source_model"].get("architecture") or {}
-    names = {f.name for f in fields(Architecture)}
     try:
-        return Architecture(**{k: v for k, v in arch.items() if k in names})
+        return Architecture.from_dict(export["source_model"].get("architecture") or {})
     except TypeError as e:
         raise ConfigError(f"{src / MANIFEST}: source_model.architecture is incomplete ({e}); re-run `edgekit export`")\
             from e

@@ -130,8 +130,7 @@ def _bench(recipe, exports: list[Path], fidelity: dict | None, record: dict) -> 
     if source.get("architecture"):
         from edgekit.arch import Architecture
 
-        known = Architecture.__dataclass_fields__
-        arch = Architecture(**{k: v for k, v in source["architecture"].items() if k in known})
+        arch = Architecture.from_dict(source["architecture"])
     with artifact.atomic_dir(out) as tmp:
         write_report(results, tmp, [fidelity] if fidelity else [], devices=[load_device(recipe.device)], arch=arch,
                      title=f"{recipe.name}: {source.get('name', '')} for {recipe.device}")

@@ -726,7 +726,7 @@ def run(cfg: DataConfig, teacher_dir: Path, out_dir: Path) -> Path:
     """
     teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
     config = cfg.model_dump(mode="json")
-    inputs = {"teacher": _folder_id(teacher_dir), "sources": _sources_id(cfg.sources)}
+    inputs = {"teacher": artifact.folder_id(teacher_dir), "sources": _sources_id(cfg.sources)}
     if _is_complete(out_dir, config, inputs):
         log.info("data artifact %s is complete for this config; reusing it", out_dir)
         return out_dir
@@ -844,17 +844,6 @@ def _work_dir(out_dir: Path, config: dict, inputs: dict) -> Path:
         raise CacheError(f"cannot create {work}: {e.strerror or e}; check permissions or free disk space") from e
     artifact.atomic_write_text(state_path, json.dumps(state, indent=2) + "\n")
     return work
-
-
-def _folder_id(folder: Path) -> str:
-    """The teacher's identity: its manifest's file hashes if it has one, else file names, sizes and mtimes."""
-    if (folder / artifact.MANIFEST).is_file():
-        return artifact.content_id(artifact.read_manifest(folder)["files"])
-    if not folder.is_dir():
-        raise ModelError(f"teacher folder {folder} does not exist; resolve the teacher first (edgekit teacher)")
-    files = {p.relative_to(folder).as_posix(): [p.stat().st_size, p.stat().st_mtime_ns]
-             for p in sorted(folder.rglob("*")) if p.is_file()}
-    return artifact.content_id(files)
 
 
 def _sources_id(sources: list[Path]) -> str | None:

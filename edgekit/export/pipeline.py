@@ -87,13 +87,6 @@ class ExportConfig(BaseModel):
         return f"{self.format}-{self.quant}" + ("-calibrated" if self.calibrate else "")
 
 
-def _model_id(teacher) -> str:
-    """The model's identity: its file hashes (manifest or GGUF) when known, else names, sizes and mtimes."""
-    from edgekit.distill.data import _folder_id
-
-    return _folder_id(teacher.path)
-
-
 def calibration_texts(paths: list[Path], tokenizer, max_tokens: int) -> list[str]:
     """Rendered calibration texts (chat examples through the chat template), up to ``max_tokens`` tokens."""
     from edgekit.distill.data import load_examples, render_text
@@ -127,7 +120,7 @@ def run(cfg: ExportConfig) -> dict:
     from edgekit.models import resolve_teacher
 
     model = resolve_teacher(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    model_id = _model_id(model)
+    model_id = artifact.folder_id(model.path)
     out = artifact_dir(cfg, model_id)
     if (out / artifact.MANIFEST).is_file():
         problems = artifact.verify_manifest(out)

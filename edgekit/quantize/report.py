@@ -246,9 +246,7 @@ def to_markdown(report: dict) -> str:
 def run(reference: Path, exports: list[Path], *, texts: list[Path] | None = None, max_tokens: int = 16_384,
         threads: int | None = None) -> dict:
     """The fidelity stage: reuse or write ``fidelity-<id>/`` with report.json and report.md."""
-    from edgekit.distill.data import _folder_id
-
-    ids = {"reference": _folder_id(Path(reference)),
+    ids = {"reference": artifact.folder_id(Path(reference)),
            "exports": [artifact.content_id(artifact.read_manifest(Path(p))["files"]) for p in exports],
            "texts": [artifact.sha256_file(Path(t)) for t in (texts or [DEFAULT_HELDOUT])], "max_tokens": max_tokens}
     out = artifact.home() / "artifacts" / f"fidelity-{artifact.content_id('fidelity', ids)}"

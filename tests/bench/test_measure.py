@@ -122,7 +122,7 @@ def test_short_real_benchmark_on_every_installed_runtime(real, tiny_bpe_llama_di
 def test_gpu_rows_are_unavailable_with_the_reason_on_a_host_without_gpu(real):
     for runtime in ("llama.cpp", "onnxruntime"):
         expected = get_runner(runtime).gpu_available()
-        if expected is None:
+        if expected is None:  # GPU host: the row is measured (see test_a_gpu_variant_is_measured_when_the_gpu_is_there)
             pytest.skip(f"{runtime} has a GPU on this host")
         row = next(r for r in real["runs"] if r["runtime"] == f"{runtime}-gpu")
         assert (row["status"], row["reason"], row["metrics"]) == ("unavailable", expected, None)

@@ -100,7 +100,8 @@ def test_decode_position_is_the_decode_prompt_plus_half_the_decoded_tokens():
 
 
 def test_decode_prompt_matches_the_measurement_side():
-    measure = pytest.importorskip("edgekit.bench.measure")
+    from edgekit.bench import measure
+
     assert proj.DECODE_PROMPT_TOKENS == measure.DECODE_PROMPT_TOKENS
 
 
