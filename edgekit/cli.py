@@ -457,21 +457,15 @@ def cmd_report(args) -> int:
 def cmd_validate(args) -> int:
     from edgekit.recipe import validate_recipe
 
-    failed = 0
-    for path in args.recipes:
-        problems = validate_recipe(Path(path))
-        if args.json:
-            continue
-        if problems:
-            failed += 1
-            print(f"{path}: {len(problems)} problem(s)")
+    results = {str(path): validate_recipe(Path(path)) for path in args.recipes}
+    if args.json:
+        _emit_json(results)
+    else:
+        for path, problems in results.items():
+            print(f"{path}: " + (f"{len(problems)} problem(s)" if problems else "ok"))
             for p in problems:
                 print(f"  - {p}")
-        else:
-            print(f"{path}: ok")
-    if args.json:
-        _emit_json({str(p): validate_recipe(Path(p)) for p in args.recipes})
-    return 2 if failed else 0
+    return 2 if any(results.values()) else 0
 
 
 def cmd_run(args) -> int:
