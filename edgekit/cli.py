@@ -307,7 +307,7 @@ def _export_config(args, require_quant: bool):
         raise RecipeError("edgekit quantize needs --quant (e.g. q4_k_m for gguf, int4 for onnx); "
                           "`edgekit export` without --quant writes the float model")
     raw = {"model": args.model, "format": args.format, "quant": args.quant, "calibrate": args.calibrate,
-           "calibration": args.calibration or [], "threads": args.threads,
+           "calibration": args.calibration or [], "threads": args.threads, "context": args.context,
            "trust_remote_code": args.trust_remote_code}
     if args.calibration_tokens:
         raw["calibration_tokens"] = args.calibration_tokens
@@ -619,8 +619,10 @@ def _parser() -> argparse.ArgumentParser:
     def export_args(sp, quant_help):
         sp.add_argument("model", nargs="?", default="default",
                         help="'default' (embedded teacher), a distilled student's folder, an HF folder, .gguf or hub id")
-        sp.add_argument("--format", default="gguf", choices=["gguf", "onnx"])
+        sp.add_argument("--format", default="gguf", choices=["gguf", "onnx", "executorch"])
         sp.add_argument("--quant", help=quant_help)
+        sp.add_argument("--context", type=int,
+                        help="executorch: positions of the static KV cache (default 2048, at most the model's)")
         sp.add_argument("--calibrate", action="store_true",
                         help="calibrated 4-bit: importance matrix (gguf) or activation-aware int4 (onnx)")
         sp.add_argument("--calibration", action="append", type=Path, help="calibration text (JSONL/txt; repeatable)")
@@ -629,11 +631,15 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--trust-remote-code", action="store_true", help="DANGEROUS: allow a model's own Python code")
         sp.add_argument("--json", action="store_true")
 
-    ex = sub.add_parser("export", parents=[common], help="convert a model to GGUF or ONNX (float or quantized)")
-    export_args(ex, "gguf: f32 | f16 (default) | bf16 | q8_0 | q4_k_m ...; onnx: fp32 (default) | int8 | int4 | int4-b128")
+    ex = sub.add_parser("export", parents=[common],
+                        help="convert a model to GGUF, ONNX or ExecuTorch (float or quantized)")
+    export_args(ex, "gguf: f32 | f16 (default) | bf16 | q8_0 | q4_k_m ...; onnx: fp32 (default) | int8 | int4 | "
+                    "int4-b128; executorch: fp32 (default) | 8da8w | 8da4w")
     ex.set_defaults(func=cmd_export)
-    qu = sub.add_parser("quantize", parents=[common], help="quantize a model: llama.cpp (gguf) or onnxruntime (onnx)")
-    export_args(qu, "required: q8_0 | q4_0 | q4_1 | q5_k_m | q4_k_m ... (gguf); int8 | int4 | int4-b128 (onnx)")
+    qu = sub.add_parser("quantize", parents=[common],
+                        help="quantize a model: llama.cpp (gguf), onnxruntime (onnx) or torchao (executorch)")
+    export_args(qu, "required: q8_0 | q4_0 | q4_1 | q5_k_m | q4_k_m ... (gguf); int8 | int4 | int4-b128 (onnx); "
+                    "8da8w | 8da4w (executorch)")
     qu.set_defaults(func=cmd_quantize)
 
     fi = sub.add_parser("fidelity", parents=[common],

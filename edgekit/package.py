@@ -4,9 +4,11 @@
 ``.tar.gz`` of it next to it, both atomically. A bundle holds what a runtime needs and nothing else:
 
     model.gguf                        (gguf)  or  model.onnx [+ model.onnx.data], genai_config.json (onnx)
+                                      or  model.pte, executorch_config.json (executorch)
     tokenizer.json, tokenizer_config.json, special_tokens_map.json, chat_template.jinja  (when known)
     generation.json                   generation defaults (temperature, top_p, max_new_tokens, eos ids, stop)
-    run_llamacpp.py | run_genai.py    a standalone example loader (needs only the runtime)
+    run_llamacpp.py | run_genai.py | run_executorch.py
+                                      a standalone example loader (needs only the runtime)
     README.md                         a model card generated from the manifest
     manifest.json                     schema "edgekit.bundle/1": every other file's sha256 and size, the
                                       runtimes and minimum versions, minimum RAM (planner), device fit,
@@ -47,6 +49,8 @@ RUNTIMES = {
     "onnx": [{"name": "onnxruntime-genai", "package": "onnxruntime-genai", "min_version": "0.16",
               "loader": "run_genai.py"},
              {"name": "onnxruntime", "package": "onnxruntime", "min_version": "1.20", "loader": None}],
+    "executorch": [{"name": "executorch", "package": "executorch", "min_version": "1.5.1",
+                    "loader": "run_executorch.py"}],
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
@@ -78,6 +82,10 @@ def package(artifact_dir: Path, *, out_dir: Path | None = None, device: str | No
         log.warning("context %d is beyond %s's maximum %d; sizing for %d", context, src, arch.max_context,
                     arch.max_context)
         context = arch.max_context
+    fixed = (export.get("metrics") or {}).get("context") if fmt == "executorch" else None
+    if fixed and context != fixed:  # an ExecuTorch program's cache size is set at export
+        log.info("the ExecuTorch program holds %d positions; sizing the bundle for %d, not %d", fixed, fixed, context)
+        context = fixed
     memory, device_block, runtime = _memory(arch, fmt, export["quant"], context, device)
     model_folder = Path(export.get("config", {}).get("model_path") or "")
     name = f"{_slug(export.get('config', {}).get('model_name') or export['source_model'].get('name') or 'model')}" \
@@ -124,7 +132,7 @@ def package(artifact_dir: Path, *, out_dir: Path | None = None, device: str | No
             pass  # rebuild below
     with artifact.atomic_dir(final) as tmp:
         _copy_model(src, fmt, export, tmp)
-        _copy_tokenizer(src if fmt == "onnx" else model_folder, tmp)
+        _copy_tokenizer(model_folder if fmt == "gguf" else src, tmp)
         artifact.atomic_write_text(tmp / "generation.json", _json(_generation(src, model_folder, tmp)))
         loader = manifest["loader"]
         shutil.copyfile(LOADERS_DIR / loader, tmp / loader)
@@ -147,7 +155,8 @@ def _read_export(src: Path) -> dict:
         raise ConfigError(f"{src} is not a readable export artifact ({e})") from e
     if manifest.get("stage") != "export" or manifest.get("format") not in RUNTIMES:
         raise ConfigError(f"{src / MANIFEST} describes a {manifest.get('stage')!r} artifact of format "
-                          f"{manifest.get('format')!r}, not a gguf/onnx export; pass a folder made by `edgekit export`")
+                          f"{manifest.get('format')!r}, not a {'/'.join(RUNTIMES)} export; pass a folder made by "
+                          "`edgekit export`")
     for key in ("quant", "label", "source_model"):
         if key not in manifest:
             raise ConfigError(f"{src / MANIFEST} lacks {key!r}; re-run `edgekit export` to rebuild the artifact")
@@ -252,6 +261,8 @@ def _teacher(export: dict) -> dict:
 def _copy_model(src: Path, fmt: str, export: dict, tmp: Path) -> None:
     if fmt == "gguf":
         names = [export.get("model_file") or "model.gguf"]
+    elif fmt == "executorch":
+        names = [export.get("model_file") or "model.pte", "executorch_config.json"]
     else:
         names = sorted(p.name for p in src.iterdir() if p.name.startswith("model.onnx")) + ["genai_config.json"]
     for n in names:
@@ -353,6 +364,12 @@ def model_card(m: dict) -> str:
         lines += ["On Intel AMX CPUs, llama-cpp-python 0.3.36 can crash unless llama.cpp's extra buffer types are "
                   f"off; `{loader}` turns them off when it sees AMX (force with `--no-extra-buffers` or "
                   "`NO_EXTRA_BUFFERS=1`).", ""]
+    if fmt == "executorch":
+        lines += [f"`{loader}` also needs `tokenizers` and `jinja2` (`pip install tokenizers jinja2`). The program "
+                  f"holds a static K/V cache of {m['context']} positions and returns the last position's logits; "
+                  "ExecuTorch's C++ LLM runner can drive it on a phone as it is (it carries the runner's metadata). "
+                  "It needs the XNNPACK backend and ExecuTorch's LLM custom ops (`llama::custom_sdpa`, "
+                  "`llama::update_cache`) linked in; see executorch_config.json's `kernels`.", ""]
     lines += [
         "## Facts", "",
         "| | |", "|---|---|",

@@ -29,7 +29,6 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Fie
 from edgekit.distill.data import DataConfig
 from edgekit.errors import EdgekitError, RecipeError
 
-EXPORTER_ISSUE = "issue #8"
 LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl")  # == edgekit.distill.losses.KINDS (tested)
 _DURATION = re.compile(r"\s*(-?[0-9]*\.?[0-9]+)\s*(s|sec|m|min|h)\s*")
 _DURATION_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
@@ -122,7 +121,7 @@ class DistillSection(_Section):
 
 
 class ExportSpec(_Section):
-    format: str = Field(description="registered format: gguf, onnx (executorch: planned, no exporter yet)")
+    format: str = Field(description="registered format: gguf, onnx or executorch")
     quant: str = Field(description="registered scheme of that format, e.g. q4_k_m, int4 (see `edgekit plan`)")
     calibrate: bool = Field(False, description="calibrated 4-bit: imatrix for gguf, activation-aware int4 for onnx")
 
@@ -202,6 +201,7 @@ class Recipe(_Section):
                 raise RecipeError(f"{self._where()}: exports.{i}.format: {_no_exporter(e.format)}")
             try:
                 out.append(ExportConfig(model=model, format=e.format, quant=e.quant, calibrate=e.calibrate,
+                                        context=self.context if e.format == "executorch" else None,
                                         threads=self.bench.threads if self.bench else None))
             except (ValidationError, RecipeError) as err:
                 msg = _format_errors(err, None, {}) if isinstance(err, ValidationError) else str(err)
@@ -222,8 +222,8 @@ def exporter_formats() -> tuple[str, ...]:
 
 
 def _no_exporter(fmt: str) -> str:
-    return (f"format {fmt} has no exporter yet ({EXPORTER_ISSUE}); the planner can size a student for it, but "
-            f"edgekit cannot write it; export {' or '.join(exporter_formats())} instead, or wait for {EXPORTER_ISSUE}")
+    return (f"format {fmt} has no exporter; the planner can size a student for it, but edgekit cannot write it; "
+            f"export {' or '.join(exporter_formats())} instead")
 
 
 # --------------------------------------------------------------------------- loading

@@ -21,13 +21,13 @@ from edgekit.package import LICENSE_NOTE, SCHEMA, package, verify
 
 @pytest.fixture(scope="module")
 def exports(tiny_bpe_llama_dir, tmp_path_factory) -> dict[str, Path]:
-    """A tiny GGUF (q8_0) and ONNX (fp32) export, made once for the module in its own EDGEKIT_HOME."""
+    """A tiny GGUF (q8_0), ONNX (fp32) and ExecuTorch (8da4w) export, made once for the module in its own home."""
     from edgekit.export.pipeline import ExportConfig, run
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EDGEKIT_HOME", str(tmp_path_factory.mktemp("package-home")))
-        return {fmt: Path(run(ExportConfig(model=str(tiny_bpe_llama_dir), format=fmt, quant=q))["path"])
-                for fmt, q in (("gguf", "q8_0"), ("onnx", "fp32"))}
+        return {fmt: Path(run(ExportConfig(model=str(tiny_bpe_llama_dir), format=fmt, quant=q, context=ctx))["path"])
+                for fmt, q, ctx in (("gguf", "q8_0", None), ("onnx", "fp32", None), ("executorch", "8da4w", 64))}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,8 @@ COMMON = {"README.md", "manifest.json", "generation.json", "tokenizer.json", "to
 
 
 @pytest.mark.parametrize("fmt, own", [("gguf", {"model.gguf", "run_llamacpp.py"}),
-                                      ("onnx", {"model.onnx", "genai_config.json", "run_genai.py"})])
+                                      ("onnx", {"model.onnx", "genai_config.json", "run_genai.py"}),
+                                      ("executorch", {"model.pte", "executorch_config.json", "run_executorch.py"})])
 def test_package_writes_model_tokenizer_loader_card_and_manifest(bundles, exports, fmt, own):
     b = bundles[fmt]
     folder = Path(b["path"])
@@ -59,7 +60,8 @@ def test_package_writes_model_tokenizer_loader_card_and_manifest(bundles, export
 
     m = json.loads((folder / "manifest.json").read_text())
     assert m == b["manifest"]
-    assert m["schema"] == SCHEMA and m["format"] == fmt and m["context"] == 256
+    # an ExecuTorch program's cache is sized at export (64 here): the bundle says so rather than the asked 256
+    assert m["schema"] == SCHEMA and m["format"] == fmt and m["context"] == (64 if fmt == "executorch" else 256)
     assert m["source_artifact"]["id"] == exports[fmt].name
     assert set(m["files"]) == (COMMON | own) - {"manifest.json"}
     for rel, meta in m["files"].items():
@@ -143,7 +145,14 @@ def test_genai_loader_runs_standalone(bundles):
     assert r.stdout.endswith("\n") and "tokens in" in r.stderr
 
 
-@pytest.mark.parametrize("fmt", ["gguf", "onnx"])
+def test_executorch_loader_runs_standalone(bundles):
+    script = Path(bundles["executorch"]["path"]) / "run_executorch.py"
+    r = _run_standalone(script, "--max-tokens", "4", "hi")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.endswith("\n") and "tokens in" in r.stderr
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "onnx", "executorch"])
 def test_bundle_folder_and_tarball_verify(bundles, fmt):
     for where in (bundles[fmt]["path"], bundles[fmt]["tarball"]):
         result = verify(Path(where))

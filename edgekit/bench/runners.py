@@ -1,7 +1,7 @@
 """Bench runtimes: a small registry of runners, each able to load one model format and step it.
 
 A :class:`Runner` names a runtime (``llama.cpp``, ``onnxruntime``, ``onnxruntime-genai``,
-``pytorch``), the formats it runs, and how to open a :class:`Session` on an artifact. A
+``executorch``, ``pytorch``), the formats it runs, and how to open a :class:`Session` on an artifact. A
 session is the only thing the benchmark worker times:
 
 - ``prefill(ids) -> token``: start a fresh sequence, run the whole prompt, return the first
@@ -13,7 +13,7 @@ The ``pytorch`` format means an HF folder: given an export artifact, the PyTorch
 runs the float model the export came from (``config.model_path`` in its manifest), in fp32.
 
 Built-ins register below through :func:`register_runner`, exactly as a third party would
-(executorch will too). Importing this module imports no runtime: ``available()`` only looks
+(executorch does). Importing this module imports no runtime: ``available()`` only looks
 for the module, so listing runners stays cheap and a missing runtime is a reason, not a crash.
 """
 
@@ -363,6 +363,45 @@ def _genai_gpu() -> str | None:
     return f"{NO_GPU}: this onnxruntime-genai build has no CUDA (install onnxruntime-genai-cuda)"
 
 
+# --------------------------------------------------------------------------- ExecuTorch (XNNPACK, CPU)
+
+
+class _EtSession:
+    """ExecuTorch's Python runtime on the .pte; the program holds its K/V cache, a new prompt restarts at 0."""
+
+    def __init__(self, folder: Path, threads: int, *, gpu: bool = False, context: int | None = None):
+        from edgekit.bench.executorch import EtLM
+
+        if gpu:
+            raise ModelError("edgekit's ExecuTorch programs are lowered to XNNPACK (CPU); a GPU needs a Vulkan, "
+                             "MPS or Core ML export, which edgekit does not write yet")
+        self.lm = EtLM(folder, threads=threads)
+        self.context = self.lm.context
+        self._tokenize = _hf_tokenize(folder)
+        self._token = None
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._tokenize(text)
+
+    def prefill(self, ids: list[int]) -> int:
+        self._token = int(self.lm.prefill_logits(list(ids)).argmax())
+        return self._token
+
+    def decode(self, n: int) -> list[int]:
+        out = []
+        for _ in range(n):
+            self._token = int(self.lm.forward([self._token], self.lm.pos).argmax())
+            out.append(self._token)
+        return out
+
+    def close(self) -> None:
+        self.lm.close()
+
+
+def _et_gpu() -> str | None:
+    return f"{NO_GPU}: edgekit lowers ExecuTorch programs to XNNPACK, a CPU backend"
+
+
 # --------------------------------------------------------------------------- PyTorch (the float reference)
 
 
@@ -420,5 +459,7 @@ register_runner(Runner("onnxruntime", ("onnx",), "onnxruntime", "onnxruntime", _
                        gpu_variant=True, description="onnxruntime with edgekit's KV-cache loop (OrtLM)"))
 register_runner(Runner("onnxruntime-genai", ("onnx",), "onnxruntime_genai", "onnxruntime-genai", _GenaiSession,
                        _genai_gpu, description="onnxruntime-genai's generator"))
+register_runner(Runner("executorch", ("executorch",), "executorch", "executorch", _EtSession, _et_gpu,
+                       description="ExecuTorch's Python runtime (XNNPACK delegate, portable + LLM kernels)"))
 register_runner(Runner("pytorch", ("pytorch",), "torch", "torch", _TorchSession, _torch_gpu,
                        description="the float HF model in PyTorch (fp32 reference)"))

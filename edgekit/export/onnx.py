@@ -146,7 +146,7 @@ def export_onnx(model_dir: Path, out_dir: Path, quant: str = "fp32", *, calibrat
     tools = {"graph": _optimum_tool()}
     start = time.perf_counter()
     n_steps = 5 if spec.algorithm == "awq" else 4
-    with _steps(progress, n_steps, f"export onnx {spec.name}") as steps, artifact.atomic_dir(out_dir) as tmp:
+    with steps(progress, n_steps, f"export onnx {spec.name}") as step_bar, artifact.atomic_dir(out_dir) as tmp:
         work = tmp / ".work"
         work.mkdir()
         source, awq = model_dir, None
@@ -154,19 +154,19 @@ def export_onnx(model_dir: Path, out_dir: Path, quant: str = "fp32", *, calibrat
             t = time.perf_counter()
             source, awq = _awq_scaled_copy(model_dir, calibration_texts, spec.block_size, work / "awq")
             timings["awq_s"] = time.perf_counter() - t
-            steps.update(1)
+            step_bar.update(1)
         t = time.perf_counter()
         _optimum_export(source, work, "fp16" if spec.kind == "fp16" else "fp32")
         model = onnx.load(str(work / MODEL_FILE))
         timings["export_s"] = time.perf_counter() - t
-        steps.update(1)
+        step_bar.update(1)
 
         t = time.perf_counter()
         if spec.kind in ("int8", "int4"):
             model, how = _quantize(model, spec, work)
             tools.update(how)
         timings["quantize_s"] = time.perf_counter() - t
-        steps.update(1)
+        step_bar.update(1)
 
         t = time.perf_counter()
         _set_metadata(model, spec)
@@ -174,18 +174,18 @@ def export_onnx(model_dir: Path, out_dir: Path, quant: str = "fp32", *, calibrat
         _save(model, tmp / MODEL_FILE)
         del model
         shutil.rmtree(work)
-        copied = _copy_hf_files(model_dir, tmp)
+        copied = copy_hf_files(model_dir, tmp)
         config = genai_config(model_dir)
         artifact.atomic_write_text(tmp / GENAI_CONFIG, json.dumps(config, indent=2) + "\n")
         tools["genai_config"] = "edgekit (from config.json, generation_config.json and the tokenizer)"
         timings["write_s"] = time.perf_counter() - t
-        steps.update(1)
+        step_bar.update(1)
 
         t = time.perf_counter()
         check_onnx(tmp / MODEL_FILE)
         _smoke_run(tmp / MODEL_FILE, arch, "float16" if spec.kind == "fp16" else "float32")
         timings["check_s"] = time.perf_counter() - t
-        steps.update(1)
+        step_bar.update(1)
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
     timings["total_s"] = time.perf_counter() - start
     log.info("exported %s to %s (%s, %.1f MB) in %.1f s", model_dir, out_dir, spec.name,
@@ -434,7 +434,7 @@ def _awq_scaled_copy(model_dir: Path, texts: list[str], block: int, folder: Path
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True).eval()
     results = awq_scale(model, sequences, block)
     model.save_pretrained(folder, safe_serialization=True)
-    _copy_hf_files(model_dir, folder, keep=("config.json",))
+    copy_hf_files(model_dir, folder, keep=("config.json",))
     rtn, awq = sum(r.error_rtn for r in results), sum(r.error_awq for r in results)
     return folder, {"calibration_tokens": min(sum(map(len, sequences)), MAX_TOKENS), "groups": len(results),
                     "groups_scaled": sum(1 for r in results if r.alpha),
@@ -618,7 +618,7 @@ def _embedding_gather(model):
 # --------------------------------------------------------------------------- step 3: files
 
 
-def _copy_hf_files(model_dir: Path, out: Path, keep: tuple[str, ...] = ()) -> list[str]:
+def copy_hf_files(model_dir: Path, out: Path, keep: tuple[str, ...] = ()) -> list[str]:
     """Copy the tokenizer, config and generation files; files named in ``keep`` that ``out`` has stay."""
     copied = []
     for name in HF_FILES:
@@ -786,7 +786,7 @@ class _NoBar:
 
 
 @contextlib.contextmanager
-def _steps(progress: bool, total: int, desc: str):
+def steps(progress: bool, total: int, desc: str):
     if not progress:
         yield _NoBar()
         return

@@ -12,6 +12,8 @@ export reuses the folder, and a changed model or key never reuses stale output.
   computes an importance matrix from calibration text first (llama.cpp's imatrix).
 - ONNX: optimum exports the decoder with its KV cache; onnxruntime's quantization
   tools make int8 / int4; ``calibrate`` picks the activation-aware int4 variant.
+- ExecuTorch: ``torch.export`` of a static-KV-cache decoder, torchao weight quantization
+  (8da8w / 8da4w) and ExecuTorch's XNNPACK lowering, for ``context`` positions.
 """
 
 from __future__ import annotations
@@ -31,12 +33,12 @@ log = logging.getLogger(__name__)
 
 RESOURCES = Path(__file__).resolve().parent.parent / "resources"
 DEFAULT_CALIBRATION = RESOURCES / "calibration.jsonl"
-DEFAULT_QUANT = {"gguf": "f16", "onnx": "fp32"}
+DEFAULT_QUANT = {"gguf": "f16", "onnx": "fp32", "executorch": "fp32"}
 GGUF_FLOATS = ("f32", "f16", "bf16")
 # ONNX quant names the exporter understands, and what ``calibrate`` turns each into.
 ONNX_CALIBRATED = {"int4": "int4-awq"}
 # Bump when an exporter's output changes for the same config, so older artifacts are not reused.
-EXPORTER_VERSION = {"gguf": 1, "onnx": 2}
+EXPORTER_VERSION = {"gguf": 1, "onnx": 2, "executorch": 1}
 
 
 class ExportConfig(BaseModel):
@@ -45,12 +47,14 @@ class ExportConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field("default", description="'default' (embedded teacher), a folder, a .gguf, or a hub id")
-    format: Literal["gguf", "onnx"] = "gguf"
+    format: Literal["gguf", "onnx", "executorch"] = "gguf"
     quant: str | None = Field(None, description="scheme name; default f16 for gguf, fp32 for onnx")
     calibrate: bool = Field(False, description="calibrated 4-bit: imatrix for gguf, activation-aware int4 for onnx")
     calibration: list[Path] = Field(default_factory=list,
                                     description="calibration text files (JSONL/txt); default: the bundled set")
     calibration_tokens: int = Field(30_000, gt=0, description="at most this many calibration tokens")
+    context: int | None = Field(None, ge=8, description="executorch only: positions of the static KV cache "
+                                                         "(default 2048, at most the model's)")
     threads: int | None = Field(None, gt=0)
     trust_remote_code: bool = False
 
@@ -66,6 +70,12 @@ class ExportConfig(BaseModel):
             self.quant, self.calibrate = next(k for k, v in ONNX_CALIBRATED.items() if v == quant), True
         else:
             get_scheme(self.format, quant)  # raises RecipeError listing the valid names
+        if self.context is not None and self.format != "executorch":
+            raise RecipeError(f"context sizes the static KV cache of an executorch export; {self.format} "
+                              "models grow their cache at run time: drop --context")
+        if self.calibrate and self.format == "executorch":
+            raise RecipeError("calibrate is not available for executorch yet (its 8da4w weights are rounded "
+                              "to nearest); drop --calibrate, or export gguf/onnx with it")
         if self.calibrate:
             if self.format == "gguf" and self.quant in GGUF_FLOATS:
                 raise RecipeError(f"calibrate needs a quantized type, not {self.quant}: an importance matrix only "
@@ -110,6 +120,8 @@ def calibration_texts(paths: list[Path], tokenizer, max_tokens: int) -> list[str
 def artifact_dir(cfg: ExportConfig, model_id: str) -> Path:
     key = cfg.model_dump(mode="json", exclude={"model", "threads", "trust_remote_code"})
     key["exporter"] = EXPORTER_VERSION[cfg.format]
+    if key.get("context") is None:  # only executorch has one; keeps gguf/onnx ids as they were
+        key.pop("context", None)
     key["calibration"] = [artifact.sha256_file(Path(p)) for p in (cfg.calibration or [DEFAULT_CALIBRATION])] \
         if cfg.calibrate else []
     return artifact.home() / "artifacts" / f"export-{artifact.content_id('export', key, model_id)}"
@@ -141,8 +153,10 @@ def run(cfg: ExportConfig) -> dict:
             texts = calibration_texts(cfg.calibration, tok, cfg.calibration_tokens)
         if cfg.format == "gguf":
             summary = _export_gguf(cfg, model, tmp, texts)
-        else:
+        elif cfg.format == "onnx":
             summary = _export_onnx(cfg, model, tmp, texts)
+        else:
+            summary = _export_executorch(cfg, model, tmp)
         summary["seconds"] = round(time.perf_counter() - t0, 1)
         summary["params"] = model.arch.params
         manifest = artifact.write_manifest(
@@ -191,6 +205,19 @@ def _export_onnx(cfg: ExportConfig, model, tmp: Path, texts: list[str] | None) -
     size = sum(p.stat().st_size for p in tmp.iterdir() if p.name.startswith("model.onnx"))
     return {"model_file": "model.onnx", "size_bytes": size, "bits_per_weight": 8 * size / model.arch.params,
             "export": summary}
+
+
+def _export_executorch(cfg: ExportConfig, model, tmp: Path) -> dict:
+    from edgekit.export.executorch import DEFAULT_CONTEXT, MODEL_FILE, export_executorch
+
+    work = tmp / "executorch"
+    summary = export_executorch(model.path, work, cfg.quant, context=cfg.context or DEFAULT_CONTEXT)
+    for p in work.iterdir():  # flatten: the artifact folder is the ExecuTorch folder
+        shutil.move(str(p), tmp / p.name)
+    work.rmdir()
+    size = (tmp / MODEL_FILE).stat().st_size
+    return {"model_file": MODEL_FILE, "size_bytes": size, "bits_per_weight": 8 * size / model.arch.params,
+            "context": summary["context"], "export": summary}
 
 
 def _json(obj) -> str:

@@ -1,7 +1,7 @@
 """Fidelity: what each export costs in quality against the full-precision PyTorch model.
 
 For every export artifact (GGUF run by llama.cpp, ONNX run by our onnxruntime
-loop) and the same held-out texts, one pass computes, token by token against the
+loop, ExecuTorch programs run by ExecuTorch's runtime) and the same held-out texts, one pass computes, token by token against the
 PyTorch fp32 reference: the export's perplexity, the mean KL divergence
 KL(reference || export) and its 99th percentile, and top-1 agreement (the same
 argmax) -- the measures llama.cpp's ``--kl-divergence`` tool reports. A 64-token
@@ -106,6 +106,14 @@ def onnx_runner(folder: Path, threads: int | None = None) -> Runner:
     return Runner("onnxruntime", lm.logits, lambda ids, n: list(lm.generate(ids, n, eos_ids=(), greedy=True)))
 
 
+def executorch_runner(folder: Path, threads: int | None = None) -> Runner:
+    """The .pte returns last-position logits only, so full-sequence logits take one program call per token."""
+    from edgekit.bench.executorch import EtLM
+
+    lm = EtLM(folder, threads=threads)
+    return Runner("executorch", lm.logits, lambda ids, n: list(lm.generate(ids, n, eos_ids=())), lm.close)
+
+
 def open_export(folder: Path, n_ctx: int, threads: int | None = None) -> tuple[Runner, dict]:
     """A runner for an export artifact folder, and its manifest."""
     folder = Path(folder)
@@ -118,6 +126,8 @@ def open_export(folder: Path, n_ctx: int, threads: int | None = None) -> tuple[R
         runner = gguf_runner(folder / manifest["model_file"], n_ctx, threads)
     elif fmt == "onnx":
         runner = onnx_runner(folder, threads)
+    elif fmt == "executorch":
+        runner = executorch_runner(folder, threads)
     else:
         raise ModelError(f"{folder}: no fidelity runner for format {fmt!r}")
     runner.label = manifest.get("label", fmt)

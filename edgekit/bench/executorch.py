@@ -1,0 +1,138 @@
+"""Running an exported ExecuTorch folder (``model.pte`` + ``executorch_config.json``) with ExecuTorch's Python runtime.
+
+:class:`EtLM` loads the program through ``executorch.runtime`` (with the LLM and quantized
+kernels registered, and the flatbuffer verified on load), and steps it: the program keeps its
+K/V cache inside, so a call is ``forward(tokens, input_pos) -> last-position logits`` and a
+new sequence simply starts again at position 0. The benchmark session, the fidelity report
+and the export check all use it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgekit.bench.onnxruntime import GenerationStats
+from edgekit.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.pte"
+ET_CONFIG = "executorch_config.json"
+
+
+def _runtime():
+    """ExecuTorch's runtime with the kernels edgekit's programs use registered (imports are the registration)."""
+    try:
+        import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  llama::custom_sdpa / update_cache
+        import executorch.kernels.quantized  # noqa: F401  quantized_decomposed::embedding_byte
+        from executorch.runtime import Runtime, Verification
+    except ImportError as e:
+        raise ModelError(f"ExecuTorch is not installed ({e}); pip install 'edgekit[executorch]'") from e
+    return Runtime.get(), Verification
+
+
+def set_threads(threads: int | None) -> None:
+    """Size ExecuTorch's (process-wide) thread pool, which XNNPACK uses."""
+    if threads:
+        from executorch.extension.pybindings import portable_lib
+
+        portable_lib._unsafe_reset_threadpool(int(threads))
+
+
+class EtLM:
+    """A ``model.pte`` from ``edgekit export --format executorch``, batch 1."""
+
+    def __init__(self, folder: Path, threads: int | None = None, *, check_config: bool = True,
+                 pte: Path | None = None):
+        import torch
+
+        self.torch = torch
+        folder = Path(folder)
+        self.path = Path(pte) if pte else folder / MODEL_FILE
+        self.config = {}
+        config_path = folder / ET_CONFIG
+        if config_path.is_file():
+            try:
+                self.config = json.loads(config_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise ModelError(f"{config_path} is not readable JSON ({e}); export the folder again") from e
+        elif check_config:
+            raise ModelError(f"{folder} has no {ET_CONFIG}; pass a folder written by `edgekit export --format "
+                             "executorch`")
+        if not self.path.is_file():
+            raise ModelError(f"{self.path} is missing; export again (edgekit export --format executorch)")
+        runtime, verification = _runtime()
+        set_threads(threads)
+        try:
+            program = runtime.load_program(self.path, verification=verification.InternalConsistency)
+            self.method = program.load_method("forward")
+        except Exception as e:  # the runtime raises RuntimeError / ValueError with its own message
+            raise ModelError(f"ExecuTorch cannot load {self.path} ({_one_line(e)}); the file is truncated, "
+                             "corrupt or needs kernels this runtime lacks: export it again") from e
+        self._program = program
+        self.context = int(self.config.get("context") or _constant(program, "get_max_seq_len") or 0) or None
+        self.eos_ids = tuple(self.config.get("eos_token_id") or ())
+        self.pos = 0
+        self.stats = GenerationStats()
+
+    def forward(self, ids: list[int], pos: int) -> np.ndarray:
+        """Logits [vocab] of the last of ``ids`` placed at positions ``pos..pos+len(ids)-1``."""
+        if self.context and pos + len(ids) > self.context:
+            raise ModelError(f"{len(ids)} tokens at position {pos} pass the program's context of {self.context}; "
+                             "shorten the prompt or export with a larger context")
+        t = self.torch
+        out = self.method.execute([t.tensor([list(ids)], dtype=t.long), t.tensor([pos], dtype=t.long)])[0]
+        self.pos = pos + len(ids)
+        return out.reshape(-1).numpy()
+
+    def prefill_logits(self, ids: list[int]) -> np.ndarray:
+        """Start a new sequence with ``ids``; logits of its last position."""
+        return self.forward(list(ids), 0)
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """[T, vocab] logits of every position, one program call per token (the program returns the last only)."""
+        rows = [self.forward([tok], i) for i, tok in enumerate(ids)]
+        return np.stack(rows).astype(np.float32, copy=False)
+
+    def generate(self, ids: list[int], max_new_tokens: int, eos_ids=None, greedy: bool = True):
+        """Yield up to ``max_new_tokens`` greedy tokens after ``ids``; stops at ``eos_ids`` (default: the export's)."""
+        if not greedy:
+            raise ModelError("EtLM samples greedily only")
+        stop = set(self.eos_ids if eos_ids is None else eos_ids)
+        self.stats = GenerationStats(prompt_tokens=len(ids))
+        t0 = time.perf_counter()
+        logits = self.prefill_logits(ids)
+        self.stats.prefill_s = time.perf_counter() - t0
+        for i in range(max_new_tokens):
+            token = int(logits.argmax())
+            self.stats.new_tokens += 1
+            yield token
+            if token in stop or i == max_new_tokens - 1:
+                return
+            t = time.perf_counter()
+            logits = self.forward([token], self.pos)
+            self.stats.decode_s.append(time.perf_counter() - t)
+
+    def close(self) -> None:
+        self.method = None
+        self._program = None
+
+
+def _constant(program, name: str):
+    """A metadata method's value (e.g. get_max_seq_len), or None when the program has none."""
+    try:
+        if name not in program.method_names:
+            return None
+        return program.load_method(name).execute([])[0]
+    except Exception:  # an optional fact: missing or odd metadata is not an error here
+        return None
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:300]

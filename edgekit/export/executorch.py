@@ -1,0 +1,270 @@
+"""Export a Llama-family Hugging Face folder to an ExecuTorch program (``model.pte``) for XNNPACK.
+
+What does each step:
+
+1. The model: :class:`edgekit.export.et_model.StaticLlama` wraps the HF model's own layers
+   with a static K/V cache of ``context`` positions and ExecuTorch's LLM kernels
+   (``llama::update_cache``, ``llama::custom_sdpa``); et_model.py says why it is not
+   transformers' or optimum-executorch's wrapper.
+2. The weights, with torchao's ``quantize_`` (the configs ExecuTorch's LLM exporter uses):
+
+   - ``fp32``: float weights (a tied embedding is stored twice: once for the embedding
+     kernel, once packed inside the XNNPACK delegate);
+   - ``8da8w``: int8 weights, one scale per output channel, activations quantized to int8
+     per token at run time (``Int8DynamicActivationIntxWeightConfig``);
+   - ``8da4w``: int4 weights in groups of ``group_size`` (32) with an fp32 scale, int8
+     dynamic activations. The LM head stays 8da8w (as llama.cpp keeps its output tensor at
+     more bits) and the token embedding is int8 per row in both quantized schemes
+     (ExecuTorch's ``embedding_byte`` kernel).
+3. ``torch.export`` (strict) with a dynamic sequence length 1..context-1, then
+   ``to_edge_transform_and_lower`` with the ``XnnpackPartitioner`` and ``to_executorch``
+   with quant fusion and constant propagation: linears, norms, RoPE and the MLP run inside
+   XNNPACK; the cache ops, the embedding and the position lookup run as ExecuTorch kernels.
+   Metadata methods (``get_max_seq_len``, ``get_eos_ids``, ``get_vocab_size``, ...) are
+   stored in the program so ExecuTorch's C++ LLM runner can drive it as it is.
+4. ``executorch_config.json`` (context, inputs, special tokens, the kernels a runtime must
+   link) and the tokenizer / config / generation files are written next to ``model.pte``.
+5. A check: the program is loaded by ExecuTorch's runtime and run on a short prompt; the
+   last-position logits are compared with the PyTorch model's (and must agree on the argmax
+   for the float export).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgekit import artifact
+from edgekit.arch import Architecture
+from edgekit.errors import ModelError, RecipeError
+from edgekit.export.onnx import copy_hf_files, special_token_ids, steps
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.pte"
+ET_CONFIG = "executorch_config.json"
+DEFAULT_CONTEXT = 2048
+# What a runtime needs beyond ExecuTorch's portable kernels to load the program.
+KERNELS = ["XnnpackBackend", "llama::custom_sdpa", "llama::update_cache"]
+
+
+@dataclass(frozen=True)
+class EtQuant:
+    name: str
+    weight_bits: int  # 32 = float
+    group_size: int = 0  # 0 = one scale per output channel
+    description: str = ""
+
+
+QUANTS = {q.name: q for q in (
+    EtQuant("fp32", 32, description="32-bit float weights"),
+    EtQuant("8da8w", 8, 0, "int8 weights per output channel, int8 dynamic activations; int8 embedding"),
+    EtQuant("8da4w", 4, 32, "int4 weights in groups of 32, int8 dynamic activations; LM head 8da8w, int8 embedding"),
+)}
+
+
+def runtime_available() -> str | None:
+    """None when ExecuTorch can export here, else the reason and the fix."""
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec("executorch") is None or importlib.util.find_spec("torchao") is None:
+            raise ImportError
+    except (ImportError, ValueError):
+        return ("ExecuTorch is not installed: pip install 'edgekit[executorch]' "
+                "(executorch 1.5.x, which works with the pinned torch 2.13)")
+    return None
+
+
+def resolve_quant(name: str) -> EtQuant:
+    if name not in QUANTS:
+        raise RecipeError(f"unknown executorch quant {name!r}: choose one of {', '.join(QUANTS)}")
+    return QUANTS[name]
+
+
+def export_executorch(model_dir: Path, out_dir: Path, quant: str = "fp32", *, context: int = DEFAULT_CONTEXT,
+                      progress: bool = True) -> dict:
+    """Export the HF folder ``model_dir`` to ``out_dir`` (``model.pte`` + ``executorch_config.json`` + tokenizer).
+
+    ``out_dir`` is built in a temporary sibling and renamed into place when complete. Returns a
+    summary: files and sizes, the tools used, the delegate count, the check and timings.
+    """
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    spec = resolve_quant(quant)
+    missing = runtime_available()
+    if missing:
+        raise ModelError(missing)
+    cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8")) \
+        if (model_dir / "config.json").is_file() else None
+    if cfg is None:
+        raise ModelError(f"{model_dir} has no config.json; pass a Hugging Face model folder")
+    arch = Architecture.from_hf_config(cfg, str(model_dir / "config.json"))
+    if not any(model_dir.glob("*.safetensors")):
+        raise ModelError(f"{model_dir} has no .safetensors weights to export; pass a float HF folder "
+                         "(edgekit resolves teachers and students to one)")
+    context = min(int(context), arch.max_context)
+    if context < 8:
+        raise RecipeError(f"executorch context {context} is too small; give at least 8 positions")
+    bos, eos, _ = special_token_ids(model_dir)
+
+    import torch
+
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    with steps(progress, 5, f"export executorch {spec.name}") as bar, artifact.atomic_dir(out_dir) as tmp:
+        t = time.perf_counter()
+        module, reference = _build(model_dir, spec, context)
+        timings["load_quantize_s"] = time.perf_counter() - t
+        bar.update(1)
+
+        t = time.perf_counter()
+        sample = torch.tensor([[bos, 2, 3, 4]], dtype=torch.long) % arch.vocab_size
+        seq = torch.export.Dim("seq", min=1, max=context - 1)
+        with torch.no_grad():
+            exported = torch.export.export(module, (sample, torch.tensor([0], dtype=torch.long)),
+                                           dynamic_shapes=({1: seq}, None), strict=True)
+        timings["export_s"] = time.perf_counter() - t
+        bar.update(1)
+
+        t = time.perf_counter()
+        metadata = {"get_max_seq_len": context, "get_max_context_len": context, "get_vocab_size": arch.vocab_size,
+                    "get_bos_id": bos, "get_eos_ids": eos, "use_kv_cache": True, "use_sdpa_with_kv_cache": True,
+                    "enable_dynamic_shape": True, "get_n_layers": arch.layers}
+        program, delegates = _lower(exported, metadata)
+        del exported, module
+        timings["lower_s"] = time.perf_counter() - t
+        bar.update(1)
+
+        t = time.perf_counter()
+        with open(tmp / MODEL_FILE, "wb") as f:
+            program.write_to_file(f)
+        del program
+        copied = copy_hf_files(model_dir, tmp)
+        et_config = {
+            "format": "executorch", "quant": spec.name, "description": spec.description,
+            "context": context, "vocab_size": arch.vocab_size, "bos_token_id": bos, "eos_token_id": eos,
+            "inputs": {"tokens": "int64 [1, S], 1 <= S < context", "input_pos": "int64 [1]: position of tokens[0]"},
+            "output": "float32 [1, vocab]: logits of the last position",
+            "kernels": KERNELS + (["quantized_decomposed::embedding_byte"] if spec.weight_bits < 32 else []),
+            "executorch_version": _version("executorch"), "torchao_version": _version("torchao"),
+        }
+        artifact.atomic_write_text(tmp / ET_CONFIG, json.dumps(et_config, indent=2) + "\n")
+        timings["write_s"] = time.perf_counter() - t
+        bar.update(1)
+
+        t = time.perf_counter()
+        check = check_pte(tmp / MODEL_FILE, reference, bos, arch.vocab_size)
+        if spec.weight_bits == 32 and not check["argmax_agrees"]:
+            raise ModelError(f"the fp32 ExecuTorch program disagrees with PyTorch (max |logit diff| "
+                             f"{check['max_abs_logit_diff']:.3g}); this is an exporter bug, please report it")
+        timings["check_s"] = time.perf_counter() - t
+        bar.update(1)
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+    timings["total_s"] = time.perf_counter() - start
+    log.info("exported %s to %s (%s, %.1f MB) in %.1f s", model_dir, out_dir, spec.name, files[MODEL_FILE] / 1e6,
+             timings["total_s"])
+    return {
+        "format": "executorch", "quant": spec.name, "description": spec.description,
+        "group_size": spec.group_size or None, "context": context, "folder": str(out_dir), "files": files,
+        "size_bytes": sum(files.values()), "model_bytes": files[MODEL_FILE], "copied_from_model_dir": copied,
+        "tools": {"graph": f"torch.export {_version('torch')} + executorch {_version('executorch')} (XNNPACK)",
+                  "quantization": f"torchao {_version('torchao')}" if spec.weight_bits < 32 else None},
+        "delegates": delegates, "check": check, "eos_token_id": eos,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+    }
+
+
+def _build(model_dir: Path, spec: EtQuant, context: int):
+    """The export module (quantized as ``spec`` says) and a reference function for the check."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgekit.export.et_model import Int8Embedding, StaticLlama
+
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True).eval()
+    probe = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]) % hf.config.vocab_size
+    with torch.no_grad():
+        ref_logits = hf(probe).logits[0, -1].clone()
+    module = StaticLlama(hf, context).eval()
+    if spec.weight_bits < 32:
+        from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+        from torchao.quantization.granularity import PerAxis, PerGroup
+
+        if module.lm_head.weight is module.embed_tokens.weight:  # untie: the head is quantized on its own
+            module.lm_head.weight = torch.nn.Parameter(module.lm_head.weight.detach().clone(), requires_grad=False)
+        module.embed_tokens = Int8Embedding(module.embed_tokens.weight)
+        per_channel = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+        quantize_(module, per_channel, filter_fn=lambda m, fqn: fqn == "lm_head")
+        if spec.weight_bits == 8:
+            body = per_channel
+        else:
+            bad = [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"
+                   and m.in_features % spec.group_size]
+            if bad:
+                raise ModelError(f"{spec.name} needs input widths divisible by {spec.group_size}; {bad[0]} has "
+                                 f"{dict(module.named_modules())[bad[0]].in_features}: use 8da8w for this model")
+            body = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
+                                                         weight_granularity=PerGroup(spec.group_size))
+        quantize_(module, body, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn != "lm_head")
+    return module, (probe[0].tolist(), ref_logits.numpy())
+
+
+def _lower(exported, metadata: dict):
+    """``to_edge_transform_and_lower`` with XNNPACK, then ``to_executorch``; returns the program and delegate count."""
+    from executorch.backends.xnnpack._passes.convert_to_linear import ConvertToLinearPass
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+
+    edge = to_edge_transform_and_lower(
+        exported, partitioner=[XnnpackPartitioner()], constant_methods=metadata,
+        # the custom cache ops mutate their inputs, which the edge IR validator does not model
+        compile_config=EdgeCompileConfig(_check_ir_validity=False),
+    )
+    delegates = sum(1 for n in edge.exported_program().graph.nodes
+                    if n.op == "call_function" and "executorch_call_delegate" in str(n.target))
+    edge = edge.transform([ConvertToLinearPass()])
+    program = edge.to_executorch(ExecutorchBackendConfig(
+        extract_delegate_segments=True, do_quant_fusion_and_const_prop=True,
+        memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+        sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+    ))
+    return program, delegates
+
+
+def check_pte(path: Path, reference: tuple[list[int], object] | None = None, bos: int = 0,
+              vocab_size: int | None = None) -> dict:
+    """Load ``path`` in ExecuTorch's runtime and run a short prompt; with ``reference``, compare logits.
+
+    Raises ModelError (one line naming the file) if the program does not load or run.
+    """
+    import numpy as np
+
+    from edgekit.bench.executorch import EtLM
+
+    lm = EtLM(Path(path).parent if Path(path).is_file() else Path(path), threads=None, check_config=False,
+              pte=Path(path))
+    ids = reference[0] if reference else [bos, 1, 2, 3]
+    logits = lm.prefill_logits(ids)
+    out = {"loads": True, "prompt_tokens": len(ids), "vocab": int(logits.shape[-1])}
+    if vocab_size is not None and logits.shape[-1] != vocab_size:
+        raise ModelError(f"{path} returns {logits.shape[-1]} logits, the model has {vocab_size}; export again")
+    if reference is not None:
+        ref = np.asarray(reference[1], dtype=np.float32)
+        out["max_abs_logit_diff"] = float(np.abs(logits - ref).max())
+        out["argmax_agrees"] = bool(int(logits.argmax()) == int(ref.argmax()))
+    lm.close()
+    return out
+
+
+def _version(package: str) -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None

@@ -1,0 +1,194 @@
+"""ExecuTorch export: .pte round trips through ExecuTorch's runtime against PyTorch, quantized variants, bad files.
+
+Fast tests export the tiny BPE Llama once per quant (module fixture, ~10 s each); the slow one
+exports the real embedded teacher at 8da4w.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgekit.errors import ModelError, RecipeError
+from edgekit.export.executorch import QUANTS, check_pte, export_executorch, resolve_quant
+
+from .test_onnx import HELD_OUT, TEXT, _torch_logits, kl_and_top1
+
+CONTEXT = 128
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_bpe_llama_dir, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    root = tmp_path_factory.mktemp("et-exports")
+    return {q: (root / q, export_executorch(tiny_bpe_llama_dir, root / q, q, context=CONTEXT, progress=False))
+            for q in ("fp32", "8da8w", "8da4w")}
+
+
+@pytest.fixture(scope="module")
+def torch_lm(tiny_bpe_llama_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_bpe_llama_dir), dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(str(tiny_bpe_llama_dir))
+
+
+def _et(folder: Path):
+    from edgekit.bench.executorch import EtLM
+
+    return EtLM(folder, threads=1)
+
+
+def test_fp32_export_folder_has_program_config_and_tokenizer(exports, tiny_bpe_llama_dir):
+    folder, summary = exports["fp32"]
+    names = {p.name for p in folder.iterdir()}
+    assert {"model.pte", "executorch_config.json", "tokenizer.json", "config.json"} <= names
+    cfg = json.loads((folder / "executorch_config.json").read_text())
+    assert cfg["context"] == CONTEXT and cfg["quant"] == "fp32"
+    assert cfg["eos_token_id"] == summary["eos_token_id"] and cfg["eos_token_id"]
+    assert "llama::custom_sdpa" in cfg["kernels"]
+    # one XNNPACK partition per layer (plus the head): the cache ops are the only breaks
+    assert 1 <= summary["delegates"] <= 2 + 2 * 2, summary["delegates"]
+    assert summary["check"]["argmax_agrees"] and summary["check"]["max_abs_logit_diff"] < 1e-4
+
+
+def test_program_carries_the_llm_runner_metadata(exports):
+    from edgekit.bench.executorch import _constant, _runtime
+
+    runtime, verification = _runtime()
+    program = runtime.load_program(exports["fp32"][0] / "model.pte", verification=verification.InternalConsistency)
+    assert _constant(program, "get_max_seq_len") == CONTEXT
+    assert _constant(program, "get_vocab_size") == 320
+    assert _constant(program, "use_kv_cache") is True
+
+
+def test_fp32_logits_match_pytorch_at_every_position(exports, torch_lm):
+    model, tok = torch_lm
+    ids = tok(TEXT)["input_ids"]
+    ref = _torch_logits(model, ids)
+    got = _et(exports["fp32"][0]).logits(ids)  # one token per call: exercises the static cache at every position
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() < 1e-4
+
+
+def test_prefill_then_decode_equals_full_recompute(exports, torch_lm):
+    model, tok = torch_lm
+    ids = tok(TEXT)["input_ids"]
+    lm = _et(exports["fp32"][0])
+    first = lm.prefill_logits(ids[:10])
+    assert np.abs(first - _torch_logits(model, ids[:10])[-1]).max() < 1e-4
+    for n in range(10, len(ids)):
+        step = lm.forward([ids[n]], n)
+        assert np.abs(step - _torch_logits(model, ids[: n + 1])[-1]).max() < 1e-4
+    # a second sequence restarts at position 0 and is not polluted by the first one's cache
+    again = lm.prefill_logits(ids[:5])
+    assert np.abs(again - _torch_logits(model, ids[:5])[-1]).max() < 1e-4
+
+
+def test_greedy_generation_matches_pytorch(exports, torch_lm):
+    import torch
+
+    model, tok = torch_lm
+    ids = tok(TEXT)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, min_new_tokens=20,
+                             attention_mask=torch.ones(1, len(ids), dtype=torch.long), pad_token_id=0)
+    lm = _et(exports["fp32"][0])
+    assert list(lm.generate(ids, 20, eos_ids=())) == out[0, len(ids):].tolist()
+    assert lm.stats.new_tokens == 20 and len(lm.stats.decode_s) == 19
+
+
+@pytest.mark.parametrize("quant,max_kl", [("8da8w", 1e-4), ("8da4w", 2e-3)])
+def test_quantized_logits_stay_close_to_fp32(exports, torch_lm, quant, max_kl):
+    _, tok = torch_lm
+    ids = tok(HELD_OUT)["input_ids"]
+    ref = _et(exports["fp32"][0]).logits(ids)
+    kl, top1 = kl_and_top1(ref, _et(exports[quant][0]).logits(ids))
+    shuffled, _ = kl_and_top1(ref, ref[:, np.random.default_rng(0).permutation(ref.shape[1])])
+    assert max_kl * 5 < shuffled, shuffled  # the bound can fail
+    assert kl <= max_kl and top1 >= 0.85, (kl, top1)
+
+
+def test_quantized_programs_are_smaller(exports):
+    fp32, w8, w4 = (exports[q][1]["model_bytes"] for q in ("fp32", "8da8w", "8da4w"))
+    assert w4 < w8 < fp32
+
+
+def test_context_is_enforced_with_a_clear_error(exports):
+    lm = _et(exports["fp32"][0])
+    with pytest.raises(ModelError, match="context of 128"):
+        lm.prefill_logits(list(range(1, 200)))
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_unknown_quant_lists_the_valid_names(tiny_bpe_llama_dir, tmp_path):
+    with pytest.raises(RecipeError, match="unknown executorch quant 'q4_k_m'.*fp32, 8da8w, 8da4w"):
+        resolve_quant("q4_k_m")
+    with pytest.raises(RecipeError, match="choose one of"):
+        export_executorch(tiny_bpe_llama_dir, tmp_path / "out", "int4", progress=False)
+    assert not list(tmp_path.iterdir())
+    assert set(QUANTS) == {"fp32", "8da8w", "8da4w"}
+
+
+def test_failed_export_leaves_no_folder(tiny_bpe_llama_dir, tmp_path, monkeypatch):
+    import edgekit.export.executorch as et_export
+
+    def boom(*args, **kwargs):
+        raise ModelError("simulated failure")
+
+    monkeypatch.setattr(et_export, "check_pte", boom)
+    with pytest.raises(ModelError, match="simulated"):
+        export_executorch(tiny_bpe_llama_dir, tmp_path / "out", "fp32", context=32, progress=False)
+    assert not list(tmp_path.iterdir())
+
+
+def test_unsupported_architecture_is_refused_before_work(tiny_bpe_llama_dir, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_bpe_llama_dir, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["hidden_act"] = "gelu"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="hidden_act 'gelu'"):
+        export_executorch(folder, tmp_path / "out", "fp32", context=32, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "cut_tail"])
+def test_damaged_pte_is_one_line_model_error_naming_the_file(exports, tmp_path, damage):
+    folder = tmp_path / "m"
+    shutil.copytree(exports["fp32"][0], folder)
+    path = folder / "model.pte"
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00\xffnot a pte" * 100,
+                      "cut_tail": data[:-1000]}[damage])
+    with pytest.raises(ModelError) as err:
+        check_pte(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_pte_is_named(tmp_path):
+    (tmp_path / "executorch_config.json").write_text("{}")
+    with pytest.raises(ModelError, match="model.pte is missing"):
+        _et(tmp_path)
+
+
+# --------------------------------------------------------------------------- the real teacher (slow)
+
+
+@pytest.mark.slow
+def test_teacher_8da4w_runs_and_mostly_agrees_with_pytorch(teacher, tmp_path_factory):
+    from edgekit.models import load_model, load_tokenizer
+
+    folder = tmp_path_factory.mktemp("teacher-et") / "8da4w"
+    summary = export_executorch(teacher.path, folder, "8da4w", context=256, progress=False)
+    assert summary["model_bytes"] < 130e6  # fp32 is ~650 MB
+    model, tok = load_model(teacher).eval(), load_tokenizer(teacher)
+    ids = tok(HELD_OUT + " The sky is blue because sunlight is scattered by the air.")["input_ids"]
+    kl, top1 = kl_and_top1(_torch_logits(model, ids), _et(folder).logits(ids))
+    assert kl < 0.3 and top1 >= 0.6, (kl, top1)
