@@ -1,9 +1,9 @@
 """Every runtime side by side: the embedded teacher's exports measured on each installed runtime.
 
-Exports SmolLM2-135M-Instruct (reusing earlier exports) as GGUF f16 / q8_0 / q4_k_m and ONNX fp32 / int8 /
-int4, then runs edgekit.bench.measure.run_benchmark: each (export, runtime) in its own subprocess with a fixed
-thread count -- llama.cpp for GGUF, our onnxruntime loop and onnxruntime-genai for ONNX, PyTorch eager as the
-reference -- load time, time to first token at prompts of 128 and 512 tokens, prefill and decode tok/s (128
+Exports SmolLM2-135M-Instruct (reusing earlier exports) as GGUF f16 / q8_0 / q4_k_m, ONNX fp32 / int8 / int4 and
+ExecuTorch fp32 / 8da4w, then runs edgekit.bench.measure.run_benchmark: each (export, runtime) in its own
+subprocess with a fixed thread count -- llama.cpp for GGUF, our onnxruntime loop and onnxruntime-genai for ONNX,
+ExecuTorch's runtime for .pte, PyTorch eager as the reference -- load time, time to first token at prompts of 128 and 512 tokens, prefill and decode tok/s (128
 tokens), peak RSS, after a warm-up, median and spread of --repeats runs. Quality columns join in from the
 fidelity report of benchmarks/quant_fidelity.py when it exists. Writes results.json, report.md and
 report.html (plots, projections to every device profile) to benchmarks/out/runtimes/, renders a PNG of the
@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-EXPORTS = [("gguf", "f16"), ("gguf", "q8_0"), ("gguf", "q4_k_m"), ("onnx", "fp32"), ("onnx", "int8"), ("onnx", "int4")]
+EXPORTS = [("gguf", "f16"), ("gguf", "q8_0"), ("gguf", "q4_k_m"), ("onnx", "fp32"), ("onnx", "int8"), ("onnx", "int4"),
+           ("executorch", "fp32"), ("executorch", "8da4w")]
 
 
 def main() -> None:

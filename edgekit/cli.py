@@ -657,7 +657,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="measure exports on every installed runtime; project to devices; JSON/MD/HTML report")
     be.add_argument("artifacts", nargs="+", type=Path, help="export artifact folders (or HF folders for PyTorch)")
     be.add_argument("--runtimes", action="append", help="comma-separated subset: llama.cpp,onnxruntime,"
-                    "onnxruntime-genai,pytorch (default: all that can run each format)")
+                    "onnxruntime-genai,executorch,pytorch (default: all that can run each format)")
     be.add_argument("--device", action="append", help="project onto this device (repeatable; default: all profiles)")
     be.add_argument("--repeats", type=int, default=5)
     be.add_argument("--warmup", type=int, default=1)
@@ -727,7 +727,8 @@ def main(argv: list[str] | None = None) -> int:
         import os
 
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read by transformers at import
-        for noisy in ("transformers", "huggingface_hub", "urllib3", "filelock", "gguf", "optimum", "onnxruntime"):
+        for noisy in ("transformers", "huggingface_hub", "urllib3", "filelock", "gguf", "optimum", "onnxruntime",
+                      "torchao", "executorch", "torch"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
         import warnings
 

@@ -325,12 +325,16 @@ register_scheme(Scheme(
 # --------------------------------------------------------------------------- ExecuTorch / XNNPACK
 
 register_format(Format("executorch", ("executorch",), ".pte", 4, "ExecuTorch .pte for XNNPACK (static KV cache fp32)"))
+# fp32 keeps a tied embedding twice (the embedding kernel's table and the XNNPACK-packed LM head); the
+# quantized schemes store the embedding as int8 rows (embedding_byte; the per-row scales, 0.7 % of it, are
+# not counted) and the LM head as int8 per channel (edgekit.export.executorch).
 register_scheme(Scheme("executorch", "fp32", "32-bit float", _dense_layout(lambda r, n: 4 * r * n, "fp32", 4, "fp32")))
 register_scheme(Scheme(
-    "executorch", "8da8w", "8-bit dynamic activations, int8 per-channel weights",
-    _dense_layout(lambda r, n: r * n + 4 * n, "int8", 4, "fp32"),
+    "executorch", "8da8w", "8-bit dynamic activations, int8 per-channel weights; int8 embedding",
+    _dense_layout(lambda r, n: r * n + 4 * n, "int8", 1, "int8"),
 ))
 register_scheme(Scheme(
-    "executorch", "8da4w", "8-bit dynamic activations, int4 weights in groups of 32 (fp32 scale)",
-    _dense_layout(_blockwise(4, 32, 4, 0), "int4-g32", 4, "fp32"), 32,
+    "executorch", "8da4w", "8-bit dynamic activations, int4 weights in groups of 32 (XNNPACK packs a bf16 scale); "
+    "LM head int8 per channel, int8 embedding",
+    _dense_layout(_blockwise(4, 32, 2, 0), "int4-g32", 1, "int8", head_bytes=lambda r, n: r * n + 4 * n), 32,
 ))

@@ -103,3 +103,39 @@ def test_cli_export_of_truncated_weights_names_the_file(tiny_copy, home, capsys)
     assert main(["export", str(tiny_copy), "--format", "gguf"]) == 2
     err = capsys.readouterr().err.strip()
     assert "model.safetensors" in err and "\n" not in err and "Traceback" not in err
+
+
+def test_executorch_config_context_and_calibrate_rules():
+    assert ExportConfig(format="executorch").quant == "fp32"
+    assert ExportConfig(format="executorch", quant="8da4w", context=256).context == 256
+    with pytest.raises(RecipeError, match="drop --context"):
+        ExportConfig(format="gguf", quant="q4_0", context=256)
+    with pytest.raises(RecipeError, match="calibrate is not available for executorch"):
+        ExportConfig(format="executorch", quant="8da4w", calibrate=True)
+    with pytest.raises(RecipeError, match="unknown quant 'int4' for format executorch"):
+        ExportConfig(format="executorch", quant="int4")
+    # gguf/onnx artifact ids do not depend on the executorch-only key
+    from edgekit.export.pipeline import artifact_dir
+
+    assert artifact_dir(ExportConfig(format="gguf"), "m").name == artifact_dir(ExportConfig(format="gguf"), "m").name
+    assert artifact_dir(ExportConfig(format="executorch", context=64), "m") != \
+        artifact_dir(ExportConfig(format="executorch", context=128), "m")
+
+
+def test_cli_executorch_export_writes_an_artifact_and_reuses_it(tiny_bpe_llama_dir, home, capsys):
+    args = ["export", str(tiny_bpe_llama_dir), "--format", "executorch", "--quant", "8da4w", "--context", "64",
+            "--json", "-q"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["format"], out["quant"], out["model_file"], out["reused"]) == ("executorch", "8da4w", "model.pte",
+                                                                                False)
+    m = artifact.read_manifest(out["path"])
+    assert {"model.pte", "executorch_config.json", "tokenizer.json"} <= set(m["files"])
+    assert m["metrics"]["context"] == 64 and artifact.verify_manifest(out["path"]) == []
+    assert main(args) == 0 and json.loads(capsys.readouterr().out)["reused"]
+
+
+def test_cli_context_for_gguf_is_one_line_error(capsys):
+    assert main(["export", "default", "--format", "gguf", "--context", "512"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "drop --context" in err and "\n" not in err
