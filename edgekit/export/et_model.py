@@ -67,6 +67,15 @@ class _RMSNorm(nn.Module):
         return x * torch.rsqrt(ms + self.eps) * self.weight
 
 
+def _rotate_half_matrix(d: int) -> torch.Tensor:
+    """``R`` with ``x @ R.T == rotate_half(x) == cat(-x[d/2:], x[:d/2])``."""
+    half = d // 2
+    rot = torch.zeros(d, d)
+    rot[torch.arange(half), torch.arange(half) + half] = -1.0
+    rot[torch.arange(half) + half, torch.arange(half)] = 1.0
+    return rot
+
+
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """HF's ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) == x @ rot.T``; x: [1, S, heads, D]."""
     return x * cos + F.linear(x, rot) * sin
@@ -108,14 +117,16 @@ class _Layer(nn.Module):
         shape = (1, max_len, self.kv_heads, self.head_dim)
         self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
+        # Each layer owns its [D, D] rotate_half matrix: a constant shared by several XNNPACK partitions
+        # would be duplicated per partition anyway (with one log line per copy).
+        self.register_buffer("rot", _rotate_half_matrix(self.head_dim), persistent=False)
 
-    def forward(self, h: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor,
-                rot: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = self.input_norm(h)
         q = self.q_proj(x).view(1, -1, self.heads, self.head_dim)
         k = self.k_proj(x).view(1, -1, self.kv_heads, self.head_dim)
         v = self.v_proj(x).view(1, -1, self.kv_heads, self.head_dim)
-        q, k = _rope(q, cos, sin, rot), _rope(k, cos, sin, rot)
+        q, k = _rope(q, cos, sin, self.rot), _rope(k, cos, sin, self.rot)
         torch.ops.llama.update_cache(k, self.k_cache, start)
         torch.ops.llama.update_cache(v, self.v_cache, start)
         o = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start, None, 0.0, True, self.scale)
@@ -145,12 +156,6 @@ class StaticLlama(nn.Module):
         inner = hf_model.model
         self.embed_tokens = inner.embed_tokens
         self.lm_head = hf_model.lm_head
-        d = cfg.head_dim_
-        half = d // 2
-        rot = torch.zeros(d, d)
-        rot[torch.arange(half), torch.arange(half) + half] = -1.0  # out[:half] = -x[half:]
-        rot[torch.arange(half) + half, torch.arange(half)] = 1.0  # out[half:] = x[:half]
-        self.register_buffer("rot", rot, persistent=False)
         self.layers = nn.ModuleList(_Layer(layer, cfg, max_len) for layer in inner.layers)
         self.norm = _RMSNorm(inner.norm.weight, cfg.rms_norm_eps)
         # cos/sin for every cache position from the HF model's own rotary module (covers rope_scaling).
@@ -169,6 +174,6 @@ class StaticLlama(nn.Module):
         cos = self.cos.narrow(0, start, seq).view(1, seq, 1, -1)
         sin = self.sin.narrow(0, start, seq).view(1, seq, 1, -1)
         for layer in self.layers:
-            h = layer(h, start, cos, sin, self.rot)
+            h = layer(h, start, cos, sin)
         last = h[:, -1, :]
         return self.lm_head(self.norm(last))

@@ -88,20 +88,22 @@ def test_summarize_matches_numpy_percentiles(values):
 
 @pytest.fixture(scope="module")
 def real(bench_home, tiny_bpe_llama_dir):
-    """The tiny model exported to GGUF q8_0 and ONNX fp32, benchmarked once on every installed runtime."""
+    """The tiny model exported to GGUF q8_0, ONNX fp32 and ExecuTorch 8da4w, benchmarked once on every installed
+    runtime."""
     from edgekit.export.pipeline import ExportConfig, run
 
     gguf = run(ExportConfig(model=str(tiny_bpe_llama_dir), format="gguf", quant="q8_0"))["path"]
     onnx = run(ExportConfig(model=str(tiny_bpe_llama_dir), format="onnx", quant="fp32"))["path"]
-    return run_benchmark([Path(gguf), Path(onnx)], **FAST)
+    pte = run(ExportConfig(model=str(tiny_bpe_llama_dir), format="executorch", quant="8da4w", context=256))["path"]
+    return run_benchmark([Path(gguf), Path(onnx), Path(pte)], **FAST)
 
 
 def test_short_real_benchmark_on_every_installed_runtime(real, tiny_bpe_llama_dir):
     validate_results(real)
     rows = {r["runtime"]: r for r in real["runs"]}
     assert [r["runtime"] for r in real["runs"]] == ["llama.cpp", "llama.cpp-gpu", "onnxruntime", "onnxruntime-gpu",
-                                                     "onnxruntime-genai", "pytorch"]
-    for name in ("llama.cpp", "onnxruntime", "onnxruntime-genai", "pytorch"):
+                                                     "onnxruntime-genai", "executorch", "pytorch"]
+    for name in ("llama.cpp", "onnxruntime", "onnxruntime-genai", "executorch", "pytorch"):
         row = rows[name]
         assert row["status"] == "ok" and row["reason"] is None, (name, row["reason"])
         m = row["metrics"]
@@ -111,7 +113,8 @@ def test_short_real_benchmark_on_every_installed_runtime(real, tiny_bpe_llama_di
         assert m["peak_rss_bytes"] >= m["rss_after_load_bytes"] > 0
         assert row["file_bytes"] > 0 and row["params"] > 0 and row["device"] == row["measured_on"] == "host"
     assert (rows["pytorch"]["label"], rows["pytorch"]["artifact"]) == ("pytorch-fp32", str(tiny_bpe_llama_dir))
-    assert (rows["llama.cpp"]["label"], rows["onnxruntime"]["label"]) == ("gguf-q8_0", "onnx-fp32")
+    assert (rows["llama.cpp"]["label"], rows["onnxruntime"]["label"], rows["executorch"]["label"]) == \
+        ("gguf-q8_0", "onnx-fp32", "executorch-8da4w")
     assert real["settings"] == {"repeats": 2, "warmup": 1, "threads": 1, "prompt_lengths": [16, 32],
                                 "decode_tokens": 8}
     host = real["host"]

@@ -192,3 +192,15 @@ def test_teacher_8da4w_runs_and_mostly_agrees_with_pytorch(teacher, tmp_path_fac
     ids = tok(HELD_OUT + " The sky is blue because sunlight is scattered by the air.")["input_ids"]
     kl, top1 = kl_and_top1(_torch_logits(model, ids), _et(folder).logits(ids))
     assert kl < 0.3 and top1 >= 0.6, (kl, top1)
+
+
+def test_rotate_half_matrix_is_transformers_rotate_half():
+    import torch
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    from edgekit.export.et_model import _rope, _rotate_half_matrix
+
+    x = torch.randn(1, 3, 4, 64)
+    assert torch.equal(torch.nn.functional.linear(x, _rotate_half_matrix(64)), rotate_half(x))
+    cos, sin = torch.randn(1, 3, 1, 64), torch.randn(1, 3, 1, 64)
+    assert torch.allclose(_rope(x, cos, sin, _rotate_half_matrix(64)), x * cos + rotate_half(x) * sin)
