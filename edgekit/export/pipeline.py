@@ -48,7 +48,7 @@ class ExportConfig(BaseModel):
 
     model: str = Field("default", description="'default' (embedded teacher), a folder, a .gguf, or a hub id")
     format: Literal["gguf", "onnx", "executorch"] = "gguf"
-    quant: str | None = Field(None, description="scheme name; default f16 for gguf, fp32 for onnx")
+    quant: str | None = Field(None, description="scheme name; default f16 for gguf, fp32 for onnx and executorch")
     calibrate: bool = Field(False, description="calibrated 4-bit: imatrix for gguf, activation-aware int4 for onnx")
     calibration: list[Path] = Field(default_factory=list,
                                     description="calibration text files (JSONL/txt); default: the bundled set")

@@ -16,7 +16,7 @@ import pytest
 from edgekit.errors import ModelError, RecipeError
 from edgekit.export.executorch import QUANTS, check_pte, export_executorch, resolve_quant
 
-from .test_onnx import HELD_OUT, TEXT, _torch_logits, kl_and_top1
+from .test_onnx import DAMAGES, HELD_OUT, TEXT, _torch_logits, damaged_copy, kl_and_top1
 
 CONTEXT = 128
 
@@ -159,14 +159,9 @@ def test_unsupported_architecture_is_refused_before_work(tiny_bpe_llama_dir, tmp
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "cut_tail"])
+@pytest.mark.parametrize("damage", DAMAGES)
 def test_damaged_pte_is_one_line_model_error_naming_the_file(exports, tmp_path, damage):
-    folder = tmp_path / "m"
-    shutil.copytree(exports["fp32"][0], folder)
-    path = folder / "model.pte"
-    data = path.read_bytes()
-    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00\xffnot a pte" * 100,
-                      "cut_tail": data[:-1000]}[damage])
+    _, path = damaged_copy(exports["fp32"][0], "model.pte", damage, tmp_path)
     with pytest.raises(ModelError) as err:
         check_pte(path)
     assert str(path) in str(err.value) and "\n" not in str(err.value)

@@ -282,14 +282,23 @@ def test_failed_export_leaves_no_folder(tiny_bpe_llama_dir, tmp_path, monkeypatc
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "cut_tail"])
-def test_damaged_model_onnx_is_one_line_model_error_naming_the_file(exports, tmp_path, damage):
-    folder = tmp_path / "m"
-    shutil.copytree(exports["fp32"][0], folder)
-    path = folder / "model.onnx"
+DAMAGES = ["truncate", "garbage", "cut_tail"]
+
+
+def damaged_copy(folder: Path, name: str, damage: str, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of ``folder`` whose file ``name`` is cut in half, replaced by garbage, or loses its last 1000 bytes."""
+    copy = tmp_path / "m"
+    shutil.copytree(folder, copy)
+    path = copy / name
     data = path.read_bytes()
-    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00\xffnot onnx" * 100,
+    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00\xffnot a model" * 100,
                       "cut_tail": data[:-1000]}[damage])
+    return copy, path
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_model_onnx_is_one_line_model_error_naming_the_file(exports, tmp_path, damage):
+    folder, path = damaged_copy(exports["fp32"][0], "model.onnx", damage, tmp_path)
     with pytest.raises(ModelError) as err:
         check_onnx(folder)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
