@@ -41,6 +41,24 @@ EMBEDDED = {
 }
 HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt")
+
+
+def worth_copying(path: Path) -> bool:
+    """False for a ``tokenizer.model`` that is really a copy of a GGUF file.
+
+    transformers' ``save_pretrained`` of a tokenizer loaded from a GGUF writes the whole GGUF
+    (weights included: 98 MB for the embedded teacher) as ``tokenizer.model``; tokenizer.json
+    holds the tokenizer, so exports, students and bundles leave that copy behind.
+    """
+    if path.name != "tokenizer.model":
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) != b"GGUF"
+    except OSError:
+        return True
+
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -193,6 +211,8 @@ def _convert_gguf(gguf: Path, digest: str, folder: Path, name: str, license: str
     with artifact.atomic_dir(folder) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if not worth_copying(tmp / "tokenizer.model"):
+            (tmp / "tokenizer.model").unlink()
         _match_gguf_tokenizer(tmp, gguf)
         artifact.write_manifest(
             tmp, stage="teacher",

@@ -94,6 +94,7 @@ def test_embedded_teacher_converts_once_and_is_verified(teacher, teacher_home):
     assert (teacher.path / "chat_template.jinja").is_file() and (teacher.path / "tokenizer.json").is_file()
     manifest = artifact.read_manifest(teacher.path)
     assert set(manifest["files"]) >= {"model.safetensors", "config.json", "tokenizer.json"}
+    assert "tokenizer.model" not in manifest["files"]  # transformers' copy of the 98 MB GGUF is not kept
     assert artifact.verify_manifest(teacher.path) == []
     import os
 
@@ -200,3 +201,23 @@ def test_converted_tokenizer_says_what_the_gguf_says(teacher):
         ids = tok(text, add_special_tokens=False).input_ids
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, text
         assert tok.decode(ids) == text
+
+
+def test_a_gguf_saved_as_tokenizer_model_is_not_copied_along(tiny_bpe_llama_dir, tmp_path):
+    """transformers saves a GGUF-loaded tokenizer by copying the whole GGUF to tokenizer.model; exports skip it."""
+    import shutil
+
+    from edgekit.export.onnx import copy_hf_files
+    from edgekit.models import worth_copying
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_bpe_llama_dir, src)
+    (src / "tokenizer.model").write_bytes(b"GGUF" + b"\0" * 100)
+    assert not worth_copying(src / "tokenizer.model")
+    assert worth_copying(src / "tokenizer.json")
+    out = tmp_path / "out"
+    out.mkdir()
+    copied = copy_hf_files(src, out)
+    assert "tokenizer.json" in copied and "tokenizer.model" not in copied and not (out / "tokenizer.model").exists()
+    (src / "tokenizer.model").write_bytes(b"\n\x0bsentencepiece")  # a real SentencePiece model is kept
+    assert "tokenizer.model" in copy_hf_files(src, out)

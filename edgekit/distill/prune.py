@@ -41,6 +41,7 @@ from torch import nn
 from edgekit import artifact
 from edgekit.arch import Architecture
 from edgekit.errors import CacheError, ModelError, RecipeError
+from edgekit.models import worth_copying
 
 log = logging.getLogger(__name__)
 
@@ -321,6 +322,8 @@ def run(teacher_dir: Path, target: Architecture, calib_texts: list[str], out_dir
     with artifact.atomic_dir(out_dir) as tmp:
         student.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if not worth_copying(tmp / "tokenizer.model"):  # a GGUF copy, not a tokenizer (see models.worth_copying)
+            (tmp / "tokenizer.model").unlink()
         if importance is not None:
             save_file(importance.tensors(), str(tmp / "importance.safetensors"))
         artifact.write_manifest(tmp, stage="prune", config=config, inputs=inputs, metrics={

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from edgekit import artifact
 from edgekit.distill.losses import KINDS, FeatureProjector, cross_entropy, divergence, feature_loss, sparse_forward_kl
 from edgekit.errors import ConfigError
+from edgekit.models import worth_copying
 from edgekit.progress import bar
 
 log = logging.getLogger(__name__)
@@ -372,7 +373,7 @@ def train(cfg: TrainConfig, student_dir: Path, out_dir: Path, sequences: list[di
         with artifact.atomic_dir(out_dir) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             for f in Path(student_dir).iterdir():  # the tokenizer travels with the student, file for file
-                if f.name in TOKENIZER_FILES and f.is_file():
+                if f.name in TOKENIZER_FILES and f.is_file() and worth_copying(f):
                     shutil.copy2(f, tmp / f.name)
             shutil.copy2(work / "metrics.jsonl", tmp / "metrics.jsonl")
             tail = metrics[-max(1, len(metrics) // 10):]

@@ -51,7 +51,7 @@ from pathlib import Path
 from edgekit import artifact
 from edgekit.arch import Architecture
 from edgekit.errors import ModelError, RecipeError
-from edgekit.models import HF_FILES, read_json
+from edgekit.models import HF_FILES, read_json, worth_copying
 
 log = logging.getLogger(__name__)
 
@@ -623,7 +623,7 @@ def copy_hf_files(model_dir: Path, out: Path, keep: tuple[str, ...] = ()) -> lis
     copied = []
     for name in HF_FILES:
         src = model_dir / name
-        if src.is_file() and not (name in keep and (out / name).is_file()):
+        if src.is_file() and worth_copying(src) and not (name in keep and (out / name).is_file()):
             shutil.copy2(src, out / name)
             copied.append(name)
     if "tokenizer.json" not in copied and "tokenizer.model" not in copied:
