@@ -123,7 +123,8 @@ class DistillSection(_Section):
 class ExportSpec(_Section):
     format: str = Field(description="registered format: gguf, onnx or executorch")
     quant: str = Field(description="registered scheme of that format, e.g. q4_k_m, int4 (see `edgekit plan`)")
-    calibrate: bool = Field(False, description="calibrated 4-bit: imatrix for gguf, activation-aware int4 for onnx")
+    calibrate: bool = Field(False, description="calibrated 4-bit: imatrix for gguf, activation-aware scaling for "
+                                               "onnx int4 and executorch 8da4w")
 
 
 class FidelitySection(_Section):

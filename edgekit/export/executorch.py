@@ -12,10 +12,16 @@ What does each step:
      kernel, once packed inside the XNNPACK delegate);
    - ``8da8w``: int8 weights, one scale per output channel, activations quantized to int8
      per token at run time (``Int8DynamicActivationIntxWeightConfig``);
-   - ``8da4w``: int4 weights in groups of ``group_size`` (32) with an fp32 scale, int8
-     dynamic activations. The LM head stays 8da8w (as llama.cpp keeps its output tensor at
-     more bits) and the token embedding is int8 per row in both quantized schemes
-     (ExecuTorch's ``embedding_byte`` kernel).
+   - ``8da4w``: int4 weights in groups of ``group_size`` (32), symmetric, int8 dynamic
+     activations. Like llama.cpp's ``_M`` mixes (and edgekit's ONNX int4) the most sensitive
+     matrices get more bits: the LM head, and v_proj / down_proj in the layers llama.cpp's
+     ``use_more_bits`` picks, are 8da8w. The token embedding is int8 per row in both
+     quantized schemes (ExecuTorch's ``embedding_byte`` kernel).
+     Weights are symmetric on purpose: ExecuTorch 1.5.1's XNNPACK lowering accepts torchao's
+     asymmetric int4 weights but drops their zero points (measured: logits off by more than
+     their own magnitude), so edgekit never asks for them.
+   - ``calibrate`` (8da4w only): activation-aware scaling (``edgekit.quantize.awq``, scored
+     against this symmetric quantizer) of the float weights on calibration text first.
 3. ``torch.export`` (strict) with a dynamic sequence length 1..context-1, then
    ``to_edge_transform_and_lower`` with the ``XnnpackPartitioner`` and ``to_executorch``
    with quant fusion and constant propagation: linears, norms, RoPE and the MLP run inside
@@ -62,7 +68,8 @@ class EtQuant:
 QUANTS = {q.name: q for q in (
     EtQuant("fp32", 32, description="32-bit float weights"),
     EtQuant("8da8w", 8, 0, "int8 weights per output channel, int8 dynamic activations; int8 embedding"),
-    EtQuant("8da4w", 4, 32, "int4 weights in groups of 32, int8 dynamic activations; LM head 8da8w, int8 embedding"),
+    EtQuant("8da4w", 4, 32, "int4 weights in groups of 32, int8 dynamic activations; LM head and the _M mix's "
+                            "v_proj/down_proj 8da8w, int8 embedding"),
 )}
 
 
@@ -86,8 +93,10 @@ def resolve_quant(name: str) -> EtQuant:
 
 
 def export_executorch(model_dir: Path, out_dir: Path, quant: str = "fp32", *, context: int = DEFAULT_CONTEXT,
-                      progress: bool = True) -> dict:
+                      calibration_texts: list[str] | None = None, progress: bool = True) -> dict:
     """Export the HF folder ``model_dir`` to ``out_dir`` (``model.pte`` + ``executorch_config.json`` + tokenizer).
+
+    ``calibration_texts`` (8da4w only) turn on activation-aware scaling before quantization.
 
     ``out_dir`` is built in a temporary sibling and renamed into place when complete. Returns a
     summary: files and sizes, the tools used, the delegate count, the check and timings.
@@ -109,14 +118,26 @@ def export_executorch(model_dir: Path, out_dir: Path, quant: str = "fp32", *, co
     if context < 8:
         raise RecipeError(f"executorch context {context} is too small; give at least 8 positions")
     bos, eos, _ = special_token_ids(model_dir)
+    if calibration_texts and spec.weight_bits != 4:
+        raise RecipeError(f"calibration is for 8da4w only, not {spec.name}; drop it or use --quant 8da4w")
 
     import torch
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
+    awq = None
     with steps(progress, 5, f"export executorch {spec.name}") as bar, artifact.atomic_dir(out_dir) as tmp:
         t = time.perf_counter()
-        module, reference = _build(model_dir, spec, context)
+        source = model_dir
+        if calibration_texts:
+            from edgekit.export.onnx import awq_scaled_copy
+
+            source, awq = awq_scaled_copy(model_dir, calibration_texts, spec.group_size, tmp / ".awq", symmetric=True)
+        module, reference = _build(source, spec, context, model_dir)
+        if awq is not None:
+            import shutil
+
+            shutil.rmtree(tmp / ".awq")
         timings["load_quantize_s"] = time.perf_counter() - t
         bar.update(1)
 
@@ -172,22 +193,26 @@ def export_executorch(model_dir: Path, out_dir: Path, quant: str = "fp32", *, co
         "size_bytes": sum(files.values()), "model_bytes": files[MODEL_FILE], "copied_from_model_dir": copied,
         "tools": {"graph": f"torch.export {_version('torch')} + executorch {_version('executorch')} (XNNPACK)",
                   "quantization": f"torchao {_version('torchao')}" if spec.weight_bits < 32 else None},
-        "delegates": delegates, "check": check, "eos_token_id": eos,
+        "delegates": delegates, "check": check, "eos_token_id": eos, "awq": awq,
+        "more_bits": more_bits_layers(arch.layers) if spec.weight_bits == 4 else [],
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
 
 
-def _build(model_dir: Path, spec: EtQuant, context: int):
-    """The export module (quantized as ``spec`` says) and a reference function for the check."""
+def _build(model_dir: Path, spec: EtQuant, context: int, reference_dir: Path):
+    """The export module (quantized as ``spec`` says) and the reference for the check (``reference_dir``'s logits)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from edgekit.export.et_model import Int8Embedding, StaticLlama
 
-    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True).eval()
-    probe = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]) % hf.config.vocab_size
+    probe = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+    ref = AutoModelForCausalLM.from_pretrained(str(reference_dir), dtype=torch.float32, use_safetensors=True).eval()
+    probe = probe % ref.config.vocab_size
     with torch.no_grad():
-        ref_logits = hf(probe).logits[0, -1].clone()
+        ref_logits = ref(probe).logits[0, -1].clone()
+    hf = ref if reference_dir == model_dir else \
+        AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True).eval()
     module = StaticLlama(hf, context).eval()
     if spec.weight_bits < 32:
         from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
@@ -197,7 +222,8 @@ def _build(model_dir: Path, spec: EtQuant, context: int):
             module.lm_head.weight = torch.nn.Parameter(module.lm_head.weight.detach().clone(), requires_grad=False)
         module.embed_tokens = Int8Embedding(module.embed_tokens.weight)
         per_channel = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
-        quantize_(module, per_channel, filter_fn=lambda m, fqn: fqn == "lm_head")
+        more = set(more_bits_layers(len(module.layers))) if spec.weight_bits == 4 else set()
+        quantize_(module, per_channel, filter_fn=lambda m, fqn: fqn == "lm_head" or fqn in more)
         if spec.weight_bits == 8:
             body = per_channel
         else:
@@ -208,8 +234,16 @@ def _build(model_dir: Path, spec: EtQuant, context: int):
                                  f"{dict(module.named_modules())[bad[0]].in_features}: use 8da8w for this model")
             body = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
                                                          weight_granularity=PerGroup(spec.group_size))
-        quantize_(module, body, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn != "lm_head")
+        quantize_(module, body, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn != "lm_head"
+                  and fqn not in more)
     return module, (probe[0].tolist(), ref_logits.numpy())
+
+
+def more_bits_layers(n: int) -> list[str]:
+    """v_proj and down_proj of the layers (of ``n``) that llama.cpp's ``use_more_bits`` gives more bits in ``_M``."""
+    from edgekit.quantize.schemes import use_more_bits
+
+    return [f"layers.{i}.{name}" for i in range(n) if use_more_bits(i, n) for name in ("v_proj", "down_proj")]
 
 
 def _lower(exported, metadata: dict):

@@ -152,7 +152,7 @@ def export_onnx(model_dir: Path, out_dir: Path, quant: str = "fp32", *, calibrat
         source, awq = model_dir, None
         if spec.algorithm == "awq":
             t = time.perf_counter()
-            source, awq = _awq_scaled_copy(model_dir, calibration_texts, spec.block_size, work / "awq")
+            source, awq = awq_scaled_copy(model_dir, calibration_texts, spec.block_size, work / "awq")
             timings["awq_s"] = time.perf_counter() - t
             step_bar.update(1)
         t = time.perf_counter()
@@ -420,7 +420,8 @@ def _quantize(model, spec: OnnxQuant, work: Path):
     return model, {"weights": weights, "embedding": embedding}
 
 
-def _awq_scaled_copy(model_dir: Path, texts: list[str], block: int, folder: Path) -> tuple[Path, dict]:
+def awq_scaled_copy(model_dir: Path, texts: list[str], block: int, folder: Path,
+                    symmetric: bool = False) -> tuple[Path, dict]:
     """An HF folder with the AWQ-scaled float weights of ``model_dir`` (same fp32 function)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -432,7 +433,7 @@ def _awq_scaled_copy(model_dir: Path, texts: list[str], block: int, folder: Path
     if not sequences:
         raise RecipeError("calibration_texts tokenized to nothing; pass a few paragraphs of representative text")
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True).eval()
-    results = awq_scale(model, sequences, block)
+    results = awq_scale(model, sequences, block, symmetric=symmetric)
     model.save_pretrained(folder, safe_serialization=True)
     copy_hf_files(model_dir, folder, keep=("config.json",))
     rtn, awq = sum(r.error_rtn for r in results), sum(r.error_awq for r in results)

@@ -49,7 +49,8 @@ class ExportConfig(BaseModel):
     model: str = Field("default", description="'default' (embedded teacher), a folder, a .gguf, or a hub id")
     format: Literal["gguf", "onnx", "executorch"] = "gguf"
     quant: str | None = Field(None, description="scheme name; default f16 for gguf, fp32 for onnx and executorch")
-    calibrate: bool = Field(False, description="calibrated 4-bit: imatrix for gguf, activation-aware int4 for onnx")
+    calibrate: bool = Field(False, description="calibrated 4-bit: imatrix for gguf, activation-aware scaling for "
+                                               "onnx int4 and executorch 8da4w")
     calibration: list[Path] = Field(default_factory=list,
                                     description="calibration text files (JSONL/txt); default: the bundled set")
     calibration_tokens: int = Field(30_000, gt=0, description="at most this many calibration tokens")
@@ -73,9 +74,9 @@ class ExportConfig(BaseModel):
         if self.context is not None and self.format != "executorch":
             raise RecipeError(f"context sizes the static KV cache of an executorch export; {self.format} "
                               "models grow their cache at run time: drop --context")
-        if self.calibrate and self.format == "executorch":
-            raise RecipeError("calibrate is not available for executorch yet (its 8da4w weights are rounded "
-                              "to nearest); drop --calibrate, or export gguf/onnx with it")
+        if self.calibrate and self.format == "executorch" and self.quant != "8da4w":
+            raise RecipeError(f"calibrate is available for executorch 8da4w only, not {self.quant}; drop "
+                              "--calibrate or use --quant 8da4w")
         if self.calibrate:
             if self.format == "gguf" and self.quant in GGUF_FLOATS:
                 raise RecipeError(f"calibrate needs a quantized type, not {self.quant}: an importance matrix only "
@@ -156,7 +157,7 @@ def run(cfg: ExportConfig) -> dict:
         elif cfg.format == "onnx":
             summary = _export_onnx(cfg, model, tmp, texts)
         else:
-            summary = _export_executorch(cfg, model, tmp)
+            summary = _export_executorch(cfg, model, tmp, texts)
         summary["seconds"] = round(time.perf_counter() - t0, 1)
         summary["params"] = model.arch.params
         manifest = artifact.write_manifest(
@@ -207,11 +208,12 @@ def _export_onnx(cfg: ExportConfig, model, tmp: Path, texts: list[str] | None) -
             "export": summary}
 
 
-def _export_executorch(cfg: ExportConfig, model, tmp: Path) -> dict:
+def _export_executorch(cfg: ExportConfig, model, tmp: Path, texts: list[str] | None) -> dict:
     from edgekit.export.executorch import DEFAULT_CONTEXT, MODEL_FILE, export_executorch
 
     work = tmp / "executorch"
-    summary = export_executorch(model.path, work, cfg.quant, context=cfg.context or DEFAULT_CONTEXT)
+    summary = export_executorch(model.path, work, cfg.quant, context=cfg.context or DEFAULT_CONTEXT,
+                                calibration_texts=texts)
     for p in work.iterdir():  # flatten: the artifact folder is the ExecuTorch folder
         shutil.move(str(p), tmp / p.name)
     work.rmdir()

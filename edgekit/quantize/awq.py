@@ -52,14 +52,21 @@ class GroupResult:
     error_awq: float  # the same with the chosen scale
 
 
-def fake_quant(weight: torch.Tensor, block: int, bits: int = 4) -> torch.Tensor:
-    """Quantize-dequantize ``weight [out, in]`` in blocks of ``block`` inputs: asymmetric RTN with a zero point.
+def fake_quant(weight: torch.Tensor, block: int, bits: int = 4, symmetric: bool = False) -> torch.Tensor:
+    """Quantize-dequantize ``weight [out, in]`` in blocks of ``block`` inputs by round-to-nearest.
 
-    Mirrors onnxruntime's MatMulNBits default quantizer (the range of each block is widened to include 0).
+    Asymmetric (default) mirrors onnxruntime's MatMulNBits quantizer: a zero point, the range of each
+    block widened to include 0. ``symmetric`` mirrors torchao's symmetric int4 (ExecuTorch's 8da4w):
+    no zero point, scale = max|w| / 7.5, codes clamped to [-8, 7].
     """
     out_features, in_features = weight.shape
     pad = -in_features % block
     w = torch.nn.functional.pad(weight, (0, pad)).reshape(out_features, -1, block)
+    if symmetric:
+        half = 2 ** (bits - 1)
+        scale = (w.abs().amax(-1, keepdim=True) / (half - 0.5)).clamp(min=1e-12)
+        q = torch.clamp(torch.round(w / scale), -half, half - 1)
+        return (q * scale).reshape(out_features, -1)[:, :in_features]
     maxq = 2**bits - 1
     lo = w.amin(-1, keepdim=True).clamp(max=0)
     hi = w.amax(-1, keepdim=True).clamp(min=0)
@@ -70,7 +77,7 @@ def fake_quant(weight: torch.Tensor, block: int, bits: int = 4) -> torch.Tensor:
 
 
 def _search(x: torch.Tensor, weights: list[torch.Tensor], block: int, grid: int, expand=None,
-            alphas: tuple[float, ...] | None = None) -> tuple[float, torch.Tensor, float, float]:
+            alphas: tuple[float, ...] | None = None, symmetric: bool = False) -> tuple[float, torch.Tensor, float, float]:
     """Best (alpha, per-channel scale, error, RTN error) for linears ``weights`` reading ``x [T, in]``.
 
     ``expand`` maps a reduced scale vector to the full input width (GQA: one scale per KV channel).
@@ -83,7 +90,8 @@ def _search(x: torch.Tensor, weights: list[torch.Tensor], block: int, grid: int,
     def error(s: torch.Tensor) -> float:
         full = expand.full(s) if expand is not None else s
         xs = x / full
-        return sum(float(((xs @ fake_quant(w * full, block).T - r) ** 2).mean()) for w, r in zip(weights, refs))
+        return sum(float(((xs @ fake_quant(w * full, block, symmetric=symmetric).T - r) ** 2).mean())
+                   for w, r in zip(weights, refs))
 
     ones = torch.ones_like(stat)
     rtn = error(ones)
@@ -137,8 +145,11 @@ def _capture(model, sequences: list[list[int]], max_tokens: int) -> dict[tuple[i
 
 
 def awq_scale(model, sequences: list[list[int]], block_size: int = 32, *, grid: int = 20, max_tokens: int = MAX_TOKENS,
-              alphas: tuple[float, ...] | None = None, progress=None) -> list[GroupResult]:
+              alphas: tuple[float, ...] | None = None, progress=None, symmetric: bool = False) -> list[GroupResult]:
     """Rescale a Llama-family ``model`` in place so 4-bit RTN in blocks of ``block_size`` loses less.
+
+    ``symmetric`` scores scales against the symmetric quantizer (ExecuTorch 8da4w) instead of the
+    zero-point one (ONNX MatMulNBits).
 
     ``sequences`` are calibration token ids (at most ``max_tokens`` are used). The model's fp32
     outputs do not change (up to float rounding). ``alphas`` forces the exponents tried (tests).
@@ -163,7 +174,8 @@ def awq_scale(model, sequences: list[list[int]], block_size: int = 32, *, grid: 
             )
             for name, prev, kind, linears, expand in groups:
                 x = acts.pop((i, name))
-                alpha, s, err, rtn = _search(x, [m.weight.float() for m in linears], block_size, grid, expand, alphas)
+                alpha, s, err, rtn = _search(x, [m.weight.float() for m in linears], block_size, grid, expand, alphas,
+                                             symmetric)
                 if alpha:
                     _fold(prev, kind, linears, s, expand.full(s) if expand is not None else s)
                 results.append(GroupResult(i, name, alpha, rtn, err))

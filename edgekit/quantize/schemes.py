@@ -335,6 +335,7 @@ register_scheme(Scheme(
 ))
 register_scheme(Scheme(
     "executorch", "8da4w", "8-bit dynamic activations, int4 weights in groups of 32 (XNNPACK packs a bf16 scale); "
-    "LM head int8 per channel, int8 embedding",
-    _dense_layout(_blockwise(4, 32, 2, 0), "int4-g32", 1, "int8", head_bytes=lambda r, n: r * n + 4 * n), 32,
+    "LM head and the _M mix's v_proj/down_proj int8 per channel, int8 embedding",
+    _dense_layout(_blockwise(4, 32, 2, 0), "int4-g32", 1, "int8", head_bytes=lambda r, n: r * n + 4 * n, mix=True),
+    32,
 ))

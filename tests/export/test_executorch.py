@@ -24,8 +24,11 @@ CONTEXT = 128
 @pytest.fixture(scope="module")
 def exports(tiny_bpe_llama_dir, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
     root = tmp_path_factory.mktemp("et-exports")
-    return {q: (root / q, export_executorch(tiny_bpe_llama_dir, root / q, q, context=CONTEXT, progress=False))
-            for q in ("fp32", "8da8w", "8da4w")}
+    out = {q: (root / q, export_executorch(tiny_bpe_llama_dir, root / q, q, context=CONTEXT, progress=False))
+           for q in ("fp32", "8da8w", "8da4w")}
+    out["8da4w-awq"] = (root / "awq", export_executorch(tiny_bpe_llama_dir, root / "awq", "8da4w", context=CONTEXT,
+                                                        calibration_texts=[TEXT, HELD_OUT * 3], progress=False))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +105,7 @@ def test_greedy_generation_matches_pytorch(exports, torch_lm):
     assert lm.stats.new_tokens == 20 and len(lm.stats.decode_s) == 19
 
 
-@pytest.mark.parametrize("quant,max_kl", [("8da8w", 1e-4), ("8da4w", 2e-3)])
+@pytest.mark.parametrize("quant,max_kl", [("8da8w", 1e-4), ("8da4w", 2e-3), ("8da4w-awq", 2e-3)])
 def test_quantized_logits_stay_close_to_fp32(exports, torch_lm, quant, max_kl):
     _, tok = torch_lm
     ids = tok(HELD_OUT)["input_ids"]
@@ -111,6 +114,25 @@ def test_quantized_logits_stay_close_to_fp32(exports, torch_lm, quant, max_kl):
     shuffled, _ = kl_and_top1(ref, ref[:, np.random.default_rng(0).permutation(ref.shape[1])])
     assert max_kl * 5 < shuffled, shuffled  # the bound can fail
     assert kl <= max_kl and top1 >= 0.85, (kl, top1)
+
+
+def test_8da4w_keeps_the_m_mix_at_8_bits_and_calibration_scales_groups(exports):
+    from edgekit.export.executorch import more_bits_layers
+
+    summary = exports["8da4w"][1]
+    # llama.cpp's use_more_bits for 2 layers picks the last one; for 30 (SmolLM2) layers 0-2, 5, 8, ..., 26-29
+    assert summary["more_bits"] == more_bits_layers(2) == ["layers.1.v_proj", "layers.1.down_proj"]
+    assert len(more_bits_layers(30)) == 2 * 14
+    assert summary["awq"] is None
+    awq = exports["8da4w-awq"][1]["awq"]
+    assert awq["groups"] == 2 * 4 and awq["calibration_error_vs_rtn"] <= 1.0
+    assert not (exports["8da4w-awq"][0] / ".awq").exists()
+
+
+def test_calibration_is_for_8da4w_only(tiny_bpe_llama_dir, tmp_path):
+    with pytest.raises(RecipeError, match="8da4w only"):
+        export_executorch(tiny_bpe_llama_dir, tmp_path / "out", "8da8w", calibration_texts=[TEXT], progress=False)
+    assert not list(tmp_path.iterdir())
 
 
 def test_quantized_programs_are_smaller(exports):
