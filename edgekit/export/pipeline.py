@@ -38,7 +38,7 @@ GGUF_FLOATS = ("f32", "f16", "bf16")
 # ONNX quant names the exporter understands, and what ``calibrate`` turns each into.
 ONNX_CALIBRATED = {"int4": "int4-awq"}
 # Bump when an exporter's output changes for the same config, so older artifacts are not reused.
-EXPORTER_VERSION = {"gguf": 1, "onnx": 2, "executorch": 1}
+EXPORTER_VERSION = {"gguf": 1, "onnx": 2, "executorch": 2}
 
 
 class ExportConfig(BaseModel):
