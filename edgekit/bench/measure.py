@@ -44,7 +44,9 @@ log = logging.getLogger(__name__)
 SCHEMA = "edgekit.bench/1"
 STATUSES = ("ok", "unavailable", "failed")
 VERSION_PACKAGES = {"llama_cpp_python": "llama-cpp-python", "onnxruntime": "onnxruntime",
-                    "onnxruntime_genai": "onnxruntime-genai", "torch": "torch", "transformers": "transformers"}
+                    "onnxruntime_genai": "onnxruntime-genai", "torch": "torch", "transformers": "transformers",
+                    "executorch": "executorch"}
+VERSIONS_ADDED_LATER = {"executorch"}  # results written before ExecuTorch support lack the key and stay valid
 STAT_KEYS = ("median", "min", "max", "q1", "q3", "iqr", "mean", "n", "values")
 DECODE_PROMPT_TOKENS = 128  # decode speed is measured after a prompt of this many tokens
 
@@ -303,7 +305,8 @@ def validate_results(d: dict) -> None:
         _check_keys(d["host"], _HOST, "host.", problems)
         versions = d["host"].get("versions")
         if isinstance(versions, dict):
-            _check_keys(versions, {k: (str, type(None)) for k in VERSION_PACKAGES}, "host.versions.", problems)
+            _check_keys(versions, {k: (str, type(None)) for k in VERSION_PACKAGES
+                                   if k not in VERSIONS_ADDED_LATER or k in versions}, "host.versions.", problems)
     settings = d.get("settings")
     lengths = []
     if isinstance(settings, dict):
