@@ -18,11 +18,9 @@ import numpy as np
 
 from edgekit.bench.onnxruntime import GenerationStats
 from edgekit.errors import ModelError
+from edgekit.export.executorch import ET_CONFIG, MODEL_FILE
 
 log = logging.getLogger(__name__)
-
-MODEL_FILE = "model.pte"
-ET_CONFIG = "executorch_config.json"
 
 
 def _runtime():
