@@ -26,6 +26,7 @@ from pathlib import Path
 from edgekit import artifact
 from edgekit.arch import Architecture
 from edgekit.errors import CacheError, ModelError
+from edgekit.integrity import check_gguf, check_safetensors, check_weights_folder  # noqa: F401  (re-exported)
 from edgekit.progress import bar
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,7 @@ def _cache_root() -> Path:
 
 
 def _from_gguf(spec: str, gguf: Path, source: str, name: str, license: str | None, origin: str) -> Teacher:
+    check_gguf(gguf)  # header only: a truncated or hostile file is refused before hashing or converting it
     size = gguf.stat().st_size
     with bar(total=size, desc=f"hashing {gguf.name}", unit="B") as b:
         digest = artifact.sha256_file(gguf, progress=b.update)
@@ -284,24 +286,6 @@ def read_json(path: Path, required: bool = True, needed: str = "a model folder n
         raise ModelError(f"{path} is not valid JSON ({e}); restore or re-download it") from e
 
 
-def check_safetensors(path: Path) -> int:
-    """Open a safetensors header (no tensor data is read); return its parameter count. Raises on corruption."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
-    except Exception as e:  # safetensors raises SafetensorError / OSError for bad headers and truncation
-        raise ModelError(f"{path} is not a readable safetensors file ({e}); it may be truncated -- re-download it") from e
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def _from_folder(spec: str, folder: Path, source: str, trust_remote_code: bool, origin: str) -> Teacher:
     cfg = read_json(folder / "config.json", needed="a model folder needs config.json next to its safetensors")
     if cfg.get("auto_map") and not trust_remote_code:
@@ -309,16 +293,12 @@ def _from_folder(spec: str, folder: Path, source: str, trust_remote_code: bool, 
             f"{folder / 'config.json'} asks to run the model's own Python code (auto_map); edgekit refuses by default. "
             "Read that code, then pass --trust-remote-code if you trust it"
         )
-    weights = sorted(folder.glob("*.safetensors"))
-    if not weights:
-        pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
-        why = f" (found {', '.join(pickles)}: pickle files, which can run code when loaded)" if pickles else ""
-        raise ModelError(
-            f"{folder} has no .safetensors weights{why}; edgekit only loads safetensors or GGUF. "
-            "Convert with `transformers` on a trusted machine: model.save_pretrained(dir, safe_serialization=True)"
-        )
-    for w in weights:
-        check_safetensors(w)
+    if cfg.get("auto_map"):
+        auto = cfg["auto_map"]
+        log.warning("WARNING: --trust-remote-code: the Python code in %s (auto_map: %s) will run with your "
+                    "permissions when this model loads", folder,
+                    ", ".join(sorted(map(str, auto.values()))) if isinstance(auto, dict) else auto)
+    check_weights_folder(folder)  # safetensors headers only; a pickle-only folder is refused, never unpickled
     arch = Architecture.from_hf_config(cfg, str(folder / "config.json"))
     if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer.model").is_file():
         raise ModelError(f"{folder} has no tokenizer (tokenizer.json or tokenizer.model); copy it from the model's source")

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from edgekit.bench.onnxruntime import GenerationStats
+from edgekit import integrity
 from edgekit.errors import ModelError
 from edgekit.export.executorch import ET_CONFIG, MODEL_FILE
 
@@ -64,6 +65,7 @@ class EtLM:
                              "executorch`")
         if not self.path.is_file():
             raise ModelError(f"{self.path} is missing; export again (edgekit export --format executorch)")
+        integrity.check_pte(self.path)  # the fast pre-check; the runtime then verifies the whole flatbuffer
         runtime, verification = _runtime()
         set_threads(threads)
         try:

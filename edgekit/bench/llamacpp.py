@@ -46,7 +46,14 @@ def _model_params_without_extra_buffers():
 
 def open_llama(path: Path, n_ctx: int = 2048, n_threads: int | None = None, logits_all: bool = False,
                verbose: bool = False):
-    """A ``llama_cpp.Llama`` for ``path``; a bad file raises ModelError naming it."""
+    """A ``llama_cpp.Llama`` for ``path``; a bad file raises ModelError naming it.
+
+    The GGUF's header is checked first (:func:`edgekit.integrity.check_gguf`): llama.cpp sizes its
+    buffers from the header, so a truncated or hostile file must be refused before it opens it.
+    """
+    from edgekit.integrity import check_gguf
+
+    check_gguf(path)
     try:
         import llama_cpp
     except ImportError as e:

@@ -170,8 +170,11 @@ def genai_generate(folder: Path, ids: list[int], max_new_tokens: int, *, timings
         import onnxruntime_genai as og
     except ImportError as e:
         raise ModelError(f"onnxruntime-genai is not installed ({e}); pip install onnxruntime-genai") from e
+    from edgekit.integrity import check_model_path
+
     folder = Path(folder)
     _read_genai_config(folder)
+    check_model_path(folder)  # the ONNX files' headers, before onnxruntime-genai opens them
     t = time.perf_counter()
     try:
         model = og.Model(str(folder))

@@ -30,6 +30,7 @@ from typing import Protocol
 
 from edgekit import artifact
 from edgekit.errors import ConfigError, ModelError
+from edgekit.integrity import check_model_path, check_weights_folder
 
 log = logging.getLogger(__name__)
 
@@ -315,6 +316,7 @@ class _GenaiSession:
         # genai counts the sampled token in max_length, which may not exceed context_length: a prompt can fill
         # all but one position if a token is to follow it.
         self.context = limit - 1 if limit else None
+        check_model_path(folder)  # the ONNX files, before onnxruntime-genai opens them
         config = og.Config(str(folder))
         config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads,
                                                                              "inter_op_num_threads": 1}}}}))
@@ -415,7 +417,9 @@ class _TorchSession:
         torch.set_num_threads(threads)
         self.torch = torch
         self.device = "cuda" if gpu else "cpu"
-        self.model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(self.device).eval()
+        check_weights_folder(folder)  # safetensors only: a pickle-only folder is refused, never unpickled
+        self.model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True
+                                                          ).to(self.device).eval()
         self.context = getattr(self.model.config, "max_position_embeddings", None)
         self._tokenize = _hf_tokenize(folder)
         self._past, self._token = None, None
