@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgekit import artifact
-from edgekit.errors import DeviceError
+from edgekit.errors import DeviceError, validation_problem, yaml_problem
 from edgekit.units import Bandwidth, Bytes, Flops, Frequency, format_bytes
 
 log = logging.getLogger(__name__)
@@ -113,15 +113,33 @@ def devices_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parent.parent / "devices"
 
 
+def _keys_at(loc: tuple) -> list[str]:
+    """The keys a profile allows at ``loc`` (top level, ``cpu``, an accelerator)."""
+    where = tuple(p for p in loc if isinstance(p, str))  # list indexes dropped: accelerators.0 -> accelerators
+    model = {(): DeviceProfile, ("cpu",): Cpu, ("accelerators",): Accelerator}.get(where)
+    return [f.alias or name for name, f in model.model_fields.items()] if model else []
+
+
 def _format_validation(err: ValidationError, source: str) -> str:
+    import difflib
+
+    typos = {}  # unknown key -> the allowed key it is a misspelling of (reported once, not also as missing)
+    for e in err.errors():
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(e["loc"][-1]), _keys_at(e["loc"][:-1]), n=1, cutoff=0.6)
+            if close:
+                typos[e["loc"]] = close[0]
     problems = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
+        msg = validation_problem(e)
+        if e["type"] == "missing" and any(loc[:-1] + (k,) == e["loc"] for loc, k in typos.items()):
+            continue
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling against devices/README or another profile)"
+            hint = f"did you mean {typos[e['loc']]!r}? " if e["loc"] in typos else ""
+            msg = f"unknown key; {hint}check the spelling against devices/README.md or another profile"
         elif e["type"] == "missing":
-            msg = "required key is missing"
+            msg = "required key is missing; add it (devices/README.md lists every key)"
         problems.append(f"{key}: {msg}")
     return f"{source}: " + "; ".join(problems)
 
@@ -129,10 +147,18 @@ def _format_validation(err: ValidationError, source: str) -> str:
 def load_profile_file(path: Path) -> DeviceProfile:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise DeviceError(f"cannot read device profile {path}: {e}; fix the file or remove it") from e
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise DeviceError(f"device profile {path} is not UTF-8 text (line {line}, byte {e.start}: {e.reason}); "
+                          "re-save it as UTF-8") from e
+    except yaml.YAMLError as e:
+        raise DeviceError(f"device profile {path}: {yaml_problem(e)}; fix the YAML there") from e
+    except OSError as e:
+        raise DeviceError(f"cannot read device profile {path}: {e.strerror or e}; fix the file or remove it") from e
     if not isinstance(raw, dict):
-        raise DeviceError(f"device profile {path} must be a YAML mapping of keys to values")
+        raise DeviceError(f"device profile {path} must be a YAML mapping of keys to values, not "
+                          f"{'an empty file' if raw is None else 'a ' + type(raw).__name__}; copy a profile from "
+                          "devices/ and edit it (devices/README.md lists every key)")
     try:
         profile = DeviceProfile.model_validate(raw)
     except ValidationError as e:
@@ -159,8 +185,11 @@ def load_device(name: str, directory: Path | None = None) -> DeviceProfile:
     """A profile by name (``pi-zero-2w``), by path to a YAML, or ``host``."""
     if name == "host":
         return detect_host()
-    as_path = Path(name)
-    if as_path.suffix in (".yaml", ".yml") and as_path.is_file():
+    as_path = Path(name).expanduser()
+    if as_path.suffix in (".yaml", ".yml"):
+        if not as_path.is_file():
+            raise DeviceError(f"device profile {as_path} does not exist; fix the path (a recipe's `device:` path is "
+                              "relative to the recipe file) or give a device name from `edgekit devices`")
         return load_profile_file(as_path)
     directory = directory or devices_dir()
     path = directory / f"{name}.yaml"

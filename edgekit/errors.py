@@ -31,3 +31,51 @@ class ModelError(EdgekitError):
 
 class CacheError(EdgekitError):
     """The edgekit cache is unusable (unwritable, full, or corrupt beyond repair)."""
+
+
+# --------------------------------------------------------------------------- message helpers
+# Shared by the config readers (recipes, device profiles) so every file problem reads the same way.
+
+_MAPPING = "a mapping (indented `key: value` lines)"
+_WANT = {"int": "a whole number", "float": "a number", "bool": "true or false", "string": "text in quotes",
+         "list": "a list (`- item` lines, or [a, b])", "dict": _MAPPING, "model": _MAPPING, "model_attributes": _MAPPING}
+_BOUND = {"greater_than_equal": ("ge", "at least"), "greater_than": ("gt", "above"),
+          "less_than_equal": ("le", "at most"), "less_than": ("lt", "below")}
+
+
+def yaml_problem(e: Exception) -> str:
+    """One line for a YAML error: where (1-based line and column), what, and where the open construct began."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is None or not problem:
+        return "YAML syntax error: " + " ".join(str(e).split())
+    where = f"YAML syntax error at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and start is not None and start.line != mark.line:
+        where += f" ({context} that starts at line {start.line + 1})"
+    if "'\\t'" in problem:
+        where += " (indent with spaces, not tabs)"
+    return where
+
+
+def validation_problem(error: dict, example: object = None) -> str:
+    """One pydantic error (an item of ``ValidationError.errors()``) as what is wrong, the value given and the fix.
+
+    Type, range and choice errors get the value that was given and what to write instead
+    (``example`` is a value of the right kind for the key, when known); others keep pydantic's message.
+    """
+    t, ctx = error["type"], error.get("ctx") or {}
+    msg = error["msg"].removeprefix("Value error, ")
+    got = error.get("input")
+    shown = ("a mapping" if isinstance(got, dict) else "a list" if isinstance(got, list)
+             else repr(got) if len(repr(got)) <= 60 else repr(got)[:57] + "...")
+    if t == "model_type":
+        msg = "Input should be a mapping of keys to values"
+    kind = t.removesuffix("_type").removesuffix("_parsing").removesuffix("_from_float")
+    if t.endswith(("_type", "_parsing", "_from_float")) and kind in _WANT:
+        return f"{msg}; got {shown}: write {_WANT[kind]}" + (f", e.g. {example}" if example is not None else "")
+    if t in _BOUND:
+        bound, words = _BOUND[t]
+        return f"{msg}, got {shown}; set it to {words} {ctx.get(bound)}"
+    if t == "literal_error":
+        return f"{msg}, got {shown}; use one of those"
+    return msg

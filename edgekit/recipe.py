@@ -27,7 +27,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Fie
                       ValidationError, model_validator)
 
 from edgekit.distill.data import DataConfig
-from edgekit.errors import EdgekitError, RecipeError
+from edgekit.errors import EdgekitError, RecipeError, validation_problem, yaml_problem
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl")  # == edgekit.distill.losses.KINDS (tested)
 _DURATION = re.compile(r"\s*(-?[0-9]*\.?[0-9]+)\s*(s|sec|m|min|h)\s*")
@@ -232,26 +232,45 @@ def _no_exporter(fmt: str) -> str:
 
 def _read_yaml(path: Path) -> dict:
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
     except FileNotFoundError as e:
         raise RecipeError(f"recipe {path} does not exist; check the path (recipes live in recipes/)") from e
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise RecipeError(f"cannot read recipe {path}: {e}; fix the YAML") from e
+    except IsADirectoryError as e:
+        raise RecipeError(f"recipe {path} is a folder, not a YAML file; pass a recipe file such as "
+                          "recipes/pi-5-8gb.yaml") from e
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe {path}: {e.strerror or e}; check the file's permissions") from e
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise RecipeError(f"recipe {path} is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}: {e.reason}); "
+                          "re-save it as UTF-8") from e
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe {path}: {yaml_problem(e)}; fix the YAML there") from e
     if raw is None:
-        raw = {}
+        raise RecipeError(f"recipe {path} is empty; a recipe needs at least `device:` and `exports:` "
+                          "(see recipes/README.md), or `extends:` a recipe that has them")
     if not isinstance(raw, dict):
-        raise RecipeError(f"recipe {path} must be a YAML mapping of keys to values, not {type(raw).__name__}")
+        raise RecipeError(f"recipe {path} must be a YAML mapping of keys to values, not a {type(raw).__name__}; "
+                          "write `key: value` lines such as `device: pi-5-8gb` (see recipes/README.md)")
     return raw
 
 
 def _absolutize(raw: dict, base: Path) -> dict:
-    """Paths in a file are relative to that file: data sources, and a teacher folder or .gguf that exists."""
+    """Paths in a file are relative to that file: data sources, a device profile .yaml, and a teacher folder or
+    .gguf that exists."""
     distill = raw.get("distill")
     if isinstance(distill, dict) and isinstance(distill.get("data"), dict):
         sources = distill["data"].get("sources")
         if isinstance(sources, list):
             distill["data"]["sources"] = [str((base / Path(s).expanduser()).resolve()) if isinstance(s, str) else s
                                           for s in sources]
+    device = raw.get("device")
+    if isinstance(device, str) and Path(device).suffix in (".yaml", ".yml"):  # a profile file, not a name
+        raw["device"] = str((base / Path(device).expanduser()).resolve())
     teacher = raw.get("teacher")
     if isinstance(teacher, str) and teacher != "default":
         local = base / Path(teacher).expanduser()
@@ -286,7 +305,8 @@ def _load_raw(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, dict]:
     merged, origins = {}, {}
     if parent is not None:
         if not isinstance(parent, str) or not parent.strip():
-            raise RecipeError(f"recipe {path}: extends: expected a recipe file name such as base.yaml, got {parent!r}")
+            raise RecipeError(f"recipe {path}: extends: expected one recipe file name such as base.yaml, got "
+                              f"{parent!r}; a recipe extends a single base (that base may extend another)")
         target = (path.parent / parent).expanduser()
         if not target.is_file():
             raise RecipeError(f"recipe {path}: extends: {target} does not exist; the path is relative to {path.parent}")
@@ -302,20 +322,31 @@ def _format_errors(err: ValidationError, path: Path | None, origins: dict) -> st
 
 
 def _error_lines(err: ValidationError, path: Path | None, origins: dict) -> list[str]:
+    errors = [(tuple(p for p in e["loc"] if not (isinstance(p, str) and (p.startswith("<") or "[" in p))), e)
+              for e in err.errors()]
+    suggested = set()  # a typo is one problem: `quantt` (unknown) does not also report `quant` as missing
+    for loc, e in errors:
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(loc[-1]), _known_keys(loc[:-1]), n=1, cutoff=0.6)
+            suggested.update(loc[:-1] + (c,) for c in close)
     lines = []
-    for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and (p.startswith("<") or "[" in p)))
+    for loc, e in errors:
+        if e["type"] == "missing" and loc in suggested:
+            continue
         key = ".".join(map(str, loc)) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             known = _known_keys(loc[:-1])
             close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
             msg = ("unknown key" + (f"; did you mean {close[0]!r}?" if close else "")
-                   + (f" Keys allowed here: {', '.join(known)}" if known else "") + " (see recipes/README.md)")
+                   + (f"{' K' if close else '; k'}eys allowed here: {', '.join(known)}" if known else "")
+                   + " (see recipes/README.md)" + _MISPLACED.get(loc, ""))
         elif e["type"] == "missing":
             msg = "required key is missing; add it (see recipes/README.md)"
         elif e["type"] in ("too_short",) and loc == ("exports",):
             msg = "give at least one export, e.g. [{format: gguf, quant: q4_k_m}]"
+        else:
+            msg = _explain(e, loc)
         source = path
         for n in range(len(loc), 0, -1):
             if loc[:n] in origins:
@@ -323,6 +354,33 @@ def _error_lines(err: ValidationError, path: Path | None, origins: dict) -> list
                 break
         lines.append((f"{source}: " if source else "") + f"{key}: {msg}")
     return lines
+
+
+_MISPLACED = {("memory_budget",): "; a memory budget belongs to the device: set memory_budget in a device profile "
+                                   "(devices/*.yaml) and point `device:` at it",
+              ("time_budget",): "; it is a distill key: write it under distill:"}
+
+
+def _explain(e: dict, loc: tuple) -> str:
+    """pydantic's message plus the value that was given and the fix (with the key's default as an example)."""
+    example = _default(loc)
+    return validation_problem(e, f"{loc[-1]}: {example}" if example is not None and isinstance(loc[-1], str) else None)
+
+
+def _default(loc: tuple):
+    """The schema default of the field at ``loc`` when it is a plain number or word (for examples), else None."""
+    model: Any = Recipe
+    field = None
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        nested = [a for a in _flatten(field.annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+        model = nested[0] if nested else None
+    value = getattr(field, "default", None)
+    return value if isinstance(value, (int, float, str)) and not isinstance(value, bool) and value != "" else None
 
 
 def _known_keys(loc: tuple) -> list[str]:
@@ -381,7 +439,9 @@ def _gguf_arch(path: str, mtime: float):
     import gguf
 
     from edgekit.arch import Architecture
+    from edgekit.integrity import check_gguf
 
+    check_gguf(path)  # GGUFReader maps the file and trusts its header: refuse a corrupt or hostile one first
     reader = gguf.GGUFReader(path)
     f = reader.fields
 
@@ -519,7 +579,8 @@ def _runtime_problems(names: list[str], formats: set[str] | None) -> list[str]:
         if runner is None:
             close = difflib.get_close_matches(rt, list(registry), n=1, cutoff=0.5)
             out.append(f"unknown runtime {rt!r}" + (f"; did you mean {close[0]!r}?" if close else "")
-                       + f" Registered runtimes: {', '.join(registry)}")
+                       + f"{' R' if close else '; r'}egistered runtimes: {', '.join(registry)}; use one of them, or "
+                       "set bench.runtimes: null for every installed runtime that runs the exports")
             continue
         missing = runner.available()
         if missing:

@@ -43,6 +43,8 @@ def _parse(text: object, unit_regex: str, what: str, example: str) -> float:
         value = float(text)
     elif isinstance(text, str):
         m = re.fullmatch(rf"\s*{_NUMBER}\s*{_PREFIX}\s*(?:{unit_regex})\s*", text)
+        if not m and re.fullmatch(rf"\s*-\s*{_NUMBER}\s*{_PREFIX}\s*(?:{unit_regex})\s*", text):
+            raise UnitError(f"{what} cannot be negative, got {text!r}; give a positive amount like {example!r}")
         if not m:
             raise UnitError(
                 f"cannot read {text!r} as {what}: write a number and a unit like {example!r} "

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from edgekit.distill.data import apply_chat_template
 from edgekit.distill.train import collate
 from edgekit.progress import bar
 
@@ -66,8 +67,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48) -> 
     outs = []
     for p in prompts:
         if tokenizer.chat_template:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                return_tensors="pt")
+            ids = apply_chat_template(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True,
+                                      return_tensors="pt")
         else:
             ids = tokenizer(p, return_tensors="pt").input_ids
         with torch.no_grad():

@@ -180,8 +180,10 @@ def heldout_sequences(tokenizer, paths: list[Path] | None, max_tokens: int, max_
 
 def greedy_prompt(tokenizer, prompt: str = GREEDY_PROMPT) -> list[int]:
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        from edgekit.distill.data import apply_chat_template  # sandboxed; a hostile template is a ModelError
+
+        text = apply_chat_template(tokenizer, [{"role": "user", "content": prompt}], tokenize=False,
+                                   add_generation_prompt=True)
     else:
         text = prompt
     return tokenizer(text, add_special_tokens=False).input_ids
@@ -192,6 +194,12 @@ def fidelity(reference: Path, exports: list[Path], *, texts: list[Path] | None =
     """Score every export against the PyTorch fp32 ``reference`` HF folder on the same held-out tokens."""
     from transformers import AutoTokenizer
 
+    from edgekit.integrity import check_model_path
+
+    for p in exports:  # headers only: a corrupt or hostile export is refused before the reference model loads
+        for f in sorted(Path(p).iterdir()) if Path(p).is_dir() else []:
+            if f.suffix in (".gguf", ".onnx", ".pte"):
+                check_model_path(f)
     tok = AutoTokenizer.from_pretrained(str(reference))
     seqs = heldout_sequences(tok, texts, max_tokens, max_len)
     prompt = greedy_prompt(tok)

@@ -42,6 +42,16 @@ def _prompt(text: str) -> str:
                                             add_generation_prompt=True, bos_token="", eos_token="")
 
 
+def _template_name() -> str:
+    return "chat_template.jinja" if (HERE / "chat_template.jinja").is_file() else "tokenizer_config.json"
+
+
+def fail(message: str) -> int:
+    """One line on stderr, exit code 2."""
+    print(f"{Path(__file__).name}: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main() -> int:
     gen_path = HERE / "generation.json"
     gen = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.is_file() else {}
@@ -60,11 +70,22 @@ def main() -> int:
     tokenizer = Tokenizer.from_file(str(HERE / "tokenizer.json"))
     program = Runtime.get().load_program(HERE / "model.pte", verification=Verification.InternalConsistency)
     forward = program.load_method("forward")
-    ids = tokenizer.encode(_prompt(" ".join(args.prompt)), add_special_tokens=False).ids
+    from jinja2.exceptions import SecurityError, TemplateError
+
+    try:
+        text = _prompt(" ".join(args.prompt))
+    except SecurityError as e:  # rendered in Jinja's sandbox: nothing the template asked for ran
+        return fail(f"the chat template ({_template_name()}) tried something the Jinja sandbox forbids ({e}) and "
+                    "was refused; do not trust this bundle's template: replace it with a known one")
+    except TemplateError as e:
+        return fail(f"the chat template ({_template_name()}) failed to render ({type(e).__name__}: {e}); "
+                    "fix or replace it")
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
     room = cfg["context"] - len(ids)
     if room <= 0:
-        print(f"the prompt is {len(ids)} tokens; this program holds {cfg['context']}", file=sys.stderr)
-        return 2
+        return fail(f"the prompt is {len(ids)} tokens but this program holds {cfg['context']} positions (context in "
+                    "executorch_config.json); shorten the prompt, or re-export with a larger "
+                    "`edgekit export --format executorch --context N`")
     eos = set(gen.get("eos_token_ids") or []) | set(cfg.get("eos_token_id") or [])
     t = time.perf_counter()
     logits = forward.execute([torch.tensor([ids]), torch.tensor([0])])[0]

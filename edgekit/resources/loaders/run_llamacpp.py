@@ -68,6 +68,12 @@ def chat_handler(tokenizer_config: dict):
                                bos_token=token("bos_token")).to_chat_handler()
 
 
+def fail(message: str) -> int:
+    """One line on stderr, exit code 2."""
+    print(f"{Path(__file__).name}: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main() -> int:
     gen = read_json("generation.json")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -87,12 +93,26 @@ def main() -> int:
     env = os.environ.get("NO_EXTRA_BUFFERS")
     if args.no_extra_buffers or env == "1" or (env is None and cpu_has_amx()):
         disable_extra_buffer_types()
-    llm = llama_cpp.Llama(model_path=str(HERE / "model.gguf"), n_ctx=args.context, n_threads=args.threads,
-                          chat_handler=chat_handler(read_json("tokenizer_config.json")), verbose=False)
-    t = time.perf_counter()
-    reply = llm.create_chat_completion(
-        messages=[{"role": "user", "content": " ".join(args.prompt)}], max_tokens=args.max_tokens,
-        temperature=args.temperature, top_p=args.top_p, stop=gen.get("stop") or None)
+    from jinja2.exceptions import SecurityError, TemplateError
+
+    template = "chat_template.jinja" if (HERE / "chat_template.jinja").is_file() else "the chat template in model.gguf"
+    try:
+        llm = llama_cpp.Llama(model_path=str(HERE / "model.gguf"), n_ctx=args.context, n_threads=args.threads,
+                              chat_handler=chat_handler(read_json("tokenizer_config.json")), verbose=False)
+        t = time.perf_counter()
+        reply = llm.create_chat_completion(
+            messages=[{"role": "user", "content": " ".join(args.prompt)}], max_tokens=args.max_tokens,
+            temperature=args.temperature, top_p=args.top_p, stop=gen.get("stop") or None)
+    except SecurityError as e:  # the template is rendered in Jinja's sandbox: nothing it asked for ran
+        return fail(f"{template} tried something the Jinja sandbox forbids ({e}) and was refused; "
+                    "do not trust this bundle's template: replace it with a known one")
+    except TemplateError as e:
+        return fail(f"{template} failed to render ({type(e).__name__}: {e}); fix or replace it")
+    except ValueError as e:
+        if "context window" not in str(e):
+            raise
+        return fail(f"the prompt does not fit ({e}); shorten it, or pass a larger --context "
+                    f"(at most {llama_cpp.llama_model_n_ctx_train(llm.model)}, what the model was trained for)")
     print(reply["choices"][0]["message"]["content"])
     print(f"[{reply['usage']['completion_tokens']} tokens in {time.perf_counter() - t:.2f}s]", file=sys.stderr)
     return 0
