@@ -16,7 +16,9 @@ import logging
 import os
 import platform
 import shutil
+import signal
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -39,30 +41,88 @@ def home() -> Path:
     return Path(platformdirs.user_cache_dir("edgekit"))
 
 
+_FAULT_HITS: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """A named place where the fault tests kill the process: ``EDGEKIT_FAULT=name[:n]`` sends SIGKILL to
+    this process the n-th time (default 1st) execution reaches ``fault_point(name)``.
+
+    A hand-rolled hook (like SQLite's and FoundationDB's fault injection) because a kill from outside
+    at a random time cannot be aimed at the moments that matter: between writing a file and renaming
+    it, between two checkpoints, after some journal lines. Costs one environment lookup when unset.
+    """
+    spec = os.environ.get("EDGEKIT_FAULT")
+    if not spec:
+        return
+    target, _, nth = spec.partition(":")
+    if target != name:
+        return
+    _FAULT_HITS[name] = _FAULT_HITS.get(name, 0) + 1
+    if _FAULT_HITS[name] >= int(nth or 1):
+        caller = sys._getframe(1)
+        sys.stderr.write(f"\nEDGEKIT_FAULT {spec}: SIGKILL in {caller.f_globals.get('__name__')}."
+                         f"{caller.f_code.co_name}\n")
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, quota exceeded, file size limit
+
+
 def disk_error(e: OSError, path: Path, needed: int | None = None) -> CacheError:
-    if e.errno == errno.ENOSPC:
-        try:
-            free = shutil.disk_usage(path.parent if not path.exists() else path).free
-        except OSError:
-            free = 0
-        need = f" (needs about {needed / 1e6:.0f} MB, {free / 1e6:.0f} MB free)" if needed else ""
+    """The one-line error for a failed write: for a full disk, the path, the space needed and free.
+
+    Some writers (numpy's ``tofile`` under gguf-py) report a short write without an errno;
+    with under 1 MB left on the disk that is a full disk too.
+    """
+    try:
+        free = free_bytes(path)
+    except OSError:
+        free = 0
+    if e.errno in DISK_FULL or (e.errno is None and free < (1 << 20)):
+        need = f"needs about {needed / 1e6:.1f} MB, " if needed else ""
+        why = {errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file size limit reached"}.get(e.errno, "disk full")
         return CacheError(
-            f"disk full while writing {path}{need}; free some space or set EDGEKIT_HOME to a larger disk. "
-            "Earlier artifacts were left intact."
+            f"{why} while writing {path} ({need}{free / 1e6:.1f} MB free); free some space or set EDGEKIT_HOME "
+            "to a larger disk, then re-run: earlier artifacts were left intact and finished work is reused."
         )
     return CacheError(f"cannot write {path}: {e.strerror or e}; check permissions or set EDGEKIT_HOME elsewhere")
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the filesystem that holds ``path`` (or its nearest existing parent)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def require_space(path: Path, needed: int, what: str) -> None:
+    """Refuse to start writing ``what`` under ``path`` when the disk has less than ``needed`` bytes free.
+
+    Checked before a stage starts, so a full disk stops it while nothing has been written; a
+    write that still fails (the estimate was low, or something else filled the disk) is caught
+    by :func:`disk_error`.
+    """
+    free = free_bytes(path)
+    if free < needed:
+        raise CacheError(
+            f"not enough disk space for {what} in {Path(path).parent}: needs about {needed / 1e6:.1f} MB, "
+            f"{free / 1e6:.1f} MB free; free some space or set EDGEKIT_HOME to a larger disk. Nothing was written.")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file + fsync + rename: readers see old or new, never half."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        fault_point("write.before-rename")
         os.replace(tmp, path)
     except OSError as e:
         with contextlib.suppress(OSError):
@@ -75,14 +135,18 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
+def atomic_dir(final: Path, needed: int | None = None) -> Iterator[Path]:
     """Yield a temporary folder next to ``final``; on success rename it to ``final``.
 
     If ``final`` exists already it is replaced (the old one is removed only after
-    the new one is complete). On any exception the temporary folder is removed.
+    the new one is complete), unless it holds exactly the files just built (another process
+    finished the same content-addressed artifact meanwhile): then it is kept and the copy
+    dropped, so a reader of ``final`` never sees it vanish. On any exception the temporary
+    folder is removed; temporary folders left by killed processes are swept on the next call.
     """
     final = Path(final)
-    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.partial")
+    sweep_leftovers(final)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
     try:
         tmp.mkdir(parents=True)
     except OSError as e:
@@ -90,9 +154,13 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_dir(tmp)
-        if final.exists():
-            trash = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.old")
+        fault_point("dir.before-rename")
+        if final.exists() and _same_files(final, tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif final.exists():
+            trash = final.with_name(f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.old")
             os.replace(final, trash)
+            fault_point("dir.swap")
             os.replace(tmp, final)
             shutil.rmtree(trash, ignore_errors=True)
         else:
@@ -100,10 +168,72 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         _fsync_dir(final.parent)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise disk_error(e, final) from e
-    except BaseException:
+        raise disk_error(e, final, needed) from e
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _says_disk_full(e):  # a Rust/C++ writer (safetensors, onnx) that reports ENOSPC in its own exception
+            raise disk_error(OSError(errno.ENOSPC, str(e)), final, needed) from e
         raise
+
+
+def _says_disk_full(e: BaseException) -> bool:
+    text = str(e)
+    return not isinstance(e, CacheError) and ("No space left on device" in text or "os error 28" in text)
+
+
+def _same_files(a: Path, b: Path) -> bool:
+    """Both folders have manifests listing the same files with the same hashes, and ``a``'s files match them."""
+    try:
+        return read_manifest(a)["files"] == read_manifest(b)["files"] and not verify_manifest(a)
+    except (CacheError, OSError):
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+TEMP_SUFFIXES = (".partial", ".old", ".tmp")
+
+
+def is_leftover(path: Path) -> bool:
+    """A temporary file/folder (``.<name>.<pid>-<hex>.partial|.old|.tmp``) whose writer is no longer running.
+
+    One whose pid is alive (ours or another process's) is work in progress; names without a
+    pid, from older versions, count as leftovers.
+    """
+    name = Path(path).name
+    if not (name.startswith(".") and name.endswith(TEMP_SUFFIXES)):
+        return False
+    tag = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else ""
+    pid = tag.split("-", 1)[0]
+    return not ("-" in tag and pid.isdigit() and (int(pid) == os.getpid() or _pid_alive(int(pid))))
+
+
+def leftovers(folder: Path) -> list[Path]:
+    """The temporary files/folders directly in ``folder`` left by edgekit processes that are no longer running."""
+    return [p for p in Path(folder).glob(".*") if is_leftover(p)]
+
+
+def sweep_leftovers(final: Path) -> None:
+    """Remove what killed processes left next to ``final`` while building it (never a finished artifact)."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return
+    for p in leftovers(final.parent):
+        if p.name.startswith(f".{final.name}."):
+            log.info("removing %s, left by an interrupted run", p)
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -216,18 +346,29 @@ def verify_manifest(folder: Path, progress=None) -> list[str]:
     return problems
 
 
+_HELD: set[Path] = set()
+STORE_LOCK = "store"  # held by every edgekit command that writes artifacts (see cli.WRITERS)
+
+
 @contextlib.contextmanager
 def locked(name: str, wait: bool = True) -> Iterator[Path]:
     """Hold ``$EDGEKIT_HOME/locks/<name>.lock`` (an flock, released if the process dies).
 
-    A second holder logs who holds it ("waiting for ... locked by pid N") and waits, or with
-    ``wait=False`` raises CacheError naming the pid.
+    A second holder logs who holds it ("waiting for ... locked by pid N (edgekit run x.yaml)")
+    and waits, or with ``wait=False`` raises CacheError naming the pid. Re-entrant within one
+    process (the CLI holds the store lock around a command that takes it again).
     """
     import fcntl
 
     folder = home() / "locks"
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise disk_error(e, folder) from e
     path = folder / f"{name}.lock"
+    if path.resolve() in _HELD:
+        yield path
+        return
     with open(path, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -241,11 +382,14 @@ def locked(name: str, wait: bool = True) -> Iterator[Path]:
             fcntl.flock(f, fcntl.LOCK_EX)
         f.seek(0)
         f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        what = " ".join(["edgekit", *sys.argv[1:]])[:200] if sys.argv and "edgekit" in sys.argv[0] else "edgekit"
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} ({what}, since {time.strftime('%H:%M:%S')})")
         f.flush()
+        _HELD.add(path.resolve())
         try:
             yield path
         finally:
+            _HELD.discard(path.resolve())
             f.seek(0)
             f.truncate()
             fcntl.flock(f, fcntl.LOCK_UN)

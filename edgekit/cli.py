@@ -284,9 +284,16 @@ def cmd_eval(args) -> int:
     from edgekit.distill.evaluate import evaluate, to_markdown
     from edgekit.models import resolve_teacher
 
+    from edgekit.errors import ConfigError
+
+    examples = data_stage.check_sources([Path(args.data)], key="--data")  # before any model is resolved
     model = resolve_teacher(args.model, trust_remote_code=args.trust_remote_code)
     teacher = resolve_teacher(args.against, trust_remote_code=args.trust_remote_code)
-    examples = data_stage.load_examples([args.data])
+    for m in (model, teacher):
+        if args.max_seq_len > m.arch.max_context:
+            raise ConfigError(f"--max-seq-len {args.max_seq_len} is longer than {m.name} was trained for "
+                              f"({m.arch.max_context} positions, max_position_embeddings in {m.path / 'config.json'}); "
+                              f"pass --max-seq-len {m.arch.max_context} or less")
     tok = AutoTokenizer.from_pretrained(str(teacher.path))
     seqs = data_stage.tokenize_examples(examples, tok, args.max_seq_len)[:args.max_sequences]
     report = evaluate({model.name: model.path}, teacher.path, seqs, args.prompt or [], args.max_new_tokens)
@@ -412,14 +419,19 @@ def cmd_bench(args) -> int:
     from edgekit.bench.report import to_markdown, write_report
 
     runtimes = [r for spec in args.runtimes or [] for r in spec.split(",") if r] or None
+    # rows finished by an interrupted run of the same command are taken from its journal, not re-measured
+    key = artifact.content_id([str(Path(a).resolve()) for a in args.artifacts], runtimes, args.repeats, args.warmup,
+                              args.threads, args.prompt_lengths, args.decode_tokens, args.remote)
+    journal = artifact.home() / "artifacts" / f".bench-{key}.journal.jsonl"
     results = run_benchmark(args.artifacts, runtimes, repeats=args.repeats, warmup=args.warmup,
                             threads=args.threads, prompt_lengths=tuple(args.prompt_lengths),
-                            decode_tokens=args.decode_tokens, remote=args.remote)
+                            decode_tokens=args.decode_tokens, remote=args.remote, journal=journal)
     devices, arch = _report_inputs(args, results)
     out = args.out or artifact.home() / "artifacts" / (
         "bench-" + artifact.content_id([str(a) for a in args.artifacts], _time.time()))
     out.mkdir(parents=True, exist_ok=True)
     paths = write_report(results, out, _fidelity_reports(args.fidelity), devices=devices, arch=arch)
+    journal.unlink(missing_ok=True)
     if args.json:
         _emit_json(json.loads(paths["json"].read_text()))
         return 0
@@ -537,12 +549,34 @@ def cmd_package(args) -> int:
 def cmd_verify(args) -> int:
     from edgekit.package import verify
 
-    report = verify(Path(args.bundle))
+    from edgekit.units import parse_bytes
+
+    report = verify(Path(args.bundle), max_bytes=parse_bytes(args.max_size))
     if args.json:
         _emit_json(report)
     else:
         print(f"{args.bundle}: ok, {len(report.get('files', []))} files verified")
     return 0
+
+
+def cmd_doctor(args) -> int:
+    from edgekit.doctor import run_checks
+
+    checks = run_checks(deep=args.deep)
+    failed = any(c.status == "fail" for c in checks)
+    if args.json:
+        _emit_json([c.to_dict() for c in checks])
+        return 1 if failed else 0
+    label = {"ok": "ok", "warn": "WARN", "fail": "FAIL"}
+    print(_table([[label[c.status], c.name, c.detail] for c in checks], ["", "check", "detail"]))
+    problems = [c for c in checks if c.status != "ok"]
+    if problems:
+        print()
+    for c in problems:
+        print(f"{label[c.status]} {c.name}: {c.detail}\n     fix: {c.fix}")
+    counts = {s: sum(c.status == s for c in checks) for s in label}
+    print(f"\n{counts['ok']} ok, {counts['warn']} warnings, {counts['fail']} problems")
+    return 1 if failed else 0
 
 
 # --------------------------------------------------------------------------- argv
@@ -710,9 +744,26 @@ def _parser() -> argparse.ArgumentParser:
 
     ve = sub.add_parser("verify", parents=[common], help="check a bundle (folder or .tar.gz): hashes, safe paths")
     ve.add_argument("bundle")
+    ve.add_argument("--max-size", default="64GiB",
+                    help="refuse an archive whose members add up to more than this (default 64GiB)")
     ve.add_argument("--json", action="store_true")
     ve.set_defaults(func=cmd_verify)
+
+    dr = sub.add_parser("doctor", parents=[common], help="check the installation and the cache, and say what to fix",
+                        description="Check Python, every runtime edgekit imports (versions against requirements.lock), "
+                                    "the embedded teacher and its converted cache, the artifact store, leftovers of "
+                                    "killed runs, disk space, EDGEKIT_HOME, running jobs and the CPU. Exit code 0 when "
+                                    "no check failed (warnings included), 1 when any check failed.")
+    dr.add_argument("--deep", action="store_true",
+                    help="re-hash the teacher cache and every artifact, and import each runtime's full entry points "
+                         "(slower; by default file sizes are compared with the manifests)")
+    dr.add_argument("--json", action="store_true", help="a list of {name, status, detail, fix}")
+    dr.set_defaults(func=cmd_doctor)
     return p
+
+
+# Commands that write into the artifact store (converting the teacher counts); they take the store lock.
+WRITERS = {"teacher", "distill", "eval", "export", "quantize", "fidelity", "bench", "run", "package"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -740,11 +791,25 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
+        if args.command in WRITERS:  # one writer per artifact store; the second waits and says for whom
+            from edgekit import artifact
+
+            with artifact.locked(artifact.STORE_LOCK):
+                return args.func(args)
         return args.func(args)
     except EdgekitError as e:
         if args.debug:
             raise
         print(f"edgekit: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk inside a library's own writer (safetensors, onnx, llama.cpp ...)
+        import errno
+
+        if args.debug or e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        from edgekit import artifact
+
+        print(f"edgekit: error: {artifact.disk_error(e, Path(e.filename or artifact.home()))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("edgekit: interrupted; finished artifacts are kept, re-run to resume", file=sys.stderr)

@@ -15,8 +15,9 @@
                                       measured speed and quality when given, teacher and license note
 
 ``verify(path)`` checks a bundle folder or a ``.tar.gz``. A tarball's members are all checked before
-anything is extracted (no absolute paths, ``..``, links, devices, members outside one top folder, or
-more than ``max_bytes`` in total); it is then extracted into a temporary folder with tarfile's
+anything is extracted (no absolute paths, ``..``, links, devices, members outside one top folder, more
+than ``MAX_TAR_MEMBERS`` members or more than ``max_bytes`` in total), each header as soon as it is
+read; it is then extracted into a temporary folder with tarfile's
 ``data`` filter as a second line of defence, and verified like a folder: every listed file present
 with the right size and sha256, and no unlisted file.
 """
@@ -33,6 +34,8 @@ import tarfile
 import tempfile
 import time
 import uuid
+import zlib
+from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
 from edgekit import __version__, artifact
@@ -57,6 +60,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 LICENSE_NOTE = ("A distilled or quantized model is derived from its teacher's weights and outputs, so it inherits "
                 "the teacher's license terms; check them before you ship this bundle.")
 MAX_TAR_BYTES = 64 * 2**30  # verify() refuses archives whose members add up to more than this
+MAX_TAR_MEMBERS = 10_000  # ... or that hold more members than this (a bundle has about a dozen files)
 DEFAULT_MAX_NEW_TOKENS = 256
 
 
@@ -130,7 +134,9 @@ def package(artifact_dir: Path, *, out_dir: Path | None = None, device: str | No
                 return {"path": str(final), "tarball": str(tarball), "manifest": old, "reused": True}
         except (OSError, ValueError, EdgekitError):
             pass  # rebuild below
-    with artifact.atomic_dir(final) as tmp:
+    needed = 2 * sum(p.stat().st_size for p in src.rglob("*") if p.is_file()) + (1 << 20)  # folder + tarball
+    artifact.require_space(final, needed, f"the {fmt} bundle of {src.name}")
+    with artifact.atomic_dir(final, needed) as tmp:
         _copy_model(src, fmt, export, tmp)
         _copy_tokenizer(model_folder if fmt == "gguf" else src, tmp)
         artifact.atomic_write_text(tmp / "generation.json", _json(_generation(src, model_folder, tmp)))
@@ -140,6 +146,7 @@ def package(artifact_dir: Path, *, out_dir: Path | None = None, device: str | No
         artifact.atomic_write_text(tmp / "README.md", model_card(manifest))
         manifest["files"] = _hash_files(tmp)
         artifact.atomic_write_text(tmp / MANIFEST, _json(manifest))
+    artifact.fault_point("package.before-tarball")
     tarball = _write_tarball(final)
     log.info("bundled %s into %s (%s)", src, final, tarball.name)
     return {"path": str(final), "tarball": str(tarball), "manifest": manifest, "reused": False}
@@ -448,13 +455,18 @@ def _verify_tarball(path: Path, max_bytes: int) -> dict:
     try:
         tf = tarfile.open(path, "r:*")
     except (tarfile.TarError, OSError) as e:
-        raise ConfigError(f"{path} is not a readable tar archive ({e}); pass a bundle folder or its .tar.gz") from e
+        head = b""
+        with contextlib.suppress(OSError), open(path, "rb") as f:
+            head = f.read(8)
+        raise ConfigError(f"{path} is not a tar archive (gzip, xz, bz2 or plain; it starts with {head!r}); pass a "
+                          "bundle folder or the .tar.gz `edgekit package` wrote") from e
     with tf:
-        try:
-            members = tf.getmembers()
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise ConfigError(f"{path} is a truncated or corrupt archive ({e}); fetch it again") from e
-        top = check_members(members, path, max_bytes)
+        try:  # each header is checked as soon as it is read: a hostile member stops the reading right there
+            top = check_members(tf, path, max_bytes)
+            members = tf.getmembers()  # all read by now
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+            raise ConfigError(f"{path} is a truncated or corrupt archive ({' '.join(str(e).split())}); nothing was "
+                              "extracted; fetch it again") from e
         with tempfile.TemporaryDirectory(prefix="edgekit-verify-") as tmp:
             try:
                 tf.extractall(tmp, members=members, filter="data")
@@ -463,14 +475,18 @@ def _verify_tarball(path: Path, max_bytes: int) -> dict:
             return _verify_folder(Path(tmp) / top)
 
 
-def check_members(members: list[tarfile.TarInfo], path: Path, max_bytes: int = MAX_TAR_BYTES) -> str:
-    """Refuse an archive unless every member is a plain file or folder under one top folder; returns that folder."""
+def check_members(members: Iterable[tarfile.TarInfo], path: Path, max_bytes: int = MAX_TAR_BYTES,
+                  max_members: int | None = None) -> str:
+    """Refuse an archive unless every member is a plain file or folder under one top folder; returns that folder.
+
+    ``members`` may be an open TarFile: its headers are then checked one by one as they are read,
+    so an archive with a hostile header (or millions of members) is refused without reading on.
+    """
     def refuse(member: str, reason: str) -> ConfigError:
         return ConfigError(f"{path}: member {member!r} is refused: {reason}; nothing was extracted -- this is not an "
                            "intact edgekit bundle, fetch it again from a trusted source")
 
-    if not members:
-        raise ConfigError(f"{path} is an empty archive; fetch the bundle again")
+    max_members = max_members or MAX_TAR_MEMBERS
     top, total, seen = None, 0, set()
     for m in members:
         name = m.name
@@ -496,9 +512,14 @@ def check_members(members: list[tarfile.TarInfo], path: Path, max_bytes: int = M
         if name in seen:
             raise refuse(name, "appears twice (a later copy would overwrite the first)")
         seen.add(name)
+        if len(seen) > max_members:
+            raise refuse(name, f"the archive holds more than {max_members} members (a bundle has about a dozen)")
         total += m.size
         if m.size > max_bytes or total > max_bytes:
-            raise refuse(name, f"the archive's members exceed the {max_bytes} byte limit (pass a larger max_bytes)")
+            raise refuse(name, f"it declares {m.size} bytes and the archive's members exceed the {max_bytes} byte "
+                               "limit (raise it with `edgekit verify --max-size` if the bundle is genuinely that large)")
+    if top is None:
+        raise ConfigError(f"{path} is an empty archive; fetch the bundle again")
     return top
 
 

@@ -4,8 +4,9 @@ Every stage is content-addressed (its artifact id hashes the stage, its resolved
 input ids), so a second run with nothing changed reuses every artifact and finishes in seconds,
 a changed key reruns only the stages downstream of it, and a killed run resumes: finished
 artifacts are kept (each was renamed into place only when complete) and the interrupted stage
-starts again from its own checkpoint where it has one (distillation does). One lock per recipe
-keeps two runs of it from writing the same artifacts at once.
+starts again from its own checkpoint where it has one (distillation, data generation, the logit
+cache and benchmarks do). The store lock keeps two runs from writing the same store at once: the
+second says which process it waits for, and starts when that one ends.
 
 The run's record -- which artifact each stage produced or reused, and how long it took -- goes to
 ``$EDGEKIT_HOME/runs/<recipe name>.json``.
@@ -35,7 +36,7 @@ def run(recipe_path: Path, *, trust_remote_code: bool = False) -> dict:
     recipe = load_recipe(recipe_path)
     record: dict = {"recipe": str(recipe_path), "name": recipe.name, "device": recipe.device, "stages": []}
     t_run = time.perf_counter()
-    with artifact.locked(f"run-{recipe.name}"):
+    with artifact.locked(artifact.STORE_LOCK):
         model = _distill(recipe, record, trust_remote_code)
         exports = _exports(recipe, model, record)
         fidelity = _fidelity(recipe, model, exports, record)
@@ -123,8 +124,9 @@ def _bench(recipe, exports: list[Path], fidelity: dict | None, record: dict) -> 
     if (out / "results.json").is_file() and not artifact.verify_manifest(out):
         _stage(record, "bench", out, True, t0)
         return json.loads((out / "results.json").read_text())
+    journal = out.with_name(f".{out.name}.journal.jsonl")  # rows measured before an interruption
     results = run_benchmark(exports, b.runtimes, repeats=b.repeats, threads=b.threads,
-                            prompt_lengths=tuple(b.prompt_lengths), decode_tokens=b.decode_tokens)
+                            prompt_lengths=tuple(b.prompt_lengths), decode_tokens=b.decode_tokens, journal=journal)
     arch = None
     source = artifact.read_manifest(exports[0]).get("source_model", {})
     if source.get("architecture"):
@@ -135,6 +137,7 @@ def _bench(recipe, exports: list[Path], fidelity: dict | None, record: dict) -> 
         write_report(results, tmp, [fidelity] if fidelity else [], devices=[load_device(recipe.device)], arch=arch,
                      title=f"{recipe.name}: {source.get('name', '')} for {recipe.device}")
         artifact.write_manifest(tmp, "bench", settings, {"exports": ",".join(ids)})
+    journal.unlink(missing_ok=True)
     decode = {f"{r['label']} / {r['runtime']}": r["metrics"]["decode_tok_s"]["median"]
               for r in results["runs"] if r["status"] == "ok"}
     _stage(record, "bench", out, False, t0, decode_tok_s=decode, report=str(out / "report.html"))

@@ -35,8 +35,10 @@ import time
 from pathlib import Path
 
 from edgekit import __version__
+from edgekit.artifact import fault_point
 from edgekit.bench.runners import Runner, Source, describe, get_runner, runners
 from edgekit.errors import ConfigError, EdgekitError
+from edgekit.integrity import check_model_path
 from edgekit.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
@@ -72,23 +74,30 @@ def summarize(values: list[float]) -> dict:
 def run_benchmark(artifacts: list[Path], runtimes: list[str] | None = None, *, repeats: int = 5, warmup: int = 1,
                   threads: int | None = None, prompt_lengths: tuple[int, ...] = (128, 512), decode_tokens: int = 128,
                   timeout_s: float = 600, progress: bool = True, remote: str | None = None,
-                  remote_python: str = "python") -> dict:
+                  remote_python: str = "python", journal: Path | None = None) -> dict:
     """Benchmark ``artifacts`` (export folders, or HF folders for PyTorch) on ``runtimes`` (default: all registered).
 
     ``threads`` defaults to this host's physical cores; ``progress`` draws a bar on stderr
-    (when edgekit.progress allows). Returns the :data:`SCHEMA` dict.
+    (when edgekit.progress allows). Returns the :data:`SCHEMA` dict. ``journal`` (a JSONL file)
+    makes a long benchmark resumable: each finished row is appended to it, and a re-run with the
+    same settings on the same host takes those rows from it instead of measuring them again.
     """
     from edgekit.devices import detect_host
 
     _check_settings(repeats, warmup, threads, prompt_lengths, decode_tokens)
     selected = [get_runner(name) for name in runtimes] if runtimes else list(runners().values())
     sources = [describe(Path(a)) for a in artifacts]  # a path that is no artifact raises ConfigError here
+    for src in sources:  # headers only: a corrupt or hostile model file stops the run here, not in a worker
+        if src.model.exists():  # a missing one is the worker's to report, as a failed row
+            check_model_path(src.model)
+    _check_context(sources, prompt_lengths, decode_tokens)
     profile = detect_host()
     threads = threads or profile.cpu.cores
     settings = {"repeats": repeats, "warmup": warmup, "threads": threads,
                 "prompt_lengths": [int(n) for n in prompt_lengths], "decode_tokens": decode_tokens}
     where = "host" if remote is None else f"measured on {remote.rsplit('@', 1)[-1]}"
     plan = plan_rows(sources, selected)
+    done = _read_journal(journal)
     runs = []
     with progress_bar(total=len(plan), desc="bench", unit="run") if progress else _NoBar() as bar:
         ids: set[str] = set()
@@ -102,13 +111,56 @@ def run_benchmark(artifacts: list[Path], runtimes: list[str] | None = None, *, r
                 spec = {"artifact": str(src.path), "runtime": runner.name, "module": runner.open.__module__,
                         "threads": threads, **{k: settings[k] for k in ("repeats", "warmup", "decode_tokens")},
                         "prompt_lengths": settings["prompt_lengths"], "decode_prompt_tokens": DECODE_PROMPT_TOKENS}
-                rows = _measure_row(row, runner, spec, settings, timeout_s, remote, remote_python, ids)
+                key = _journal_key(spec, src, profile, where)
+                rows = done.get(key)
+                if rows is not None:
+                    ids.update(r["id"] for r in rows)
+                    log.info("%s: measured before the interruption; taken from %s", row_id, journal)
+                else:
+                    rows = _measure_row(row, runner, spec, settings, timeout_s, remote, remote_python, ids)
+                    _append_journal(journal, key, rows)
+                    fault_point("bench.row")
             runs.extend(rows)
             for r in rows:
                 log.info("%s: %s%s", r["id"], r["status"], f" ({r['reason']})" if r["reason"] else "")
             bar.update(1)
     return {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "edgekit_version": __version__, "host": host_block(profile, threads), "settings": settings, "runs": runs}
+
+
+def _journal_key(spec: dict, src: Source, profile, where: str) -> str:
+    from edgekit.artifact import content_id
+
+    return content_id(spec, src.path.name, platform.node(), where, __version__)
+
+
+def _read_journal(journal: Path | None) -> dict[str, list[dict]]:
+    """Rows finished before an interruption, by key; a torn last line is ignored."""
+    if journal is None or not Path(journal).is_file():
+        return {}
+    done = {}
+    for line in Path(journal).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+            done[rec["key"]] = rec["rows"]
+        except (ValueError, KeyError, TypeError):
+            continue
+    return done
+
+
+def _append_journal(journal: Path | None, key: str, rows: list[dict]) -> None:
+    if journal is None:
+        return
+    from edgekit.artifact import disk_error
+
+    try:
+        Path(journal).parent.mkdir(parents=True, exist_ok=True)
+        with open(journal, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"key": key, "rows": rows}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise disk_error(e, Path(journal)) from e
 
 
 def plan_rows(sources: list[Source], selected: list[Runner]) -> list[tuple[Source, Runner, str | None]]:
@@ -278,6 +330,33 @@ def _check_settings(repeats, warmup, threads, prompt_lengths, decode_tokens) -> 
         problems.append(f"decode_tokens must be at least 1, not {decode_tokens}")
     if problems:
         raise ConfigError("bench settings: " + "; ".join(problems))
+
+
+def _check_context(sources: list[Source], prompt_lengths, decode_tokens: int) -> None:
+    """Refuse, before any worker starts, prompts longer than a model was trained for (its config's context)."""
+    need = max(max(prompt_lengths), DECODE_PROMPT_TOKENS + decode_tokens)  # positions one sequence uses
+    for src in sources:
+        limit, where = _trained_context(src)
+        if limit and need > limit:
+            raise ConfigError(
+                f"the benchmark needs {need} positions (longest prompt {max(prompt_lengths)}, or a "
+                f"{DECODE_PROMPT_TOKENS}-token prompt plus {decode_tokens} decoded tokens) but {src.path} was trained "
+                f"for {limit} ({where}); keep prompt_lengths (--prompt-lengths) at most {limit} and decode_tokens "
+                f"(--decode-tokens) at most {max(limit - DECODE_PROMPT_TOKENS, 1)}")
+
+
+def _trained_context(src: Source) -> tuple[int | None, str]:
+    """(positions the model was trained for, where that number comes from), or (None, "") when unknown."""
+    try:
+        if src.format == "pytorch":
+            cfg = json.loads((Path(src.path) / "config.json").read_text(encoding="utf-8"))
+            return int(cfg["max_position_embeddings"]), f"max_position_embeddings in {Path(src.path) / 'config.json'}"
+        from edgekit.artifact import read_manifest
+
+        arch = read_manifest(src.path)["source_model"]["architecture"]
+        return int(arch["max_context"]), f"max_context of its source model in {Path(src.path) / 'manifest.json'}"
+    except (OSError, ValueError, KeyError, TypeError, EdgekitError):
+        return None, ""
 
 
 # --------------------------------------------------------------------------- schema

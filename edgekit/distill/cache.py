@@ -129,6 +129,7 @@ def build(cfg: CacheConfig, teacher, sequences: list[dict], out_dir: Path) -> Pa
                     all_val.append(val.numpy())
                 progress.update(int(mask.sum()))
             _write_shard(path, seqs, all_idx, all_val, vocab)
+            artifact.fault_point("cache.shard")
     with artifact.atomic_dir(out_dir) as tmp:
         for p in sorted(work.glob("shard-*.safetensors")):
             shutil.copy2(p, tmp / p.name)

@@ -83,8 +83,11 @@ class DataConfig(BaseModel):
 # --------------------------------------------------------------------------- user data
 
 
-def load_examples(paths: Iterable[Path]) -> list[dict]:
+def load_examples(paths: Iterable[Path], key: str = "data.sources (--data)") -> list[dict]:
     """Read user data into examples: ``{"messages": [...]}`` or ``{"text": ...}``.
+
+    ``key`` is the setting the paths came from (``--calibration``, ``--text`` ...); errors name it
+    together with the file (and line) and the fix.
 
     Accepted sources, each a path in ``data.sources``:
 
@@ -100,18 +103,26 @@ def load_examples(paths: Iterable[Path]) -> list[dict]:
     for path in paths:
         path = Path(path).expanduser()
         if not path.exists():
-            raise ConfigError(f"data source {path} does not exist; fix the path in data.sources")
+            raise ConfigError(f"data source {path} does not exist; fix the path in {key}")
         if path.is_dir() and _is_hf_dataset(path):
-            examples += _load_hf_dataset(path)
+            examples += _load_hf_dataset(path, key)
         elif path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES)
             if not files:
                 raise ConfigError(f"data source {path} is a folder with no {', '.join(SUPPORTED_SUFFIXES)} files and "
-                                  "is not a saved `datasets` folder; point data.sources at the data files")
+                                  f"is not a saved `datasets` folder; point {key} at the data files")
             for f in files:
-                examples += _load_file(f)
+                examples += _load_file(f, key)
         else:
-            examples += _load_file(path)
+            examples += _load_file(path, key)
+    return examples
+
+
+def check_sources(sources: Sequence[Path], key: str = "data.sources (--data)") -> list[dict]:
+    """:func:`load_examples`, refusing sources that hold no example at all (ConfigError naming them)."""
+    examples = load_examples(sources, key)
+    if not examples:
+        raise ConfigError(f"{key} {[str(s) for s in sources]} hold no examples; add data to them")
     return examples
 
 
@@ -120,12 +131,12 @@ def needs_response(example: dict) -> bool:
     return "messages" in example and example["messages"][-1]["role"] != "assistant"
 
 
-def _load_file(path: Path) -> list[dict]:
+def _load_file(path: Path, key: str = "data.sources (--data)") -> list[dict]:
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
         raise ConfigError(f"data source {path} has an unsupported type {suffix or '(no suffix)'}; use "
                           f"{', '.join(SUPPORTED_SUFFIXES)} or a folder saved with datasets' save_to_disk")
-    text = _read_text(path)
+    text = _read_text(path, key)
     if suffix in TEXT_SUFFIXES:
         return [{"text": p.strip()} for p in re.split(r"\n\s*\n", text) if p.strip()]
     examples = []
@@ -141,15 +152,23 @@ def _load_file(path: Path) -> list[dict]:
     return examples
 
 
-def _read_text(path: Path) -> str:
-    data = path.read_bytes()
+def _read_text(path: Path, key: str = "data.sources (--data)") -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read data source {path}: {e.strerror or e}; check its permissions or fix the path "
+                          f"in {key}") from e
     if not data.strip():
-        raise ConfigError(f"data source {path} is empty; put examples in it or remove it from data.sources")
+        raise ConfigError(f"data source {path} is empty; put examples in it or remove it from {key}")
+    if b"\x00" in data[:8192]:
+        raise ConfigError(f"data source {path} is a binary file (it holds NUL bytes), not {path.suffix or 'text'} "
+                          f"text; point {key} at the JSONL/text file you meant")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"data source {path} is not UTF-8 text (byte {e.start}: {e.reason}); re-save it as UTF-8, "
-                          f"e.g. `iconv -f latin1 -t utf-8 {path} > fixed{path.suffix}`") from e
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"data source {path} is not UTF-8 text (line {line}, byte {e.start}: {e.reason}); re-save it "
+                          f"as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path} > fixed{path.suffix}`") from e
 
 
 def _normalise_record(record: object, where: str) -> dict:
@@ -159,7 +178,8 @@ def _normalise_record(record: object, where: str) -> dict:
         raise ConfigError(f"{where}: expected a JSON object, got {type(record).__name__}; write one of {shapes}")
     primary = [k for k in ("messages", "prompt", "text") if k in record]
     if len(primary) != 1 or ("response" in record and primary != ["prompt"]):
-        hint = " (rename instruction/output to prompt/response)" if "instruction" in record else ""
+        renames = [f"{k} to {_RENAME[k]}" for k in sorted(record) if k in _RENAME and _RENAME[k] not in record]
+        hint = f" (rename {', '.join(renames)})" if renames and not primary else ""
         raise ConfigError(f"{where}: unknown record shape with keys {sorted(record)}; expected {shapes}{hint}")
     key = primary[0]
     if key == "messages":
@@ -173,6 +193,10 @@ def _normalise_record(record: object, where: str) -> dict:
     if "response" in record:
         messages.append({"role": "assistant", "content": record["response"]})
     return {"messages": messages}
+
+
+_RENAME = {"instruction": "prompt", "question": "prompt", "query": "prompt", "input": "prompt", "output": "response",
+           "answer": "response", "completion": "response", "content": "text", "conversations": "messages"}
 
 
 def _check_messages(messages: object, where: str) -> list[dict]:
@@ -192,7 +216,7 @@ def _is_hf_dataset(path: Path) -> bool:
         (path / "state.json").is_file() and (path / "dataset_info.json").is_file())
 
 
-def _load_hf_dataset(path: Path) -> list[dict]:
+def _load_hf_dataset(path: Path, key: str = "data.sources (--data)") -> list[dict]:
     try:
         import datasets
     except ImportError as e:
@@ -209,7 +233,7 @@ def _load_hf_dataset(path: Path) -> list[dict]:
         for i, row in enumerate(split):
             examples.append(_normalise_record(dict(row), f"{label} row {i}"))
     if not examples:
-        raise ConfigError(f"data source {path} is an empty dataset; add rows or remove it from data.sources")
+        raise ConfigError(f"data source {path} is an empty dataset; add rows or remove it from {key}")
     return examples
 
 
@@ -226,7 +250,36 @@ class _Chat:
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return apply_chat_template(tokenizer, messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def apply_chat_template(tokenizer, messages: list[dict], **kwargs):
+    """``tokenizer.apply_chat_template``, with a hostile or broken template turned into a ModelError naming its file.
+
+    transformers renders chat templates in Jinja's ``ImmutableSandboxedEnvironment``: a template
+    that reaches for Python internals (``__class__``, ``__globals__``, ``list.append`` ...) raises
+    ``SecurityError`` there before anything runs. Every edgekit caller renders through this function.
+    """
+    from jinja2.exceptions import SecurityError, TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, **kwargs)
+    except (SecurityError, OverflowError) as e:
+        raise ModelError(f"the chat template in {chat_template_file(tokenizer)} tried something the Jinja sandbox "
+                         f"forbids ({e}); it was refused and nothing ran. Do not use this model as is: replace that "
+                         "template with a known one (e.g. the base model's) or remove it") from e
+    except TemplateError as e:
+        raise ModelError(f"the chat template in {chat_template_file(tokenizer)} failed to render "
+                         f"({type(e).__name__}: {e}); fix that template or replace it with the base model's") from e
+
+
+def chat_template_file(tokenizer) -> str:
+    """Where a tokenizer's chat template comes from: chat_template.jinja, else tokenizer_config.json, in its folder."""
+    folder = Path(getattr(tokenizer, "name_or_path", "") or ".")
+    for name in ("chat_template.jinja", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            return str(folder / name)
+    return str(folder) if str(folder) != "." else "(the tokenizer in memory)"
 
 
 def _require_template(tokenizer) -> None:
@@ -476,7 +529,7 @@ def generate_responses(model, tokenizer, prompts: Sequence[str | list[dict]], cf
     stats = Counter() if stats is None else stats
     chat = _chat_format(tokenizer, model)
     unique = {_prompt_key(m): m for m in (_as_messages(p) for p in prompts)}
-    done = {r["key"]: r for r in _read_journal(journal)} if journal else {}
+    done = _whole_groups(_read_journal(journal)) if journal else {}
     pending = [m for k, m in unique.items() if k not in done]
     group_size = max(1, cfg.batch_size // cfg.samples_per_prompt)
     with bar(total=len(unique), desc="teacher responses", unit="prompt") as progress:
@@ -484,6 +537,8 @@ def generate_responses(model, tokenizer, prompts: Sequence[str | list[dict]], cf
         for start in range(0, len(pending), group_size):
             began = time.perf_counter()
             records = _respond_group(model, tokenizer, pending[start:start + group_size], cfg, chat)
+            for r in records:  # a group is sampled together, so it is resumed whole or not at all
+                r.update(group=records[0]["key"], group_size=len(records))
             stats["generation_seconds"] += time.perf_counter() - began
             stats["generated_tokens"] += sum(r.pop("sampled_tokens", 0) for r in records)
             if journal:
@@ -501,6 +556,18 @@ def generate_responses(model, tokenizer, prompts: Sequence[str | list[dict]], cf
         stats["responses_truncated"] += record["example"]["truncated"]
         examples.append(record["example"])
     return examples
+
+
+def _whole_groups(records: list[dict]) -> dict[str, dict]:
+    """Journal records by prompt key, leaving out groups a kill cut short.
+
+    The prompts of a group are sampled in one batch from one seed, so a group whose records
+    were only partly written must be sampled again whole: answering its missing prompts in
+    a different batch would give different answers than an uninterrupted run.
+    """
+    sizes = Counter(r.get("group") for r in records if r.get("group") is not None)
+    return {r["key"]: r for r in records
+            if r.get("group") is None or sizes[r["group"]] == r.get("group_size", sizes[r["group"]])}
 
 
 def _respond_group(model, tokenizer, group: list[list[dict]], cfg: DataConfig, chat: _Chat) -> list[dict]:
@@ -596,10 +663,15 @@ def _read_journal(path: Path | None) -> list[dict]:
 
 def _append_jsonl(path: Path, records: list[dict]) -> None:
     try:
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         with open(path, "a", encoding="utf-8") as f:
-            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            f.write(text[:len(text) // 2])
+            f.flush()
+            artifact.fault_point("data.journal-torn")  # a kill in the middle of a record
+            f.write(text[len(text) // 2:])
             f.flush()
             os.fsync(f.fileno())
+        artifact.fault_point("data.journal")
     except OSError as e:
         raise CacheError(f"cannot append to {path}: {e.strerror or e}; free disk space or check permissions") from e
 
@@ -733,19 +805,19 @@ def run(cfg: DataConfig, teacher_dir: Path, out_dir: Path) -> Path:
 
     from transformers import AutoTokenizer
 
+    examples = check_sources(cfg.sources) if cfg.sources else None  # bad user data fails before anything is written
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load the tokenizer from {teacher_dir} ({e}); the teacher folder needs its "
                          "tokenizer files -- resolve it with `edgekit teacher` first") from e
+    if examples is None or any("messages" in e for e in examples):
+        _chat_format(tokenizer)  # a missing, broken or hostile chat template fails here, before any work
     work = _work_dir(out_dir, config, inputs)
     stats: Counter = Counter()
     model = None
 
-    if cfg.sources:
-        examples = load_examples(cfg.sources)
-        if not examples:
-            raise ConfigError(f"data.sources {[str(s) for s in cfg.sources]} hold no examples; add data to them")
+    if examples is not None:
         stats["user_examples"] = len(examples)
     else:
         model = _load_teacher(teacher_dir)

@@ -21,6 +21,7 @@ from edgekit.arch import Architecture
 from edgekit.distill.cache import CacheConfig
 from edgekit.distill.data import DataConfig
 from edgekit.distill.train import TrainConfig
+from edgekit.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -119,13 +120,23 @@ def run(cfg: DistillConfig, trust_remote_code: bool = False) -> dict:
     from edgekit.distill import train as train_stage
     from edgekit.models import resolve_teacher
 
+    if cfg.data.sources:  # bad user data fails here, before the teacher is resolved (converting it takes minutes)
+        data_stage.check_sources(cfg.data.sources)
     teacher = resolve_teacher(cfg.teacher, trust_remote_code=trust_remote_code)
+    if cfg.data.max_seq_len > teacher.arch.max_context:
+        raise ConfigError(f"data.max_seq_len {cfg.data.max_seq_len} is longer than the teacher {teacher.name} was "
+                          f"trained for ({teacher.arch.max_context} positions), so its logits past that point are "
+                          f"not meaningful; set data.max_seq_len to {teacher.arch.max_context} or less")
     teacher_id = artifact.content_id(str(teacher.path), teacher.files)
     shape, plan = student_shape(cfg.student, teacher.arch, teacher.name)
     log.info("student: %d layers, hidden %d, mlp %d, %d/%d heads (%.1fM params, %.0f%% of the teacher)",
              shape.layers, shape.hidden_size, shape.intermediate_size, shape.heads, shape.kv_heads,
              shape.params / 1e6, 100 * shape.params / teacher.arch.params)
 
+    # the student's weights: its initialisation, each checkpoint (weights + AdamW's two moments), the result
+    needed = int(shape.params * 4 * (3 * cfg.train.keep_checkpoints + 3)) + (8 << 20)
+    artifact.require_space(artifact.home() / "artifacts" / "distill", needed,
+                           f"distilling a {shape.params / 1e6:.1f}M-parameter student (init, checkpoints, result)")
     data_dir = data_stage.run(cfg.data, teacher.path, _stage_dir("data", cfg.data.model_dump(mode="json"), teacher_id))
     data_id = data_dir.name
     train_examples = _jsonl(data_dir / "train.jsonl")

@@ -229,6 +229,12 @@ def train(cfg: TrainConfig, student_dir: Path, out_dir: Path, sequences: list[di
         log.info("%s is already trained with this config; reusing it", out_dir)
         return out_dir
 
+    weights = sum(p.stat().st_size for p in Path(student_dir).glob("*.safetensors"))
+    # each checkpoint holds the weights and AdamW's two moments; plus the published student
+    resumable = out_dir.with_name(out_dir.name + ".inprogress")
+    held = sum(p.stat().st_size for p in resumable.rglob("*") if p.is_file()) if resumable.is_dir() else 0
+    artifact.require_space(out_dir, weights * (3 * cfg.keep_checkpoints + 2) + (1 << 20) - held,
+                           "training checkpoints")
     acc = Accelerator(cpu=not torch.cuda.is_available())
     rank, world = acc.process_index, acc.num_processes
     torch.manual_seed(cfg.seed)
@@ -349,6 +355,7 @@ def train(cfg: TrainConfig, student_dir: Path, out_dir: Path, sequences: list[di
                    "tokens": step_tokens, "tokens_per_s": round(step_tokens / dt, 1), "elapsed_s": round(elapsed, 3)}
             with open(work / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
+            artifact.fault_point("train.step")
             if pbar is not None:
                 pbar.update(1)
                 pbar.set_postfix(loss=f"{sums['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
@@ -362,6 +369,7 @@ def train(cfg: TrainConfig, student_dir: Path, out_dir: Path, sequences: list[di
                     artifact.atomic_write_text(tmp / "state.json", json.dumps(
                         {"step": step, "tokens_seen": tokens_seen, "elapsed_s": elapsed}))
                     artifact.write_manifest(tmp, stage="checkpoint", config={"step": step})
+                artifact.fault_point("train.checkpoint")
                 for old in sorted(work.glob("ckpt-*"))[:-cfg.keep_checkpoints]:
                     shutil.rmtree(old, ignore_errors=True)
             acc.wait_for_everyone()

@@ -35,7 +35,9 @@ import uuid
 from pathlib import Path
 
 from edgekit import __version__
+from edgekit.artifact import fault_point
 from edgekit.errors import ModelError
+from edgekit.integrity import check_safetensors
 from edgekit.models import read_json
 from edgekit.progress import bar
 
@@ -137,6 +139,7 @@ def export_gguf(model_dir: Path, out: Path, dtype: str = "f16", *, name: str | N
                 src = handles[t["file"]].get_tensor(t["key"]) if t["key"] else None
                 w.write_tensor_data(_convert(src, t, hp))
                 b.update(t["nbytes"])
+                fault_point("gguf.tensor")
         w.close()
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -249,6 +252,7 @@ def _safetensors_keys(model_dir: Path) -> dict[str, tuple[Path, list[int]]]:
                          "(save the model with save_pretrained(dir, safe_serialization=True))")
     keys: dict[str, tuple[Path, list[int]]] = {}
     for f in files:
+        check_safetensors(f)  # the header against the file's size, before safetensors maps it
         try:
             with safe_open(str(f), framework="pt") as h:
                 for k in h.keys():
@@ -512,9 +516,12 @@ def read_gguf(path: Path) -> dict:
     """
     from gguf import GGUFReader, GGUFValueType
 
+    from edgekit.integrity import check_gguf
+
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path} does not exist; export the model first")
+    check_gguf(path)  # GGUFReader maps the file and trusts the header: check the header against the size first
     try:
         reader = GGUFReader(path)
         size = path.stat().st_size

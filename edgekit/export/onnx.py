@@ -155,19 +155,20 @@ def export_onnx(model_dir: Path, out_dir: Path, quant: str = "fp32", *, calibrat
             source, awq = awq_scaled_copy(model_dir, calibration_texts, spec.block_size, work / "awq")
             timings["awq_s"] = time.perf_counter() - t
             step_bar.update(1)
+            artifact.fault_point("onnx.step")
         t = time.perf_counter()
         _optimum_export(source, work, "fp16" if spec.kind == "fp16" else "fp32")
         model = onnx.load(str(work / MODEL_FILE))
         timings["export_s"] = time.perf_counter() - t
         step_bar.update(1)
-
+        artifact.fault_point("onnx.step")
         t = time.perf_counter()
         if spec.kind in ("int8", "int4"):
             model, how = _quantize(model, spec, work)
             tools.update(how)
         timings["quantize_s"] = time.perf_counter() - t
         step_bar.update(1)
-
+        artifact.fault_point("onnx.step")
         t = time.perf_counter()
         _set_metadata(model, spec)
         ops = op_counts(model)
@@ -180,12 +181,13 @@ def export_onnx(model_dir: Path, out_dir: Path, quant: str = "fp32", *, calibrat
         tools["genai_config"] = "edgekit (from config.json, generation_config.json and the tokenizer)"
         timings["write_s"] = time.perf_counter() - t
         step_bar.update(1)
-
+        artifact.fault_point("onnx.step")
         t = time.perf_counter()
         check_onnx(tmp / MODEL_FILE)
         _smoke_run(tmp / MODEL_FILE, arch, "float16" if spec.kind == "fp16" else "float32")
         timings["check_s"] = time.perf_counter() - t
         step_bar.update(1)
+        artifact.fault_point("onnx.step")
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
     timings["total_s"] = time.perf_counter() - start
     log.info("exported %s to %s (%s, %.1f MB) in %.1f s", model_dir, out_dir, spec.name,
@@ -318,23 +320,19 @@ def special_token_ids(model_dir: Path) -> tuple[int, list[int], int]:
 def check_onnx(path: Path) -> dict[str, int]:
     """Check that ``path`` (a model.onnx or its folder) is a whole ONNX model; return its op counts.
 
-    Reads the protobuf, checks that every node input is defined, that in-file tensors hold
-    as many bytes as their shapes need, and that external data files exist and are long enough.
-    Raises ModelError with one line naming the file otherwise.
+    Reads the protobuf and checks its tensors with :func:`edgekit.integrity.load_checked_onnx`
+    (shapes, byte counts, external data inside the folder and long enough), then that every
+    node input is defined. Raises ModelError with one line naming the file otherwise.
     """
-    import onnx
+    from edgekit.integrity import load_checked_onnx
 
     path = Path(path)
     if path.is_dir():
         path = path / MODEL_FILE
     if not path.is_file():
         raise ModelError(f"{path} is missing; export the model again (edgekit export --format onnx)")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf raises DecodeError, onnx raises others, for a damaged file
-        raise ModelError(f"{path} is not a readable ONNX model ({_one_line(e)}); it is truncated or corrupt: "
-                         "delete it and export again") from e
-    problem = _graph_problem(model, path.parent)
+    model = load_checked_onnx(path)
+    problem = _graph_problem(model)
     if problem:
         raise ModelError(f"{path} is incomplete ({problem}); it is truncated or its data file is damaged: "
                          "delete the folder and export again")
@@ -371,7 +369,11 @@ def _optimum_export(model_dir: Path, work: Path, dtype: str) -> None:
             main_export(str(model_dir), output=str(work), task="text-generation-with-past", opset=OPSET,
                         device="cpu", dtype=dtype, do_validation=False, local_files_only=True,
                         library_name="transformers")
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
+        except OSError as e:
+            if e.errno in artifact.DISK_FULL:
+                raise artifact.disk_error(e, work) from e
+            raise ModelError(f"optimum could not export {model_dir} to ONNX: {_one_line(e)}") from e
+        except (ValueError, KeyError, RuntimeError) as e:
             raise ModelError(f"optimum could not export {model_dir} to ONNX: {_one_line(e)}") from e
     if not (work / MODEL_FILE).is_file():
         written = sorted(p.name for p in work.iterdir())
@@ -682,9 +684,8 @@ def _smoke_run(path: Path, arch: Architecture, kv_dtype: str) -> None:
 # --------------------------------------------------------------------------- helpers
 
 
-def _graph_problem(model, folder: Path) -> str | None:
-    import onnx
-
+def _graph_problem(model) -> str | None:
+    """A node reading a tensor nothing defines, or an output nothing computes (tensor bytes: edgekit.integrity)."""
     defined = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
     for node in model.graph.node:
         for name in node.input:
@@ -694,37 +695,7 @@ def _graph_problem(model, folder: Path) -> str | None:
     for out in model.graph.output:
         if out.name not in defined:
             return f"output {out.name!r} is never computed"
-    sizes: dict[str, int] = {}
-    for t in model.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            info = {e.key: e.value for e in t.external_data}
-            data = folder / info.get("location", "")
-            if data not in sizes:
-                sizes[data] = data.stat().st_size if data.is_file() else -1
-            if sizes[data] < 0:
-                return f"external data file {data.name} is missing"
-            if int(info.get("offset", 0)) + int(info.get("length", 0)) > sizes[data]:
-                return f"external data file {data.name} is shorter than tensor {t.name!r} needs"
-        elif t.raw_data:
-            need = _nbytes(t)
-            if need is not None and need != len(t.raw_data):
-                return f"tensor {t.name!r} holds {len(t.raw_data)} bytes, its shape needs {need}"
     return None
-
-
-def _nbytes(t) -> int | None:
-    import onnx
-
-    bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}.get(t.data_type)
-    n = 1
-    for d in t.dims:
-        n *= d
-    if bits:
-        return (n * bits + 7) // 8
-    try:
-        return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    except (KeyError, TypeError, ValueError):
-        return None
 
 
 def _attr(node, name: str):

@@ -102,7 +102,7 @@ def calibration_texts(paths: list[Path], tokenizer, max_tokens: int) -> list[str
     """Rendered calibration texts (chat examples through the chat template), up to ``max_tokens`` tokens."""
     from edgekit.distill.data import load_examples, render_text
 
-    examples = load_examples(paths or [DEFAULT_CALIBRATION])
+    examples = load_examples(paths or [DEFAULT_CALIBRATION], key="--calibration")
     texts, total = [], 0
     for e in examples:
         if "messages" in e and e["messages"][-1]["role"] != "assistant":
@@ -118,20 +118,43 @@ def calibration_texts(paths: list[Path], tokenizer, max_tokens: int) -> list[str
     return texts
 
 
+def _files(path: Path) -> list[Path]:
+    """A calibration source's files: itself, or every file under a folder in sorted order."""
+    return sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+
+
 def artifact_dir(cfg: ExportConfig, model_id: str) -> Path:
     key = cfg.model_dump(mode="json", exclude={"model", "threads", "trust_remote_code"})
     key["exporter"] = EXPORTER_VERSION[cfg.format]
     if key.get("context") is None:  # only executorch has one; keeps gguf/onnx ids as they were
         key.pop("context", None)
-    key["calibration"] = [artifact.sha256_file(Path(p)) for p in (cfg.calibration or [DEFAULT_CALIBRATION])] \
-        if cfg.calibrate else []
+    key["calibration"] = [artifact.sha256_file(f) for p in (cfg.calibration or [DEFAULT_CALIBRATION])
+                          for f in _files(Path(p))] if cfg.calibrate else []
     return artifact.home() / "artifacts" / f"export-{artifact.content_id('export', key, model_id)}"
+
+
+def space_needed(cfg: ExportConfig, params: int) -> int:
+    """A generous estimate of the bytes an export writes at its peak (intermediate files included).
+
+    GGUF floats write the file once; quantized GGUF first writes an f32 GGUF for the quantizer;
+    ONNX and ExecuTorch hold an fp32 copy of the weights next to the result while they work.
+    """
+    bytes_per_weight = {"f32": 4.0, "f16": 2.0, "bf16": 2.0}
+    if cfg.format == "gguf":
+        peak = params * bytes_per_weight.get(cfg.quant, 4.0 + 1.1)
+    else:
+        peak = params * 8.0
+    return int(peak * 1.1) + (1 << 20)  # + tokenizer, config and manifest
 
 
 def run(cfg: ExportConfig) -> dict:
     """Export (reusing an intact earlier export); returns ``{"path", "reused", "manifest"}``."""
     from edgekit.models import resolve_teacher
 
+    if cfg.calibrate and cfg.calibration:  # bad calibration files fail here, before the model is resolved
+        from edgekit.distill.data import check_sources
+
+        check_sources(cfg.calibration, key="--calibration")
     model = resolve_teacher(cfg.model, trust_remote_code=cfg.trust_remote_code)
     model_id = artifact.folder_id(model.path)
     out = artifact_dir(cfg, model_id)
@@ -145,7 +168,9 @@ def run(cfg: ExportConfig) -> dict:
     t0 = time.perf_counter()
     inputs = {"model": model_id}
     config = {**cfg.model_dump(mode="json"), "model_path": str(model.path), "model_name": model.name}
-    with artifact.atomic_dir(out) as tmp:
+    needed = space_needed(cfg, model.arch.params)
+    artifact.require_space(out, needed, f"the {cfg.label} export of {model.name}")
+    with artifact.atomic_dir(out, needed) as tmp:
         texts = None
         if cfg.calibrate:
             from transformers import AutoTokenizer
@@ -187,6 +212,9 @@ def _export_gguf(cfg: ExportConfig, model, tmp: Path, texts: list[str] | None) -
             imatrix = compute_imatrix(model.path, texts, max_tokens=cfg.calibration_tokens)
             save_imatrix(tmp / "imatrix.safetensors", imatrix, {"texts": len(texts), "model": model.name})
         report = quantize_gguf(source, final, cfg.quant, imatrix=imatrix, nthreads=cfg.threads)
+        artifact.fault_point("quantize.done")
+        # the quantizer saw temporary paths; record what they are once the folder is renamed into place
+        report.update(path=final.name, source=f"f32 GGUF of {model.path} (temporary, deleted)")
     finally:
         source.unlink(missing_ok=True)
     artifact.atomic_write_text(tmp / "quant_report.json", _json(report))
