@@ -779,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
 
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read by transformers at import
         for noisy in ("transformers", "huggingface_hub", "urllib3", "filelock", "gguf", "optimum", "onnxruntime",
-                      "torchao", "executorch", "torch"):
+                      "torchao", "executorch", "torch", "torch.utils._pytree"):  # torch resets its root logger
             logging.getLogger(noisy).setLevel(logging.ERROR)
         import warnings
 
