@@ -34,6 +34,19 @@ class CacheError(EdgekitError):
 
 
 # --------------------------------------------------------------------------- message helpers
+
+
+def one_line(e: BaseException, *, with_type: bool = False, limit: int = 300) -> str:
+    """The first line of an exception's message (a third-party error quoted inside one of ours).
+
+    ``with_type`` prefixes the exception's class name, except for edgekit's own errors, whose
+    messages already say what is wrong.
+    """
+    lines = str(e).strip().splitlines()
+    text = lines[0] if lines else ""
+    if with_type and not isinstance(e, EdgekitError):
+        text = f"{type(e).__name__}: {text}".rstrip(": ")
+    return (text or type(e).__name__)[:limit]
 # Shared by the config readers (recipes, device profiles) so every file problem reads the same way.
 
 _MAPPING = "a mapping (indented `key: value` lines)"

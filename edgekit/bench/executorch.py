@@ -18,7 +18,7 @@ import numpy as np
 
 from edgekit.bench.onnxruntime import GenerationStats
 from edgekit import integrity
-from edgekit.errors import ModelError
+from edgekit.errors import ModelError, one_line
 from edgekit.export.executorch import ET_CONFIG, MODEL_FILE
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class EtLM:
             program = runtime.load_program(self.path, verification=verification.InternalConsistency)
             self.method = program.load_method("forward")
         except Exception as e:  # the runtime raises RuntimeError / ValueError with its own message
-            raise ModelError(f"ExecuTorch cannot load {self.path} ({_one_line(e)}); the file is truncated, "
+            raise ModelError(f"ExecuTorch cannot load {self.path} ({one_line(e)}); the file is truncated, "
                              "corrupt or needs kernels this runtime lacks: export it again") from e
         self._program = program
         self.context = int(self.config.get("context") or _constant(program, "get_max_seq_len") or 0) or None
@@ -132,7 +132,3 @@ def _constant(program, name: str):
     except Exception:  # an optional fact: missing or odd metadata is not an error here
         return None
 
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Protocol
 
 from edgekit import artifact
-from edgekit.errors import ConfigError, ModelError
+from edgekit.errors import ConfigError, ModelError, one_line
 from edgekit.integrity import check_model_path, check_weights_folder
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class Runner:
         try:
             return self.probe_gpu()
         except Exception as e:  # a runtime's own probe failing is an answer too
-            return f"{NO_GPU}: {self.name}'s GPU check failed ({_one_line(e)})"
+            return f"{NO_GPU}: {self.name}'s GPU check failed ({one_line(e)})"
 
     def version(self) -> str | None:
         return _version(self.package)
@@ -177,10 +177,6 @@ def _version(package: str) -> str | None:
     except importlib.metadata.PackageNotFoundError:
         return None
 
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]
 
 
 def _genai_context(folder: Path) -> int | None:
@@ -326,7 +322,7 @@ class _GenaiSession:
         try:
             self.model = og.Model(config)
         except Exception as e:  # og raises RuntimeError / OrtException with the loader's message
-            raise ModelError(f"onnxruntime-genai cannot load {folder}: {_one_line(e)}") from e
+            raise ModelError(f"onnxruntime-genai cannot load {folder}: {one_line(e)}") from e
         self.max_length = min(context or limit or 2048, limit or 2048)
         self._tokenize = _hf_tokenize(folder)
         self.generator = None

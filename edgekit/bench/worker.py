@@ -38,7 +38,7 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from edgekit.errors import ConfigError, EdgekitError, ModelError
+from edgekit.errors import ConfigError, ModelError, one_line
 
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
 PROMPT_TEXT = (
@@ -182,12 +182,6 @@ def measure(spec: WorkerSpec) -> dict:
     }
 
 
-def _one_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    text = lines[0] if lines else ""
-    return (text if isinstance(e, EdgekitError) else f"{type(e).__name__}: {text}".rstrip(": "))[:500]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edgekit.bench.worker", description=__doc__.splitlines()[0])
     parser.add_argument("--spec", required=True, help="a JSON spec file, or - for stdin")
@@ -200,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         limit_threads(spec.threads)
         result = measure(spec)
     except Exception as e:  # the contract: any failure is one JSON line, never a traceback on stdout
-        result = {"status": "failed", "reason": _one_line(e)}
+        result = {"status": "failed", "reason": one_line(e, with_type=True, limit=500)}
     sys.stdout.flush()
     os.write(out, (json.dumps(result) + "\n").encode("utf-8"))
     os.close(out)

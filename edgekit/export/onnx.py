@@ -50,7 +50,7 @@ from pathlib import Path
 
 from edgekit import artifact
 from edgekit.arch import Architecture
-from edgekit.errors import ModelError, RecipeError
+from edgekit.errors import ModelError, RecipeError, one_line
 from edgekit.models import HF_FILES, read_json, worth_copying
 
 log = logging.getLogger(__name__)
@@ -372,9 +372,9 @@ def _optimum_export(model_dir: Path, work: Path, dtype: str) -> None:
         except OSError as e:
             if e.errno in artifact.DISK_FULL:
                 raise artifact.disk_error(e, work) from e
-            raise ModelError(f"optimum could not export {model_dir} to ONNX: {_one_line(e)}") from e
+            raise ModelError(f"optimum could not export {model_dir} to ONNX: {one_line(e, with_type=True)}") from e
         except (ValueError, KeyError, RuntimeError) as e:
-            raise ModelError(f"optimum could not export {model_dir} to ONNX: {_one_line(e)}") from e
+            raise ModelError(f"optimum could not export {model_dir} to ONNX: {one_line(e, with_type=True)}") from e
     if not (work / MODEL_FILE).is_file():
         written = sorted(p.name for p in work.iterdir())
         raise ModelError(f"optimum wrote no {MODEL_FILE} for {model_dir} (it wrote {written}); "
@@ -675,7 +675,7 @@ def _smoke_run(path: Path, arch: Architecture, kv_dtype: str) -> None:
         logits = session.run(["logits"], prefill_inputs([1, 2, 3], arch.layers, arch.kv_heads, arch.head_dim,
                                                         np.dtype(kv_dtype)))[0]
     except Exception as e:  # onnxruntime raises Fail / InvalidGraph / RuntimeException
-        raise ModelError(f"onnxruntime cannot run the exported {path}: {_one_line(e)}") from e
+        raise ModelError(f"onnxruntime cannot run the exported {path}: {one_line(e, with_type=True)}") from e
     if logits.shape != (1, 3, arch.vocab_size) or not np.isfinite(logits).all():
         raise ModelError(f"the exported {path} gives logits of shape {logits.shape} with non-finite values; "
                          "the export is broken, please report it")
@@ -731,11 +731,6 @@ def _chat_template(model_dir: Path) -> str:
         return path.read_text(encoding="utf-8", errors="replace")
     template = _read_json(model_dir / "tokenizer_config.json", required=False).get("chat_template") or ""
     return template if isinstance(template, str) else json.dumps(template)
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
 
 
 @contextlib.contextmanager
