@@ -153,7 +153,7 @@ def atomic_dir(final: Path, needed: int | None = None) -> Iterator[Path]:
         raise disk_error(e, tmp) from e
     try:
         yield tmp
-        _fsync_dir(tmp)
+        _fsync_tree(tmp)
         fault_point("dir.before-rename")
         if final.exists() and _same_files(final, tmp):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -234,6 +234,22 @@ def sweep_leftovers(final: Path) -> None:
             else:
                 with contextlib.suppress(OSError):
                     p.unlink()
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under ``folder`` to disk, so the rename publishes data, not empty files
+    (after a power cut, a renamed folder could otherwise hold files the kernel had not written yet)."""
+    for p in sorted(folder.rglob("*"), reverse=True):
+        if p.is_file() and not p.is_symlink():
+            with contextlib.suppress(OSError):
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        elif p.is_dir():
+            _fsync_dir(p)
+    _fsync_dir(folder)
 
 
 def _fsync_dir(path: Path) -> None:
