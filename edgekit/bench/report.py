@@ -489,5 +489,5 @@ def write_report(results: dict, out_dir: Path, fidelity_reports: Iterable[dict] 
     projections = project(joined, devices, arch) if devices else []
     artifact.atomic_write_text(paths["markdown"], to_markdown(joined, projections, title))
     artifact.atomic_write_text(paths["html"], to_html(joined, projections, title))
-    log.info("benchmark report written to %s", out_dir)
+    log.debug("benchmark report written to %s", out_dir)  # callers name the final folder
     return paths
