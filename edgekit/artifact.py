@@ -112,6 +112,50 @@ def require_space(path: Path, needed: int, what: str) -> None:
             f"{free / 1e6:.1f} MB free; free some space or set EDGEKIT_HOME to a larger disk. Nothing was written.")
 
 
+def read_journal(path: Path | None) -> list[dict]:
+    """The complete records of an append-only JSONL journal; a torn last line (killed mid-write) is cut off.
+
+    Journals hold the finished part of a long stage (teacher answers, benchmark rows) so that a
+    re-run after an interruption redoes only what was not finished.
+    """
+    if path is None or not Path(path).exists():
+        return []
+    path = Path(path)
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1  # bytes after the last newline are an unfinished write
+    records = []
+    for line in data[:end].splitlines():
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError as e:
+                raise CacheError(f"{path} has a corrupt record ({e}); delete it to start that work over") from e
+    if end < len(data):
+        log.warning("%s ends with an unfinished record (the run was killed mid-write); dropping it", path)
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    return records
+
+
+def append_journal(path: Path, records: list[dict], fault: str) -> None:
+    """Append ``records`` to a JSONL journal and fsync; ``fault`` names the fault points around the write
+    (``<fault>-torn`` in the middle of it, ``<fault>`` after it)."""
+    path = Path(path)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text[:len(text) // 2])
+            f.flush()
+            fault_point(f"{fault}-torn")  # a kill in the middle of a record
+            f.write(text[len(text) // 2:])
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise disk_error(e, path, len(text)) from e
+    fault_point(fault)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file + fsync + rename: readers see old or new, never half."""
     path = Path(path)
@@ -165,7 +209,7 @@ def atomic_dir(final: Path, needed: int | None = None) -> Iterator[Path]:
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        _fsync(final.parent)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise disk_error(e, final, needed) from e
@@ -240,19 +284,13 @@ def _fsync_tree(folder: Path) -> None:
     """Flush every file and folder under ``folder`` to disk, so the rename publishes data, not empty files
     (after a power cut, a renamed folder could otherwise hold files the kernel had not written yet)."""
     for p in sorted(folder.rglob("*"), reverse=True):
-        if p.is_file() and not p.is_symlink():
-            with contextlib.suppress(OSError):
-                fd = os.open(p, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        elif p.is_dir():
-            _fsync_dir(p)
-    _fsync_dir(folder)
+        if not p.is_symlink() and (p.is_file() or p.is_dir()):
+            _fsync(p)
+    _fsync(folder)
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush one file or folder (a folder: its entries, e.g. a rename) to disk; best effort."""
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -344,8 +382,11 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
-def verify_manifest(folder: Path, progress=None) -> list[str]:
-    """Re-hash the files a manifest lists; return the problems found (empty list: intact)."""
+def verify_manifest(folder: Path, progress=None, hashes: bool = True) -> list[str]:
+    """Re-hash the files a manifest lists; return the problems found (empty list: intact).
+
+    ``hashes=False`` checks presence and sizes only (fast: no file is read).
+    """
     folder = Path(folder)
     manifest = read_manifest(folder)
     problems = []
@@ -357,7 +398,7 @@ def verify_manifest(folder: Path, progress=None) -> list[str]:
         if p.stat().st_size != meta.get("size"):
             problems.append(f"{rel}: size {p.stat().st_size} != {meta.get('size')}")
             continue
-        if sha256_file(p, progress=progress) != meta.get("sha256"):
+        if hashes and sha256_file(p, progress=progress) != meta.get("sha256"):
             problems.append(f"{rel}: sha256 mismatch")
     return problems
 

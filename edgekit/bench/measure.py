@@ -21,7 +21,6 @@ each metric come from :func:`summarize`.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
 import os
@@ -34,9 +33,8 @@ import sys
 import time
 from pathlib import Path
 
-from edgekit import __version__
-from edgekit.artifact import fault_point
-from edgekit.bench.runners import Runner, Source, describe, get_runner, runners
+from edgekit import __version__, artifact
+from edgekit.bench.runners import Runner, Source, describe, get_runner, package_version, runners
 from edgekit.errors import ConfigError, EdgekitError
 from edgekit.integrity import check_model_path
 from edgekit.progress import bar as progress_bar
@@ -97,7 +95,7 @@ def run_benchmark(artifacts: list[Path], runtimes: list[str] | None = None, *, r
                 "prompt_lengths": [int(n) for n in prompt_lengths], "decode_tokens": decode_tokens}
     where = "host" if remote is None else f"measured on {remote.rsplit('@', 1)[-1]}"
     plan = plan_rows(sources, selected)
-    done = _read_journal(journal)
+    done = {r["key"]: r["rows"] for r in artifact.read_journal(journal)}
     runs = []
     with progress_bar(total=len(plan), desc="bench", unit="run") if progress else _NoBar() as bar:
         ids: set[str] = set()
@@ -111,15 +109,15 @@ def run_benchmark(artifacts: list[Path], runtimes: list[str] | None = None, *, r
                 spec = {"artifact": str(src.path), "runtime": runner.name, "module": runner.open.__module__,
                         "threads": threads, **{k: settings[k] for k in ("repeats", "warmup", "decode_tokens")},
                         "prompt_lengths": settings["prompt_lengths"], "decode_prompt_tokens": DECODE_PROMPT_TOKENS}
-                key = _journal_key(spec, src, profile, where)
+                key = _journal_key(spec, src, where)
                 rows = done.get(key)
                 if rows is not None:
                     ids.update(r["id"] for r in rows)
                     log.info("%s: measured before the interruption; taken from %s", row_id, journal)
                 else:
                     rows = _measure_row(row, runner, spec, settings, timeout_s, remote, remote_python, ids)
-                    _append_journal(journal, key, rows)
-                    fault_point("bench.row")
+                    if journal is not None:
+                        artifact.append_journal(journal, [{"key": key, "rows": rows}], fault="bench.row")
             runs.extend(rows)
             for r in rows:
                 log.info("%s: %s%s", r["id"], r["status"], f" ({r['reason']})" if r["reason"] else "")
@@ -128,39 +126,9 @@ def run_benchmark(artifacts: list[Path], runtimes: list[str] | None = None, *, r
             "edgekit_version": __version__, "host": host_block(profile, threads), "settings": settings, "runs": runs}
 
 
-def _journal_key(spec: dict, src: Source, profile, where: str) -> str:
-    from edgekit.artifact import content_id
-
-    return content_id(spec, src.path.name, platform.node(), where, __version__)
-
-
-def _read_journal(journal: Path | None) -> dict[str, list[dict]]:
-    """Rows finished before an interruption, by key; a torn last line is ignored."""
-    if journal is None or not Path(journal).is_file():
-        return {}
-    done = {}
-    for line in Path(journal).read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-            done[rec["key"]] = rec["rows"]
-        except (ValueError, KeyError, TypeError):
-            continue
-    return done
-
-
-def _append_journal(journal: Path | None, key: str, rows: list[dict]) -> None:
-    if journal is None:
-        return
-    from edgekit.artifact import disk_error
-
-    try:
-        Path(journal).parent.mkdir(parents=True, exist_ok=True)
-        with open(journal, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"key": key, "rows": rows}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        raise disk_error(e, Path(journal)) from e
+def _journal_key(spec: dict, src: Source, where: str) -> str:
+    """A row's identity in the journal: what is measured, on which host, by which edgekit."""
+    return artifact.content_id(spec, src.path.name, platform.node(), where, __version__)
 
 
 def plan_rows(sources: list[Source], selected: list[Runner]) -> list[tuple[Source, Runner, str | None]]:
@@ -187,12 +155,7 @@ def plan_rows(sources: list[Source], selected: list[Runner]) -> list[tuple[Sourc
 
 
 def host_block(profile, threads: int) -> dict:
-    versions = {}
-    for key, package in VERSION_PACKAGES.items():
-        try:
-            versions[key] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[key] = None
+    versions = {key: package_version(package) for key, package in VERSION_PACKAGES.items()}
     return {"cpu": profile.cpu.name, "cores_physical": profile.cpu.cores, "threads_used": threads,
             "ram_bytes": int(profile.ram), "platform": platform.platform(), "python": platform.python_version(),
             "versions": versions, "memory_bandwidth_bytes_s": float(profile.memory_bandwidth),
@@ -351,9 +314,7 @@ def _trained_context(src: Source) -> tuple[int | None, str]:
         if src.format == "pytorch":
             cfg = json.loads((Path(src.path) / "config.json").read_text(encoding="utf-8"))
             return int(cfg["max_position_embeddings"]), f"max_position_embeddings in {Path(src.path) / 'config.json'}"
-        from edgekit.artifact import read_manifest
-
-        arch = read_manifest(src.path)["source_model"]["architecture"]
+        arch = artifact.read_manifest(src.path)["source_model"]["architecture"]
         return int(arch["max_context"]), f"max_context of its source model in {Path(src.path) / 'manifest.json'}"
     except (OSError, ValueError, KeyError, TypeError, EdgekitError):
         return None, ""

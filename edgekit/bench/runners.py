@@ -97,7 +97,7 @@ class Runner:
             return f"{NO_GPU}: {self.name}'s GPU check failed ({one_line(e)})"
 
     def version(self) -> str | None:
-        return _version(self.package)
+        return package_version(self.package)
 
     def session(self, artifact_path: Path, threads: int, *, gpu: bool = False, context: int | None = None) -> Session:
         """Load ``artifact_path`` (an export folder, or an HF folder for ``pytorch``) on ``threads`` threads.
@@ -171,7 +171,8 @@ def describe(path: Path) -> Source:
                       "(no config.json); pass an export-<id>/ folder from `edgekit export`")
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
+    """The installed version of a distribution (``onnxruntime-genai``), or None when it is not installed."""
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:

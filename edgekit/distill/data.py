@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import time
@@ -450,7 +449,7 @@ def synthesize_prompts(model, tokenizer, n: int, seed: int, batch_size: int, *,
     chat = _chat_format(tokenizer, model)
     prefix_ids = _encode(tokenizer, pre_query_prefix(tokenizer, system_prompt))
     stats = Counter() if stats is None else stats
-    replay = [r["samples"] for r in _read_journal(journal)] if journal else []
+    replay = [r["samples"] for r in artifact.read_journal(journal)] if journal else []
     prompts, seen = [], set()
     max_rounds = max(4, 4 * math.ceil(n / batch_size))
     with bar(total=n, desc="synthetic prompts", unit="prompt") as progress:
@@ -464,7 +463,7 @@ def synthesize_prompts(model, tokenizer, n: int, seed: int, batch_size: int, *,
                 samples = _sample_prompt_round(model, tokenizer, prefix_ids, chat, batch_size,
                                                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
                 if journal:
-                    _append_jsonl(journal, [{"round": round_, "samples": samples}])
+                    artifact.append_journal(journal, [{"round": round_, "samples": samples}], fault="data.journal")
             for text, stopped in samples:
                 problem = "truncated" if not stopped else prompt_problem(text, system_prompt)
                 key = _normalise_text(text)
@@ -529,7 +528,7 @@ def generate_responses(model, tokenizer, prompts: Sequence[str | list[dict]], cf
     stats = Counter() if stats is None else stats
     chat = _chat_format(tokenizer, model)
     unique = {_prompt_key(m): m for m in (_as_messages(p) for p in prompts)}
-    done = _whole_groups(_read_journal(journal)) if journal else {}
+    done = _whole_groups(artifact.read_journal(journal)) if journal else {}
     pending = [m for k, m in unique.items() if k not in done]
     group_size = max(1, cfg.batch_size // cfg.samples_per_prompt)
     with bar(total=len(unique), desc="teacher responses", unit="prompt") as progress:
@@ -542,7 +541,7 @@ def generate_responses(model, tokenizer, prompts: Sequence[str | list[dict]], cf
             stats["generation_seconds"] += time.perf_counter() - began
             stats["generated_tokens"] += sum(r.pop("sampled_tokens", 0) for r in records)
             if journal:
-                _append_jsonl(journal, records)
+                artifact.append_journal(journal, records, fault="data.journal")
             done.update((r["key"], r) for r in records)
             progress.update(len(records))
     examples = []
@@ -636,44 +635,6 @@ def _prompt_key(messages: list[dict]) -> str:
 
 def _seed_from(*parts: object) -> int:
     return int(artifact.content_id(*parts), 16) % (2**63)
-
-
-# --------------------------------------------------------------------------- journal files
-
-
-def _read_journal(path: Path | None) -> list[dict]:
-    """The complete records of an append-only JSONL journal; a torn last line (killed mid-write) is cut off."""
-    if path is None or not path.exists():
-        return []
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1  # bytes after the last newline are an unfinished write
-    records = []
-    for line in data[:end].splitlines():
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except ValueError as e:
-                raise CacheError(f"{path} has a corrupt record ({e}); delete {path.parent} to start over") from e
-    if end < len(data):
-        log.warning("%s ends with an unfinished record (the run was killed mid-write); dropping it", path)
-        with open(path, "r+b") as f:
-            f.truncate(end)
-    return records
-
-
-def _append_jsonl(path: Path, records: list[dict]) -> None:
-    try:
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(text[:len(text) // 2])
-            f.flush()
-            artifact.fault_point("data.journal-torn")  # a kill in the middle of a record
-            f.write(text[len(text) // 2:])
-            f.flush()
-            os.fsync(f.fileno())
-        artifact.fault_point("data.journal")
-    except OSError as e:
-        raise CacheError(f"cannot append to {path}: {e.strerror or e}; free disk space or check permissions") from e
 
 
 # --------------------------------------------------------------------------- held-out split
