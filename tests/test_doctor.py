@@ -183,7 +183,7 @@ def test_a_damaged_teacher_cache_fails_and_exits_1(capsys, fake_teacher):
     (fake_teacher / "model.safetensors").write_bytes(b"\0" * 100)  # truncated
     check = doctor.check_teacher_cache()
     assert check.status == "fail"
-    assert str(fake_teacher) in check.detail and "model.safetensors: 100 bytes, manifest says 4096" in check.detail
+    assert str(fake_teacher) in check.detail and "model.safetensors: size 100 != 4096" in check.detail
     assert check.fix.startswith(f"rm -rf {fake_teacher}") and "rebuilt" in check.fix
     rc = main(["doctor"])
     out = capsys.readouterr().out
@@ -230,7 +230,7 @@ def test_a_damaged_artifact_is_a_warning_naming_the_folder(home):
     check = doctor.check_store()
     assert check.status == "warn"
     assert "2 of 3 artifact(s) damaged" in check.detail and "export-bad" in check.detail
-    assert "model.gguf: 10 bytes, manifest says 50" in check.detail and "export-good" not in check.detail
+    assert "model.gguf: size 10 != 50" in check.detail and "export-good" not in check.detail
     assert "distill-nomanifest (" in check.detail and "manifest.json is missing" in check.detail
     assert "bench-r1" not in check.detail and "1 benchmark report folder" in check.detail
     assert "1 resumable work folder" in check.detail

@@ -45,6 +45,7 @@ from pathlib import Path
 
 from edgekit import artifact
 from edgekit.arch import Architecture
+from edgekit.bench.runners import package_version
 from edgekit.errors import ModelError, RecipeError
 from edgekit.export.onnx import copy_hf_files, special_token_ids, steps
 
@@ -170,7 +171,7 @@ def export_executorch(model_dir: Path, out_dir: Path, quant: str = "fp32", *, co
             "inputs": {"tokens": "int64 [1, S], 1 <= S < context", "input_pos": "int64 [1]: position of tokens[0]"},
             "output": "float32 [1, vocab]: logits of the last position",
             "kernels": KERNELS + (["quantized_decomposed::embedding_byte"] if spec.weight_bits < 32 else []),
-            "executorch_version": _version("executorch"), "torchao_version": _version("torchao"),
+            "executorch_version": package_version("executorch"), "torchao_version": package_version("torchao"),
         }
         artifact.atomic_write_text(tmp / ET_CONFIG, json.dumps(et_config, indent=2) + "\n")
         timings["write_s"] = time.perf_counter() - t
@@ -191,8 +192,9 @@ def export_executorch(model_dir: Path, out_dir: Path, quant: str = "fp32", *, co
         "format": "executorch", "quant": spec.name, "description": spec.description,
         "group_size": spec.group_size or None, "context": context, "folder": str(out_dir), "files": files,
         "size_bytes": sum(files.values()), "model_bytes": files[MODEL_FILE], "copied_from_model_dir": copied,
-        "tools": {"graph": f"torch.export {_version('torch')} + executorch {_version('executorch')} (XNNPACK)",
-                  "quantization": f"torchao {_version('torchao')}" if spec.weight_bits < 32 else None},
+        "tools": {"graph": f"torch.export {package_version('torch')} + executorch "
+                           f"{package_version('executorch')} (XNNPACK)",
+                  "quantization": f"torchao {package_version('torchao')}" if spec.weight_bits < 32 else None},
         "delegates": delegates, "check": check, "eos_token_id": eos, "awq": awq,
         "more_bits": more_bits_layers(arch.layers) if spec.weight_bits == 4 else [],
         "timings": {k: round(v, 3) for k, v in timings.items()},
@@ -294,11 +296,3 @@ def check_pte(path: Path, reference: tuple[list[int], object] | None = None, bos
     lm.close()
     return out
 
-
-def _version(package: str) -> str | None:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None

@@ -132,7 +132,6 @@ def bundle(tiny_bpe_llama_dir, tmp_path_factory) -> Path:
 
 
 def test_llamacpp_loader_refuses_a_prompt_longer_than_the_context_in_one_line(bundle):
-    pytest.importorskip("llama_cpp")
     r = run_loader(bundle / "run_llamacpp.py", "--context", "64", "--max-tokens", "4", "hello world " * 200)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and r.stdout == ""

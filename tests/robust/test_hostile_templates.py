@@ -137,7 +137,6 @@ def test_executorch_loader_renders_an_ordinary_template(tmp_path, tiny_bpe_llama
 
 @pytest.mark.parametrize("where", ["chat_template.jinja", "model.gguf"])
 def test_llamacpp_loader_refuses_a_hostile_template_in_one_line(tmp_path, tiny_bpe_llama_dir, marker, where):
-    pytest.importorskip("llama_cpp")
     template = HOSTILE["cycler-globals-popen"].replace("MARKER", str(marker))
     if where == "chat_template.jinja":  # the bundle's own file wins over the GGUF's
         bundle = gguf_bundle(tiny_bpe_llama_dir, tmp_path / "bundle")
