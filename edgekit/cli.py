@@ -803,12 +803,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edgekit: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk inside a library's own writer (safetensors, onnx, llama.cpp ...)
-        import errno
-
-        if args.debug or e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise
         from edgekit import artifact
 
+        if args.debug or e.errno not in artifact.DISK_FULL:
+            raise
         print(f"edgekit: error: {artifact.disk_error(e, Path(e.filename or artifact.home()))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
