@@ -12,8 +12,8 @@ session is the only thing the benchmark worker times:
 The ``pytorch`` format means an HF folder: given an export artifact, the PyTorch reference
 runs the float model the export came from (``config.model_path`` in its manifest), in fp32.
 
-Built-ins register below through :func:`register_runner`, exactly as a third party would
-(executorch does). Importing this module imports no runtime: ``available()`` only looks
+Built-ins register through :func:`register`, this module's entry point in the ``edgekit`` group,
+exactly as a third party would (see :mod:`edgekit.registry`). Importing this module imports no runtime: ``available()`` only looks
 for the module, so listing runners stays cheap and a missing runtime is a reason, not a crash.
 """
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from edgekit import artifact
+from edgekit import artifact, registry
 from edgekit.errors import ConfigError, ModelError, one_line
 from edgekit.integrity import check_model_path, check_weights_folder
 
@@ -114,7 +114,7 @@ class Runner:
             return src.model
         if "pytorch" in self.formats and src.source_model is not None:
             return src.source_model
-        able = [r.name for r in _RUNNERS.values() if r.can_run(src)]
+        able = [r.name for r in runners().values() if r.can_run(src)]
         raise ConfigError(f"runtime {self.name} cannot run {src.path}: it runs {', '.join(self.formats)}, not "
                           f"{src.format}; pick one of {', '.join(able) or '(none registered)'}")
 
@@ -122,22 +122,17 @@ class Runner:
         return src.format in self.formats or ("pytorch" in self.formats and src.source_model is not None)
 
 
-_RUNNERS: dict[str, Runner] = {}
-
-
 def register_runner(runner: Runner) -> Runner:
-    _RUNNERS[runner.name] = runner
-    return runner
+    """Register ``runner`` directly (code that is not an installed plugin: a test, a benchmark worker's module)."""
+    return registry.REGISTRY.add(registry.RUNTIME, runner.name, runner)
 
 
 def runners() -> dict[str, Runner]:
-    return dict(_RUNNERS)
+    return registry.items(registry.RUNTIME)
 
 
 def get_runner(name: str) -> Runner:
-    if name not in _RUNNERS:
-        raise ConfigError(f"unknown runtime {name!r}: choose one of {', '.join(_RUNNERS)}")
-    return _RUNNERS[name]
+    return registry.get(registry.RUNTIME, name, what="runtime")
 
 
 def describe(path: Path) -> Source:
@@ -454,13 +449,21 @@ def _torch_gpu() -> str | None:
     return f"{NO_GPU}: {why}"
 
 
-register_runner(Runner("llama.cpp", ("gguf",), "llama_cpp", "llama-cpp-python", _LlamaSession, _llama_gpu,
-                       gpu_variant=True, description="llama.cpp through llama-cpp-python"))
-register_runner(Runner("onnxruntime", ("onnx",), "onnxruntime", "onnxruntime", _OrtSession, _ort_gpu,
-                       gpu_variant=True, description="onnxruntime with edgekit's KV-cache loop (OrtLM)"))
-register_runner(Runner("onnxruntime-genai", ("onnx",), "onnxruntime_genai", "onnxruntime-genai", _GenaiSession,
-                       _genai_gpu, description="onnxruntime-genai's generator"))
-register_runner(Runner("executorch", ("executorch",), "executorch", "executorch", _EtSession, _et_gpu,
-                       description="ExecuTorch's Python runtime (XNNPACK delegate, portable + LLM kernels)"))
-register_runner(Runner("pytorch", ("pytorch",), "torch", "torch", _TorchSession, _torch_gpu,
-                       description="the float HF model in PyTorch (fp32 reference)"))
+BUILTIN = (
+    Runner("llama.cpp", ("gguf",), "llama_cpp", "llama-cpp-python", _LlamaSession, _llama_gpu,
+               gpu_variant=True, description="llama.cpp through llama-cpp-python"),
+    Runner("onnxruntime", ("onnx",), "onnxruntime", "onnxruntime", _OrtSession, _ort_gpu,
+               gpu_variant=True, description="onnxruntime with edgekit's KV-cache loop (OrtLM)"),
+    Runner("onnxruntime-genai", ("onnx",), "onnxruntime_genai", "onnxruntime-genai", _GenaiSession,
+               _genai_gpu, description="onnxruntime-genai's generator"),
+    Runner("executorch", ("executorch",), "executorch", "executorch", _EtSession, _et_gpu,
+               description="ExecuTorch's Python runtime (XNNPACK delegate, portable + LLM kernels)"),
+    Runner("pytorch", ("pytorch",), "torch", "torch", _TorchSession, _torch_gpu,
+               description="the float HF model in PyTorch (fp32 reference)"),
+)
+
+
+def register(reg: registry.Registry) -> None:
+    """Entry point (group ``edgekit``): the built-in runtimes."""
+    for runner in BUILTIN:
+        reg.add(registry.RUNTIME, runner.name, runner)

@@ -15,7 +15,8 @@ IQ4_NL) when a row length is not a multiple of 256 -- SmolLM2's hidden size of
 table, so the byte counts are the library's, not ours. A test checks these
 choices against llama.cpp's quantizer tensor by tensor.
 
-Built-ins register exactly as a third party would, through :func:`register_scheme`.
+Built-ins register exactly as a third party would: :func:`register` is this module's entry point in
+the ``edgekit`` group (see :mod:`edgekit.registry`); a scheme is registered as ``"<format>/<name>"``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from edgekit import registry
 from edgekit.arch import Architecture
 from edgekit.errors import RecipeError
 
@@ -73,45 +75,32 @@ class Scheme:
         return [t for t in self.layout(arch) if t.requested and t.requested != t.dtype]
 
 
-_FORMATS: dict[str, Format] = {}
-_SCHEMES: dict[tuple[str, str], Scheme] = {}
-
-
-def register_format(fmt: Format) -> Format:
-    _FORMATS[fmt.name] = fmt
-    return fmt
-
-
-def register_scheme(scheme: Scheme) -> Scheme:
-    if scheme.format not in _FORMATS:
-        raise RecipeError(f"scheme {scheme.name!r} names unknown format {scheme.format!r}; register the format first")
-    _SCHEMES[(scheme.format, scheme.name)] = scheme
-    return scheme
+def scheme_key(fmt: str, name: str) -> str:
+    """A scheme's name in the registry: ``"<format>/<scheme>"`` (``gguf/q4_k_m``)."""
+    return f"{fmt}/{name}"
 
 
 def formats() -> dict[str, Format]:
-    return dict(_FORMATS)
+    return registry.items(registry.FORMAT)
 
 
 def get_format(name: str) -> Format:
-    if name not in _FORMATS:
-        raise RecipeError(f"unknown format {name!r}: choose one of {', '.join(_FORMATS)}")
-    return _FORMATS[name]
+    return registry.get(registry.FORMAT, name, error=RecipeError)
 
 
 def schemes(fmt: str | None = None) -> list[Scheme]:
-    return [s for (f, _), s in _SCHEMES.items() if fmt is None or f == fmt]
+    return [s for s in registry.items(registry.SCHEME).values() if fmt is None or s.format == fmt]
 
 
 def get_scheme(fmt: str, name: str) -> Scheme:
     get_format(fmt)
-    key = (fmt, name.lower())
-    if key not in _SCHEMES:
+    found = registry.items(registry.SCHEME).get(scheme_key(fmt, name.lower()))
+    if found is None:
         names = [s.name for s in schemes(fmt)]
-        elsewhere = [f for (f, n) in _SCHEMES if n == name.lower()]
+        elsewhere = [s.format for s in schemes() if s.name == name.lower()]
         hint = f" ({name!r} is a {elsewhere[0]} scheme: pass --format {elsewhere[0]})" if elsewhere else ""
         raise RecipeError(f"unknown quant {name!r} for format {fmt}{hint}; choose one of {', '.join(names)}")
-    return _SCHEMES[key]
+    return found
 
 
 # --------------------------------------------------------------------------- GGUF / llama.cpp
@@ -210,7 +199,7 @@ def _gguf_layout(ftype: str, base: str) -> Callable[[Architecture], list[Tensor]
     return layout
 
 
-register_format(Format("gguf", ("llama.cpp",), ".gguf", 2, "GGUF for llama.cpp (KV cache f16)"))
+GGUF = Format("gguf", ("llama.cpp",), ".gguf", 2, "GGUF for llama.cpp (KV cache f16)")
 
 _GGUF = [
     ("f32", "F32", 1, "32-bit float, the reference"),
@@ -229,8 +218,7 @@ _GGUF = [
     ("q3_k_m", "Q3_K", 256, "3-bit K-quant mix"),
     ("q2_k", "Q2_K", 256, "2-bit K-quant mix; large quality loss"),
 ]
-for _name, _base, _mult, _desc in _GGUF:
-    register_scheme(Scheme("gguf", _name, _desc, _gguf_layout(_name, _base), _mult))
+GGUF_SCHEMES = tuple(Scheme("gguf", n, d, _gguf_layout(n, base), mult) for n, base, mult, d in _GGUF)
 
 
 # --------------------------------------------------------------------------- ONNX / onnxruntime
@@ -299,43 +287,56 @@ def _blockwise(bits: int, block: int, scale_bytes: int, zero_bits: int) -> Calla
     return nbytes
 
 
-register_format(Format("onnx", ("onnxruntime", "onnxruntime-genai"), ".onnx", 4, "ONNX for onnxruntime (KV cache fp32)"))
-register_scheme(Scheme("onnx", "fp32", "32-bit float", _dense_layout(lambda r, n: 4 * r * n, "fp32", 4, "fp32")))
-register_scheme(Scheme("onnx", "fp16", "16-bit float", _dense_layout(lambda r, n: 2 * r * n, "fp16", 2, "fp16")))
-register_scheme(Scheme(
-    "onnx", "int8", "int8 weight-only MatMulNBits, block 32 (fp32 scale + 8-bit zero point); embedding shares it",
-    _dense_layout(_blockwise(8, 32, 4, 8), "int8-b32", 0, "shared", head_bytes=_blockwise(8, 32, 4, 8)),
-))
-register_scheme(Scheme(
-    "onnx", "int8-dynamic", "int8 weights per output channel, int8 activations per tensor (MatMulInteger)",
-    _dense_layout(lambda r, n: r * n + 4 * n, "int8", 4, "fp32"),
-))
-register_scheme(Scheme(
-    "onnx", "int4", "int4 MatMulNBits, block 32, fp32 scale + 4-bit zero point per block (5.125 bpw); "
-    "LM head, tied embedding and the _M mix's v_proj/down_proj int8",
-    _dense_layout(_blockwise(4, 32, 4, 4), "int4-b32", 0, "shared", head_bytes=_blockwise(8, 32, 4, 8), mix=True),
-    32,
-))
-register_scheme(Scheme(
-    "onnx", "int4-b128", "int4 MatMulNBits, block 128 (4.28 bpw); LM head, tied embedding and _M mix int8",
-    _dense_layout(_blockwise(4, 128, 4, 4), "int4-b128", 0, "shared", head_bytes=_blockwise(8, 32, 4, 8), mix=True),
-    128,
-))
+ONNX = Format("onnx", ("onnxruntime", "onnxruntime-genai"), ".onnx", 4, "ONNX for onnxruntime (KV cache fp32)")
+ONNX_SCHEMES = (
+    Scheme("onnx", "fp32", "32-bit float", _dense_layout(lambda r, n: 4 * r * n, "fp32", 4, "fp32")),
+    Scheme("onnx", "fp16", "16-bit float", _dense_layout(lambda r, n: 2 * r * n, "fp16", 2, "fp16")),
+    Scheme(
+        "onnx", "int8", "int8 weight-only MatMulNBits, block 32 (fp32 scale + 8-bit zero point); embedding shares it",
+        _dense_layout(_blockwise(8, 32, 4, 8), "int8-b32", 0, "shared", head_bytes=_blockwise(8, 32, 4, 8)),
+    ),
+    Scheme(
+        "onnx", "int8-dynamic", "int8 weights per output channel, int8 activations per tensor (MatMulInteger)",
+        _dense_layout(lambda r, n: r * n + 4 * n, "int8", 4, "fp32"),
+    ),
+    Scheme(
+        "onnx", "int4", "int4 MatMulNBits, block 32, fp32 scale + 4-bit zero point per block (5.125 bpw); "
+        "LM head, tied embedding and the _M mix's v_proj/down_proj int8",
+        _dense_layout(_blockwise(4, 32, 4, 4), "int4-b32", 0, "shared", head_bytes=_blockwise(8, 32, 4, 8), mix=True),
+        32,
+    ),
+    Scheme(
+        "onnx", "int4-b128", "int4 MatMulNBits, block 128 (4.28 bpw); LM head, tied embedding and _M mix int8",
+        _dense_layout(_blockwise(4, 128, 4, 4), "int4-b128", 0, "shared", head_bytes=_blockwise(8, 32, 4, 8),
+                      mix=True),
+        128,
+    ),
+)
 
 # --------------------------------------------------------------------------- ExecuTorch / XNNPACK
 
-register_format(Format("executorch", ("executorch",), ".pte", 4, "ExecuTorch .pte for XNNPACK (static KV cache fp32)"))
+EXECUTORCH = Format("executorch", ("executorch",), ".pte", 4, "ExecuTorch .pte for XNNPACK (static KV cache fp32)")
 # fp32 keeps a tied embedding twice (the embedding kernel's table and the XNNPACK-packed LM head); the
 # quantized schemes store the embedding as int8 rows (embedding_byte; the per-row scales, 0.7 % of it, are
 # not counted) and the LM head as int8 per channel (edgekit.export.executorch).
-register_scheme(Scheme("executorch", "fp32", "32-bit float", _dense_layout(lambda r, n: 4 * r * n, "fp32", 4, "fp32")))
-register_scheme(Scheme(
-    "executorch", "8da8w", "8-bit dynamic activations, int8 per-channel weights; int8 embedding",
-    _dense_layout(lambda r, n: r * n + 4 * n, "int8", 1, "int8"),
-))
-register_scheme(Scheme(
-    "executorch", "8da4w", "8-bit dynamic activations, int4 weights in groups of 32 (XNNPACK packs a bf16 scale); "
-    "LM head and the _M mix's v_proj/down_proj int8 per channel, int8 embedding",
-    _dense_layout(_blockwise(4, 32, 2, 0), "int4-g32", 1, "int8", head_bytes=lambda r, n: r * n + 4 * n, mix=True),
-    32,
-))
+EXECUTORCH_SCHEMES = (
+    Scheme("executorch", "fp32", "32-bit float", _dense_layout(lambda r, n: 4 * r * n, "fp32", 4, "fp32")),
+    Scheme(
+        "executorch", "8da8w", "8-bit dynamic activations, int8 per-channel weights; int8 embedding",
+        _dense_layout(lambda r, n: r * n + 4 * n, "int8", 1, "int8"),
+    ),
+    Scheme(
+        "executorch", "8da4w", "8-bit dynamic activations, int4 weights in groups of 32 (XNNPACK packs a bf16 "
+        "scale); LM head and the _M mix's v_proj/down_proj int8 per channel, int8 embedding",
+        _dense_layout(_blockwise(4, 32, 2, 0), "int4-g32", 1, "int8", head_bytes=lambda r, n: r * n + 4 * n, mix=True),
+        32,
+    ),
+)
+
+
+def register(reg: registry.Registry) -> None:
+    """Entry point (group ``edgekit``): the built-in formats and their quant schemes."""
+    for fmt, table in ((GGUF, GGUF_SCHEMES), (ONNX, ONNX_SCHEMES), (EXECUTORCH, EXECUTORCH_SCHEMES)):
+        reg.add(registry.FORMAT, fmt.name, fmt)
+        for scheme in table:
+            reg.add(registry.SCHEME, scheme_key(scheme.format, scheme.name), scheme)

@@ -37,7 +37,10 @@ def bench_home(tmp_path_factory):
 @pytest.fixture
 def fakes(monkeypatch, bench_home):
     """The fake runtimes of tests/bench/fake_runners.py in a private registry; workers can import them."""
-    monkeypatch.setattr(runners_mod, "_RUNNERS", dict(runners_mod._RUNNERS))
+    from edgekit import registry as reg
+
+    reg.REGISTRY.load()
+    monkeypatch.setattr(reg.REGISTRY, "_entries", dict(reg.REGISTRY._entries))
     from tests.bench import fake_runners
 
     for r in fake_runners.RUNNERS:

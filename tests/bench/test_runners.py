@@ -20,8 +20,11 @@ TEXT = "The quick brown fox jumps over the lazy dog. Hello world, how are you to
 @pytest.fixture
 def registry(monkeypatch):
     """A private copy of the registry, so a test's registrations vanish with it."""
-    monkeypatch.setattr(runners_mod, "_RUNNERS", dict(runners_mod._RUNNERS))
-    return runners_mod._RUNNERS
+    from edgekit import registry as reg
+
+    reg.REGISTRY.load()
+    monkeypatch.setattr(reg.REGISTRY, "_entries", dict(reg.REGISTRY._entries))
+    return reg.REGISTRY
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +52,9 @@ def test_unknown_runtime_names_the_registered_ones():
 
 
 def test_a_third_party_runner_registers_like_the_builtins(registry):
-    plugin = Runner("executorch", ("executorch",), "executorch", "executorch", open=lambda *a, **k: None)
+    plugin = Runner("tflite", ("tflite",), "tflite_runtime", "tflite-runtime", open=lambda *a, **k: None)
     assert register_runner(plugin) is plugin
-    assert get_runner("executorch") is plugin and "executorch" in runners()
+    assert get_runner("tflite") is plugin and "tflite" in runners()
 
 
 def test_missing_runtime_is_a_reason_with_the_pip_fix(monkeypatch):
