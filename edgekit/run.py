@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 def run(recipe_path: Path, *, trust_remote_code: bool = False) -> dict:
     """Run every stage of the recipe at ``recipe_path``; returns the run record."""
-    from edgekit.recipe import load_recipe, validate_recipe
+    from edgekit.recipe import load_recipe
+    from edgekit.validate import validate_recipe
 
     recipe_path = Path(recipe_path)
     problems = validate_recipe(recipe_path)

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from edgekit.errors import RecipeError
-from edgekit.recipe import DistillSection, Recipe, load_recipe, parse_duration, validate_recipe
+from edgekit.recipe import DistillSection, Recipe, load_recipe, parse_duration
+from edgekit.validate import validate_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 DEVICES = Path(__file__).resolve().parent.parent / "devices"

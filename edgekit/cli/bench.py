@@ -1,0 +1,157 @@
+"""``edgekit fidelity``, ``edgekit bench`` and ``edgekit report``: what quantization costs, how fast it runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edgekit.cli.output import emit_json
+
+
+def add_commands(sub, common) -> None:
+    fi = sub.add_parser("fidelity", parents=[common],
+                        help="ppl, KL and top-1 of exports vs the full-precision PyTorch model; greedy parity")
+    fi.add_argument("artifacts", nargs="+", type=Path, help="export artifact folders")
+    fi.add_argument("--reference", help="full-precision model (default: the one the first export came from)")
+    fi.add_argument("--text", action="append", type=Path, help="held-out text (JSONL/txt; default: bundled set)")
+    fi.add_argument("--max-tokens", type=int, default=16_384)
+    fi.add_argument("--threads", type=int)
+    fi.add_argument("--trust-remote-code", action="store_true")
+    fi.add_argument("--json", action="store_true")
+    fi.set_defaults(func=cmd_fidelity)
+
+    be = sub.add_parser("bench", parents=[common],
+                        help="measure exports on every installed runtime; project to devices; JSON/MD/HTML report")
+    be.add_argument("artifacts", nargs="+", type=Path, help="export artifact folders (or HF folders for PyTorch)")
+    be.add_argument("--runtimes", action="append", help="comma-separated subset: llama.cpp,onnxruntime,"
+                    "onnxruntime-genai,executorch,pytorch (default: all that can run each format)")
+    be.add_argument("--device", action="append", help="project onto this device (repeatable; default: all profiles)")
+    be.add_argument("--repeats", type=int, default=5)
+    be.add_argument("--warmup", type=int, default=1)
+    be.add_argument("--threads", type=int, help="threads per runtime (default: physical cores)")
+    be.add_argument("--prompt-lengths", type=int, nargs="+", default=[128, 512])
+    be.add_argument("--decode-tokens", type=int, default=128)
+    be.add_argument("--fidelity", action="append", type=Path, help="fidelity report(s) to join quality columns from")
+    be.add_argument("--remote", help="user@host: run the same worker over ssh (artifacts at the same paths there)")
+    be.add_argument("--out", type=Path, help="report folder (default: $EDGEKIT_HOME/artifacts/bench-<id>)")
+    be.add_argument("--json", action="store_true")
+    be.set_defaults(func=cmd_bench)
+
+    re_ = sub.add_parser("report", parents=[common], help="re-render a benchmark's Markdown/HTML report")
+    re_.add_argument("results", type=Path, help="results.json written by `edgekit bench`")
+    re_.add_argument("--html", type=Path, help="also copy the HTML report here")
+    re_.add_argument("--fidelity", action="append", type=Path)
+    re_.add_argument("--device", action="append")
+    re_.add_argument("--out", type=Path, help="folder for results.json/report.md/report.html (default: beside it)")
+    re_.set_defaults(func=cmd_report)
+
+
+def cmd_fidelity(args) -> int:
+    from edgekit.models import resolve_teacher
+    from edgekit.quantize.report import run, to_markdown
+
+    reference = args.reference
+    if reference is None:  # the model the first export was made from
+        from edgekit.artifact import read_manifest
+
+        reference = read_manifest(args.artifacts[0])["config"]["model_path"]
+    ref = resolve_teacher(reference, trust_remote_code=args.trust_remote_code)
+    report = run(ref.path, args.artifacts, texts=args.text, max_tokens=args.max_tokens, threads=args.threads)
+    if args.json:
+        emit_json(report)
+        return 0
+    print(to_markdown(report))
+    print(f"report   {report['path']}/report.md")
+    return 0
+
+
+def fidelity_reports(paths: list[Path] | None) -> list[dict]:
+    from edgekit.errors import ConfigError
+
+    reports = []
+    for p in paths or []:
+        p = Path(p) / "report.json" if Path(p).is_dir() else Path(p)
+        try:
+            reports.append(json.loads(p.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read fidelity report {p}: {e}; pass a fidelity-<id> folder or its "
+                              "report.json (made by `edgekit fidelity`)") from e
+    return reports
+
+
+def _report_inputs(args, results: dict):
+    """Devices to project onto and the architecture of the benchmarked model (from its source config)."""
+    from edgekit.arch import Architecture
+    from edgekit.devices import list_devices, load_device
+
+    devices = [load_device(d) for d in args.device] if args.device else list_devices()
+    arch = None
+    for run in results["runs"]:
+        src = run.get("artifact")
+        if not src:
+            continue
+        src = Path(src)
+        cfg = src / "config.json"
+        if not cfg.is_file() and (src / "manifest.json").is_file():
+            from edgekit.artifact import read_manifest
+
+            cfg = Path(read_manifest(src).get("config", {}).get("model_path", "")) / "config.json"
+        if cfg.is_file():
+            arch = Architecture.from_hf_config(json.loads(cfg.read_text()), str(cfg))
+            break
+    return devices, arch
+
+
+def cmd_bench(args) -> int:
+    import time as _time
+
+    from edgekit import artifact
+    from edgekit.bench.measure import run_benchmark
+    from edgekit.bench.report import to_markdown, write_report
+
+    runtimes = [r for spec in args.runtimes or [] for r in spec.split(",") if r] or None
+    # rows finished by an interrupted run of the same command are taken from its journal, not re-measured
+    key = artifact.content_id([str(Path(a).resolve()) for a in args.artifacts], runtimes, args.repeats, args.warmup,
+                              args.threads, args.prompt_lengths, args.decode_tokens, args.remote)
+    journal = artifact.home() / "artifacts" / f".bench-{key}.journal.jsonl"
+    results = run_benchmark(args.artifacts, runtimes, repeats=args.repeats, warmup=args.warmup,
+                            threads=args.threads, prompt_lengths=tuple(args.prompt_lengths),
+                            decode_tokens=args.decode_tokens, remote=args.remote, journal=journal)
+    devices, arch = _report_inputs(args, results)
+    out = args.out or artifact.home() / "artifacts" / (
+        "bench-" + artifact.content_id([str(a) for a in args.artifacts], _time.time()))
+    out.mkdir(parents=True, exist_ok=True)
+    paths = write_report(results, out, fidelity_reports(args.fidelity), devices=devices, arch=arch)
+    journal.unlink(missing_ok=True)
+    if args.json:
+        emit_json(json.loads(paths["json"].read_text()))
+        return 0
+    print(paths["markdown"].read_text() if paths.get("markdown") else to_markdown(results, []))
+    for kind, p in paths.items():
+        print(f"{kind:<9}{p}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from edgekit.bench.report import write_report
+    from edgekit.errors import ConfigError
+
+    try:
+        results = json.loads(Path(args.results).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {args.results}: {e}; pass the results.json `edgekit bench` wrote") from e
+    try:
+        devices, arch = _report_inputs(args, results)
+        out = args.out or Path(args.results).parent
+        out.mkdir(parents=True, exist_ok=True)
+        paths = write_report(results, out, fidelity_reports(args.fidelity), devices=devices, arch=arch)
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"{args.results} is not an edgekit benchmark result: {e}") from e
+    if args.html:
+        import shutil
+
+        shutil.copyfile(paths["html"], args.html)
+        paths["html"] = args.html
+    for kind, p in paths.items():
+        print(f"{kind:<9}{p}")
+    return 0

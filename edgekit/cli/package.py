@@ -1,0 +1,67 @@
+"""``edgekit package`` and ``edgekit verify``: app bundles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edgekit.cli.bench import fidelity_reports
+from edgekit.cli.output import emit_json
+
+
+def add_commands(sub, common) -> None:
+    pk = sub.add_parser("package", parents=[common], help="bundle an export for an app (folder + .tar.gz)")
+    pk.add_argument("artifact", help="export artifact id or folder")
+    pk.add_argument("--format", choices=["gguf", "onnx", "executorch"],
+                    help="the export's format (checked; the artifact decides)")
+    pk.add_argument("--device", help="device the bundle is built for (memory fit in the manifest)")
+    pk.add_argument("--context", type=int, default=2048)
+    pk.add_argument("--fidelity", action="append", type=Path, help="fidelity report to take quality figures from")
+    pk.add_argument("--bench", help="results.json of `edgekit bench` to take speed figures from")
+    pk.add_argument("--json", action="store_true")
+    pk.set_defaults(func=cmd_package)
+
+    ve = sub.add_parser("verify", parents=[common], help="check a bundle (folder or .tar.gz): hashes, safe paths")
+    ve.add_argument("bundle")
+    ve.add_argument("--max-size", default="64GiB",
+                    help="refuse an archive whose members add up to more than this (default 64GiB)")
+    ve.add_argument("--json", action="store_true")
+    ve.set_defaults(func=cmd_verify)
+
+
+def cmd_package(args) -> int:
+    from edgekit.package import package
+    from edgekit.run import find_artifact
+
+    from edgekit.artifact import read_manifest
+    from edgekit.errors import ConfigError
+
+    folder = find_artifact(args.artifact)
+    fmt = read_manifest(folder).get("format")
+    if args.format and fmt != args.format:
+        raise ConfigError(f"{folder} is a {fmt} export, not {args.format}; package an export of that format "
+                          f"(edgekit export MODEL --format {args.format}) or drop --format")
+    fidelity = fidelity_reports(args.fidelity)
+    bench = json.loads(Path(args.bench).read_text()) if args.bench else None
+    result = package(folder, device=args.device, context=args.context, fidelity=fidelity[0] if fidelity else None,
+                     bench=bench)
+    if args.json:
+        emit_json(result)
+        return 0
+    for key in ("folder", "path", "tarball"):
+        if result.get(key):
+            print(f"{key:<9}{result[key]}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from edgekit.package import verify
+
+    from edgekit.units import parse_bytes
+
+    report = verify(Path(args.bundle), max_bytes=parse_bytes(args.max_size))
+    if args.json:
+        emit_json(report)
+    else:
+        print(f"{args.bundle}: ok, {len(report.get('files', []))} files verified")
+    return 0

@@ -1,0 +1,282 @@
+"""Deep checks of a recipe: everything that can be known without running it.
+
+``validate_recipe(path)`` goes past the schema (:mod:`edgekit.recipe`) without running anything
+heavy: the device, registered quant schemes and exporters, runtimes, the memory budget
+(through the planner, from the teacher's config or GGUF header: nothing is converted or
+downloaded) and the data files, and reports every problem at once, each naming the file and
+key and saying the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import re
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from edgekit.errors import EdgekitError, RecipeError
+from edgekit.recipe import BenchSection, ExportSpec, Recipe, exporter_formats, format_errors, no_exporter, parse_recipe
+
+
+@functools.lru_cache(maxsize=16)
+def _gguf_arch(path: str, mtime: float):
+    import gguf
+
+    from edgekit.arch import Architecture
+    from edgekit.integrity import check_gguf
+
+    check_gguf(path)  # GGUFReader maps the file and trusts its header: refuse a corrupt or hostile one first
+    reader = gguf.GGUFReader(path)
+    f = reader.fields
+
+    def value(key, default=None):
+        return f[key].contents() if key in f else default
+
+    a = value("general.architecture", "?")
+    vocab = value(f"{a}.vocab_size") or len(value("tokenizer.ggml.tokens", []))
+    heads = value(f"{a}.attention.head_count")
+    cfg = {"model_type": a, "num_hidden_layers": value(f"{a}.block_count"),
+           "hidden_size": value(f"{a}.embedding_length"), "intermediate_size": value(f"{a}.feed_forward_length"),
+           "num_attention_heads": heads, "num_key_value_heads": value(f"{a}.attention.head_count_kv", heads),
+           "head_dim": value(f"{a}.attention.key_length"), "vocab_size": vocab,
+           "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
+           "max_position_embeddings": value(f"{a}.context_length")}
+    return Architecture.from_hf_config(cfg, f"{path} (GGUF header)")
+
+
+def teacher_architecture(spec: str):
+    """(Architecture, name) of a teacher, read from its config or GGUF header without converting or downloading.
+
+    Raises ModelError when it cannot be read cheaply (a hub id not in the local cache)."""
+    import json
+
+    from edgekit.arch import Architecture
+    from edgekit.errors import ModelError
+    from edgekit.models import DEFAULT_TEACHER, EMBEDDED, embedded_gguf_path
+
+    if spec == DEFAULT_TEACHER:
+        g = embedded_gguf_path()
+        return _gguf_arch(str(g), g.stat().st_mtime), EMBEDDED["name"]
+    p = Path(spec).expanduser()
+    if p.is_dir() and not (p / "config.json").is_file():
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            p = ggufs[0]
+    if p.is_file() and p.suffix == ".gguf":
+        return _gguf_arch(str(p), p.stat().st_mtime), p.stem
+    if p.is_dir():
+        cfg = p / "config.json"
+        if not cfg.is_file():
+            raise ModelError(f"teacher folder {p} has no config.json; point teacher at an HF model folder or a .gguf")
+        return Architecture.from_hf_config(json.loads(cfg.read_text(encoding="utf-8")), str(cfg)), p.name
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(spec, "config.json") if re.match(r"^[\w.-]+/[\w.-]+$", spec) else None
+    if isinstance(cached, str):
+        return Architecture.from_hf_config(json.loads(Path(cached).read_text(encoding="utf-8")), cached), spec
+    raise ModelError(f"teacher {spec!r} is not on this machine (validate never downloads), so its size is unknown "
+                     f"and the memory budget was not checked; run `edgekit teacher {spec}` once, then validate again")
+
+
+def validate_recipe(path: str | Path) -> list[str]:
+    """Every problem with a recipe, each naming the file and key and saying the fix; [] when it can run.
+
+    Checks the schema, the device, each export's format/quant/runtime, the memory budget (the
+    planner for ``student: auto``, the memory model otherwise), data files, bench runtimes and
+    package formats. Nothing is converted, downloaded, trained or exported.
+    """
+    path = Path(path)
+    try:
+        recipe, merged, problems = parse_recipe(path)
+    except RecipeError as e:
+        return [str(e)]
+    where = str(path.resolve())
+    if recipe is None:  # still check the parts that parsed, so one run shows everything
+        problems += _partial_checks(merged, where)
+        return problems
+    return problems + _checks(recipe, where)
+
+
+def _partial_checks(merged: dict, where: str) -> list[str]:
+    problems = []
+    if isinstance(merged.get("device"), str):
+        _, err = _device(merged["device"])
+        if err:
+            problems.append(f"{where}: device: {err}")
+    for i, e in enumerate(merged.get("exports") or [] if isinstance(merged.get("exports"), list) else []):
+        try:
+            spec = ExportSpec.model_validate(e)
+        except ValidationError:
+            continue
+        problems += [f"{where}: exports.{i}.{k}: {m}" for k, m in _export_problems(spec)]
+    bench = merged.get("bench")
+    if isinstance(bench, dict):
+        try:
+            b = BenchSection.model_validate(bench)
+        except ValidationError:
+            b = None
+        if b and b.runtimes:
+            problems += [f"{where}: bench.runtimes: {m}" for m in _runtime_problems(b.runtimes, None)]
+    return problems
+
+
+def _device(name: str):
+    from edgekit.devices import load_device
+
+    try:
+        return load_device(name), None
+    except EdgekitError as e:
+        return None, str(e)
+
+
+def _export_problems(e: ExportSpec) -> list[tuple[str, str]]:
+    from edgekit.quantize.schemes import get_format, get_scheme
+
+    try:
+        get_format(e.format)
+    except RecipeError as err:
+        return [("format", str(err))]
+    if e.format not in exporter_formats():
+        out = [("format", no_exporter(e.format))]
+        try:
+            get_scheme(e.format, e.quant)
+        except RecipeError as err:
+            out.append(("quant", str(err)))
+        return out
+    from edgekit.export.pipeline import ExportConfig
+
+    try:
+        ExportConfig(format=e.format, quant=e.quant, calibrate=e.calibrate)
+    except (RecipeError, ValidationError) as err:
+        key = "calibrate" if e.calibrate and "calibrate" in str(err) else "quant"
+        return [(key, str(err) if isinstance(err, RecipeError) else format_errors(err, None, {}))]
+    return []
+
+
+def _runtime_problems(names: list[str], formats: set[str] | None) -> list[str]:
+    from edgekit.bench.runners import runners
+
+    registry = runners()
+    out = []
+    for rt in names:
+        runner = registry.get(rt)
+        if runner is None:
+            close = difflib.get_close_matches(rt, list(registry), n=1, cutoff=0.5)
+            out.append(f"unknown runtime {rt!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                       + f"{' R' if close else '; r'}egistered runtimes: {', '.join(registry)}; use one of them, or "
+                       "set bench.runtimes: null for every installed runtime that runs the exports")
+            continue
+        missing = runner.available()
+        if missing:
+            out.append(f"{missing}, or remove it from bench.runtimes")
+        elif formats is not None and "pytorch" not in runner.formats and not set(runner.formats) & formats:
+            out.append(f"runtime {rt} runs {', '.join(runner.formats)} but this recipe exports only "
+                       f"{', '.join(sorted(formats))}; remove it or add an export it can run")
+    return out
+
+
+def _checks(r: Recipe, where: str) -> list[str]:
+    from edgekit.plan import RUNTIME_MODELS, _bare_metal, memory_model, plan, runtime_for
+    from edgekit.quantize.schemes import formats, get_scheme
+    from edgekit.units import format_bytes
+
+    problems: list[str] = []
+
+    def add(key: str, msg: str) -> None:
+        problems.append(f"{where}: {key}: {msg}")
+
+    device, err = _device(r.device)
+    if err:
+        add("device", err)
+    usable = []  # (index, spec, scheme, runtime) of exports the budget can be checked for
+    for i, e in enumerate(r.exports):
+        bad = _export_problems(e)
+        for key, msg in bad:
+            add(f"exports.{i}.{key}", msg)
+        if device is None or e.format not in formats():
+            continue
+        try:
+            rt = runtime_for(e.format, device)
+        except RecipeError as rerr:
+            add(f"exports.{i}.format", str(rerr))
+            continue
+        try:
+            usable.append((i, e, get_scheme(e.format, e.quant), rt))
+        except RecipeError:
+            pass
+
+    arch = None
+    try:
+        arch, teacher_name = teacher_architecture(r.teacher)
+    except EdgekitError as terr:
+        add("teacher", str(terr))
+
+    if device is not None and arch is not None:
+        d = r.distill
+        student, what = None, "the student"
+        if d is None:
+            student, what = arch, f"the teacher {teacher_name} (exported as is, distill: null)"
+            if r.context > arch.max_context:
+                add("context", f"{r.context} exceeds what {teacher_name} was trained for ({arch.max_context}); "
+                               f"use context <= {arch.max_context}")
+        elif d.student == "auto":
+            first = r.exports[0]
+            if usable and usable[0][0] == 0:
+                try:
+                    p = plan(arch, device, first.format, first.quant, r.context, d.target_decode_tok_s, teacher_name)
+                    s = p["student"]
+                    student = arch.with_shape(layers=s["layers"], hidden_size=s["hidden_size"],
+                                              intermediate_size=s["intermediate_size"], heads=s["heads"],
+                                              kv_heads=s["kv_heads"])
+                    what = "the planned student"
+                except EdgekitError as berr:
+                    add("distill.student", f"auto: {berr}")
+        else:
+            shape = d.student
+            student = arch.with_shape(layers=shape.layers, hidden_size=shape.hidden_size,
+                                      intermediate_size=shape.intermediate_size, heads=shape.heads,
+                                      kv_heads=shape.kv_heads, head_dim=arch.head_dim)
+            what = (f"the explicit student ({shape.layers} layers, hidden {shape.hidden_size}, "
+                    f"{student.params / 1e6:.0f}M params)")
+            if r.context > arch.max_context:
+                add("context", f"{r.context} exceeds what {teacher_name} was trained for ({arch.max_context}); "
+                               f"use context <= {arch.max_context}")
+        if student is not None:
+            for i, e, scheme, rt in usable:
+                if rt not in RUNTIME_MODELS:
+                    continue
+                need = memory_model(student, scheme, r.context, rt, _bare_metal(device)).total
+                if need > device.memory_budget:
+                    if d is None:
+                        fix = "add a distill section (student: auto)"
+                    elif d.student != "auto":
+                        fix = "use student: auto, or shrink it"
+                    else:
+                        fix = "export it at a smaller quant"
+                    add(f"exports.{i}" if d is None or d.student == "auto" else "distill.student",
+                        f"{what} needs {format_bytes(need)} at {e.format} {e.quant} with context {r.context} "
+                        f"(runtime {rt}) but device {device.name!r} allows {format_bytes(device.memory_budget)}; "
+                        f"{fix}, lower context, or choose a larger device")
+
+    if r.distill is not None:
+        for j, src in enumerate(r.distill.data.sources):
+            if not Path(src).exists():
+                add(f"distill.data.sources.{j}", f"{src} does not exist; paths are relative to the recipe file")
+
+    exported = {e.format for e in r.exports}
+    if r.bench is not None:
+        if r.bench.runtimes:
+            for m in _runtime_problems(r.bench.runtimes, exported):
+                add("bench.runtimes", m)
+        longest = max(r.bench.prompt_lengths) + r.bench.decode_tokens
+        if longest > r.context:
+            add("bench.prompt_lengths", f"the longest prompt plus decode_tokens is {longest} tokens but context is "
+                                        f"{r.context}; shorten the prompts or raise context")
+    if r.package is not None and r.package.formats is not None:
+        for fmt in r.package.formats:
+            if fmt not in exported:
+                add("package.formats", f"{fmt!r} is not exported by this recipe (exports: {', '.join(sorted(exported))}"
+                                       f"); add an export in {fmt} or drop it from package.formats")
+    return problems
