@@ -49,7 +49,7 @@ def cmd_devices(args) -> int:
         rows.append([p.name, p.display_name.split(" (")[0], format_bytes(p.ram), format_bytes(p.memory_budget), bw,
                      f"{p.cpu.cores}c {p.cpu.arch}", format_flops(p.cpu.peak_fp32), accel, ", ".join(p.runtimes) or "-"])
     print(table(rows, ["name", "device", "ram", "budget", "bandwidth", "cpu", "fp32 peak", "accelerators",
-                        "runtimes"], right={2, 3, 4, 6}))
+                       "runtimes"], right={2, 3, 4, 6}))
     return 0
 
 
@@ -133,7 +133,7 @@ def _print_plan_table(results: list[dict]) -> None:
             f"{r['predicted_decode_tok_s']:.1f}", f"{r['predicted_prefill_tok_s']:.0f}",
         ])
     print(table(rows, ["device", "budget", "student", "params", "memory", "of budget", "decode tok/s*",
-                        "prefill tok/s*"], right={1, 3, 4, 5, 6, 7}))
+                       "prefill tok/s*"], right={1, 3, 4, 5, 6, 7}))
     if problems:
         print("\nno plan:")
         print("\n".join(problems))

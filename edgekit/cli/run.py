@@ -72,7 +72,7 @@ def cmd_runs(args) -> int:
         emit_json(rows)
         return 0
     print(table([[r["id"], r["stage"], r["created"], format_bytes(r["bytes"]), r["label"]] for r in rows],
-                 ["artifact", "stage", "created", "size", "label"], right={3}))
+                ["artifact", "stage", "created", "size", "label"], right={3}))
     return 0
 
 
