@@ -8,6 +8,10 @@ from edgekit.errors import ModelError
 
 # Architectures whose tensors follow the Llama layout (q/k/v/o + gated MLP, RMSNorm).
 LLAMA_FAMILY = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "olmo2"}
+# Tokens of context when nobody says otherwise: what a student is sized and packaged for, what an
+# ExecuTorch program's static cache holds, and what a config without max_position_embeddings is taken
+# to have (Llama's own default).
+DEFAULT_CONTEXT = 2048
 
 
 @dataclass(frozen=True)
@@ -20,7 +24,7 @@ class Architecture:
     head_dim: int
     vocab_size: int
     tie_embeddings: bool
-    max_context: int = 2048
+    max_context: int = DEFAULT_CONTEXT
     model_type: str = "llama"
 
     @classmethod
@@ -43,7 +47,7 @@ class Architecture:
                 head_dim=int(cfg.get("head_dim") or hidden // heads),
                 vocab_size=int(cfg["vocab_size"]),
                 tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                max_context=int(cfg.get("max_position_embeddings") or 2048),
+                max_context=int(cfg.get("max_position_embeddings") or DEFAULT_CONTEXT),
                 model_type=model_type,
             )
         except (KeyError, TypeError, ValueError) as e:

@@ -39,6 +39,7 @@ from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
 from edgekit import __version__, artifact
+from edgekit.arch import DEFAULT_CONTEXT
 from edgekit.errors import ConfigError, EdgekitError
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ DEFAULT_MAX_NEW_TOKENS = 256
 # --------------------------------------------------------------------------- package
 
 
-def package(artifact_dir: Path, *, out_dir: Path | None = None, device: str | None = None, context: int = 2048,
+def package(artifact_dir: Path, *, out_dir: Path | None = None, device: str | None = None, context: int = DEFAULT_CONTEXT,
             fidelity: dict | None = None, bench: dict | None = None, recipe: str | None = None) -> dict:
     """Bundle one export artifact; returns ``{"path", "tarball", "manifest"}``.
 
@@ -81,7 +82,8 @@ def package(artifact_dir: Path, *, out_dir: Path | None = None, device: str | No
     fmt, label = export["format"], export["label"]
     arch = _architecture(export, src)
     if context < 1:
-        raise ConfigError(f"context must be a positive number of tokens, not {context}; pass e.g. --context 2048")
+        raise ConfigError(f"context must be a positive number of tokens, not {context}; pass e.g. --context "
+                          f"{DEFAULT_CONTEXT}")
     if context > arch.max_context:
         log.warning("context %d is beyond %s's maximum %d; sizing for %d", context, src, arch.max_context,
                     arch.max_context)

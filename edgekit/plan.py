@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgekit.arch import Architecture
+from edgekit.arch import DEFAULT_CONTEXT, Architecture
 from edgekit.devices import DeviceProfile
 from edgekit.errors import BudgetError, RecipeError
 from edgekit.quantize.schemes import Scheme, get_format, get_scheme, schemes
@@ -312,11 +312,12 @@ def _raise_infeasible(teacher, device, scheme, context, runtime, target):
 # --------------------------------------------------------------------------- the plan
 
 
-def plan(teacher: Architecture, device: DeviceProfile, fmt: str = "gguf", quant: str = "q4_k_m", context: int = 2048,
+def plan(teacher: Architecture, device: DeviceProfile, fmt: str = "gguf", quant: str = "q4_k_m", context: int = DEFAULT_CONTEXT,
          target_decode_tok_s: float | None = None, teacher_name: str = "teacher") -> dict:
     """Size a student for ``device`` and describe its memory and predicted speed. Raises BudgetError/RecipeError."""
     if context < 16:
-        raise RecipeError(f"context {context} is too small to be useful; use at least 16 tokens (typical: 2048)")
+        raise RecipeError(f"context {context} is too small to be useful; use at least 16 tokens "
+                          f"(typical: {DEFAULT_CONTEXT})")
     if context > teacher.max_context:
         raise RecipeError(
             f"context {context} exceeds what {teacher_name} was trained for ({teacher.max_context}); "

@@ -5,53 +5,33 @@ every unknown key, wrong type or bad unit is a :class:`~edgekit.errors.RecipeErr
 names the file and the dotted key. :func:`edgekit.validate.validate_recipe` goes further
 (device, schemes, runtimes, memory budget, data files) without running anything heavy.
 
-The recipe speaks in recipe words (``time_budget: 10m``, ``cache: none``); the stage
-configs (:class:`~edgekit.distill.pipeline.DistillConfig`,
-:class:`~edgekit.export.pipeline.ExportConfig`) stay the single source of truth for what
-each stage runs, and :meth:`Recipe.distill_config` / :meth:`Recipe.export_configs` build
-them. Stage modules are imported lazily so that loading and validating a recipe stays cheap
-(no torch import).
+Every default has one home, the stage configs (torch-free modules: ``distill/config.py``,
+``export/config.py``, ``quantize/config.py``, ``bench/config.py``). The recipe composes them:
+``distill.data``, ``fidelity`` and ``bench`` are the stage configs themselves; ``distill`` speaks
+in recipe words (``time_budget: 10m``, ``cache: none``) whose fields are the stage fields
+(default, bounds and description taken from there, never copied), and
+:meth:`Recipe.distill_config` / :meth:`Recipe.export_configs` build the stage configs.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
-import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, PrivateAttr, Tag,
-                      ValidationError, model_validator)
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError, model_validator
 
-from edgekit.distill.data import DataConfig
+from edgekit.bench.config import BenchConfig
+from edgekit.distill.config import LOSSES, CacheConfig, DataConfig, DistillConfig, StudentSpec, TrainConfig
 from edgekit.errors import RecipeError, validation_problem, yaml_problem
+from edgekit.export.config import ExportConfig
+from edgekit.quantize.config import FidelityConfig
+from edgekit.units import Duration
 
-LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl")  # == edgekit.distill.losses.KINDS (tested)
-_DURATION = re.compile(r"\s*(-?[0-9]*\.?[0-9]+)\s*(s|sec|m|min|h)\s*")
-_DURATION_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
 NOT_INHERITED = ("name", "description")  # per file: a child never takes its base's name
-
-
-# --------------------------------------------------------------------------- units
-
-
-def parse_duration(text: object) -> float:
-    """``"90s"``, ``"10m"``, ``"1.5h"`` -> seconds. A unit is required; the value must be positive."""
-    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
-        raise ValueError(f"expected a duration such as 90s, 10m or 1.5h, got {type(text).__name__}")
-    if isinstance(text, (int, float)):
-        raise ValueError(f"{text!r} has no unit; write it with one: {text}s, {text}m or {text}h")
-    m = _DURATION.fullmatch(text)
-    if not m:
-        raise ValueError(f"cannot read duration {text!r}; write e.g. 90s, 10m or 1.5h (units s, m/min, h)")
-    seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    if seconds <= 0:
-        raise ValueError(f"duration {text!r} must be positive; give e.g. 10m")
-    return seconds
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
 # --------------------------------------------------------------------------- schema
@@ -59,6 +39,14 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _stage_field(config: type[BaseModel], name: str, description: str | None = None) -> Any:
+    """A stage config's own field (its default and bounds) for a recipe key: the default keeps one home."""
+    field = copy.copy(config.model_fields[name])
+    if description is not None:
+        field.description = description
+    return field
 
 
 class StudentShape(_Section):
@@ -86,23 +74,25 @@ Student = Annotated[Union[Annotated[Literal["auto"], Tag("<auto>")], Annotated[S
 
 
 class DistillSection(_Section):
-    """What ``edgekit distill`` runs, in recipe words. Defaults equal the stage configs' (tested)."""
+    """What ``edgekit distill`` runs, in recipe words; each key is the stage config's field (same default)."""
 
     student: Student = Field("auto", description="'auto': the planner sizes it for `device` at the first export's "
                                                  "format/quant and `context`; or {layers, hidden_size, "
                                                  "intermediate_size, heads, kv_heads}")
     target_decode_tok_s: float | None = Field(None, gt=0, description="auto only: also reach this predicted "
                                                                       "decode speed on the device")
-    init: Literal["minitron", "random"] = Field("minitron", description="prune the teacher, or random weights")
+    init: Literal["minitron", "random"] = _stage_field(StudentSpec, "init", "prune the teacher, or random weights")
     data: DataConfig = Field(default_factory=DataConfig, description="the data stage's keys; sources are paths "
                                                                      "relative to the recipe file")
-    loss: Literal[LOSSES] = Field("forward_kl", description="distillation divergence")  # type: ignore[valid-type]
-    temperature: float = Field(1.0, gt=0, description="softmax temperature of the distillation loss")
-    steps: int | None = Field(200, ge=1, description="optimizer steps (used when time_budget is null)")
-    time_budget: Duration | None = Field(None, description="train for this wall-clock time instead, e.g. 10m")
-    batch_size: int = Field(8, ge=1, description="sequences per optimizer step")
-    lr: float = Field(5e-4, gt=0, description="peak learning rate")
-    cache: Literal["topk", "sampled", "none"] = Field("topk", description="teacher logit cache; none: teacher online")
+    loss: Literal[LOSSES] = _stage_field(TrainConfig, "loss", "distillation divergence")  # type: ignore[valid-type]
+    temperature: float = _stage_field(TrainConfig, "temperature", "softmax temperature of the distillation loss")
+    steps: int | None = _stage_field(TrainConfig, "steps", "optimizer steps (used when time_budget is null)")
+    time_budget: Duration | None = Field(TrainConfig.model_fields["time_budget_s"].default,
+                                         description="train for this wall-clock time instead, e.g. 10m")
+    batch_size: int = _stage_field(TrainConfig, "batch_size", "sequences per optimizer step")
+    lr: float = _stage_field(TrainConfig, "lr", "peak learning rate")
+    cache: Literal["topk", "sampled", "none"] = Field(CacheConfig.model_fields["mode"].default,
+                                                      description="teacher logit cache; none: teacher online")
 
     @model_validator(mode="after")
     def _length(self):
@@ -121,20 +111,7 @@ class DistillSection(_Section):
 class ExportSpec(_Section):
     format: str = Field(description="registered format: gguf, onnx or executorch")
     quant: str = Field(description="registered scheme of that format, e.g. q4_k_m, int4 (see `edgekit plan`)")
-    calibrate: bool = Field(False, description="calibrated 4-bit: imatrix for gguf, activation-aware scaling for "
-                                               "onnx int4 and executorch 8da4w")
-
-
-class FidelitySection(_Section):
-    max_tokens: int = Field(4096, ge=1, description="held-out tokens each export is compared on")
-
-
-class BenchSection(_Section):
-    runtimes: list[str] | None = Field(None, description="null: every installed runtime that runs the format")
-    repeats: int = Field(3, ge=1)
-    prompt_lengths: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [128], min_length=1)
-    decode_tokens: int = Field(64, ge=1)
-    threads: int | None = Field(None, ge=1, description="null: the runtime's default")
+    calibrate: bool = _stage_field(ExportConfig, "calibrate")
 
 
 class PackageSection(_Section):
@@ -149,12 +126,12 @@ class Recipe(_Section):
     extends: str | None = Field(None, description="a base recipe, relative to this file; deep-merged, this file wins")
     teacher: str = Field("default", description="'default' (embedded), a folder, a .gguf or a hub id")
     device: str = Field(description="a profile name from devices/ or 'host'")
-    context: int = Field(2048, ge=16, description="tokens the student is sized and packaged for")
+    context: int = _stage_field(StudentSpec, "context", "tokens the student is sized and packaged for")
     distill: DistillSection | None = Field(default_factory=DistillSection,
                                            description="null: skip distillation and export the teacher as is")
     exports: list[ExportSpec] = Field(min_length=1)
-    fidelity: FidelitySection | None = Field(default_factory=FidelitySection)
-    bench: BenchSection | None = Field(default_factory=BenchSection)
+    fidelity: FidelityConfig | None = Field(default_factory=FidelityConfig)
+    bench: BenchConfig | None = Field(default_factory=BenchConfig)
     package: PackageSection | None = Field(default_factory=PackageSection)
 
     _path: Path | None = PrivateAttr(None)
@@ -163,10 +140,8 @@ class Recipe(_Section):
     def path(self) -> Path | None:
         return self._path
 
-    def distill_config(self):
+    def distill_config(self) -> DistillConfig:
         """The :class:`DistillConfig` this recipe's distillation runs."""
-        from edgekit.distill.pipeline import DistillConfig
-
         d = self.distill
         if d is None:
             raise RecipeError(f"{self._where()}: distill is null, so this recipe exports the teacher as is and has "
@@ -190,10 +165,8 @@ class Recipe(_Section):
         except ValidationError as e:
             raise RecipeError(f"{self._where()}: distill: " + format_errors(e, None, {})) from e
 
-    def export_configs(self, model: str = "default") -> list:
+    def export_configs(self, model: str = "default") -> list[ExportConfig]:
         """One :class:`ExportConfig` per ``exports`` entry, for ``model`` (the runner passes the student)."""
-        from edgekit.export.pipeline import ExportConfig
-
         out = []
         for i, e in enumerate(self.exports):
             if e.format not in exporter_formats():
@@ -213,10 +186,6 @@ class Recipe(_Section):
 
 def exporter_formats() -> tuple[str, ...]:
     """Formats the export stage can write (the ``ExportConfig.format`` choices)."""
-    import typing
-
-    from edgekit.export.pipeline import ExportConfig
-
     return typing.get_args(ExportConfig.model_fields["format"].annotation)
 
 
@@ -258,14 +227,18 @@ def _read_yaml(path: Path) -> dict:
 
 
 def _absolutize(raw: dict, base: Path) -> dict:
-    """Paths in a file are relative to that file: data sources, a device profile .yaml, and a teacher folder or
-    .gguf that exists."""
+    """Paths in a file are relative to that file: data sources, fidelity texts, a device profile .yaml, and a
+    teacher folder or .gguf that exists."""
     distill = raw.get("distill")
     if isinstance(distill, dict) and isinstance(distill.get("data"), dict):
         sources = distill["data"].get("sources")
         if isinstance(sources, list):
             distill["data"]["sources"] = [str((base / Path(s).expanduser()).resolve()) if isinstance(s, str) else s
                                           for s in sources]
+    fidelity = raw.get("fidelity")
+    if isinstance(fidelity, dict) and isinstance(fidelity.get("texts"), list):
+        fidelity["texts"] = [str((base / Path(s).expanduser()).resolve()) if isinstance(s, str) else s
+                             for s in fidelity["texts"]]
     device = raw.get("device")
     if isinstance(device, str) and Path(device).suffix in (".yaml", ".yml"):  # a profile file, not a name
         raw["device"] = str((base / Path(device).expanduser()).resolve())
@@ -398,8 +371,6 @@ def _known_keys(loc: tuple) -> list[str]:
 
 
 def _flatten(ann) -> list:
-    import typing
-
     args = typing.get_args(ann)
     if not args:
         return [ann]

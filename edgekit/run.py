@@ -102,7 +102,7 @@ def _fidelity(recipe, model: str, exports: list[Path], record: dict) -> dict | N
     from edgekit.quantize.report import run as fidelity
 
     t0 = time.perf_counter()
-    rep = fidelity(Path(model), exports, max_tokens=recipe.fidelity.max_tokens)
+    rep = fidelity(Path(model), exports, texts=recipe.fidelity.texts or None, max_tokens=recipe.fidelity.max_tokens)
     rows = {r["label"]: {k: r[k] for k in ("kl_mean", "top1_agreement", "perplexity", "greedy_match")}
             for r in rep["rows"]}
     _stage(record, "fidelity", rep["path"], rep["reused"], t0, rows=rows)
@@ -126,7 +126,7 @@ def _bench(recipe, exports: list[Path], fidelity: dict | None, record: dict) -> 
         _stage(record, "bench", out, True, t0)
         return json.loads((out / "results.json").read_text())
     journal = out.with_name(f".{out.name}.journal.jsonl")  # rows measured before an interruption
-    results = run_benchmark(exports, b.runtimes, repeats=b.repeats, threads=b.threads,
+    results = run_benchmark(exports, b.runtimes, repeats=b.repeats, warmup=b.warmup, threads=b.threads,
                             prompt_lengths=tuple(b.prompt_lengths), decode_tokens=b.decode_tokens, journal=journal)
     arch = None
     source = artifact.read_manifest(exports[0]).get("source_model", {})

@@ -1,4 +1,4 @@
-"""Units written in configs (``512MB``, ``17GB/s``, ``2.4GHz``, ``76.8GFLOPS``), parsed once.
+"""Units written in configs (``512MB``, ``17GB/s``, ``2.4GHz``, ``76.8GFLOPS``, ``10m``), parsed once.
 
 Prefixes follow the SI/IEC convention: ``KB``/``MB``/``GB``/``TB`` are powers of
 1000 (``kB`` is accepted for ``KB``), ``KiB``/``MiB``/``GiB``/``TiB`` powers of 1024.
@@ -78,6 +78,26 @@ def parse_flops(text: object) -> float:
     return _parse(text, r"FLOPS|FLOP/s|OPS|OP/s", "a compute rate", "76.8GFLOPS")
 
 
+_DURATION = re.compile(r"\s*(-?[0-9]*\.?[0-9]+)\s*(s|sec|m|min|h)\s*")
+_DURATION_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
+
+
+def parse_duration(text: object) -> float:
+    """``"90s"``, ``"10m"``, ``"1.5h"`` -> seconds. A unit is required; the value must be positive."""
+    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+        raise UnitError(f"expected a duration such as 90s, 10m or 1.5h, got {type(text).__name__}")
+    bare = text if isinstance(text, (int, float)) else text.strip()
+    if isinstance(bare, (int, float)) or re.fullmatch(r"-?[0-9]*\.?[0-9]+", bare):
+        raise UnitError(f"{bare!r} has no unit; write it with one: {bare}s, {bare}m or {bare}h")
+    m = _DURATION.fullmatch(text)
+    if not m:
+        raise UnitError(f"cannot read duration {text!r}; write e.g. 90s, 10m or 1.5h (units s, m/min, h)")
+    seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    if seconds <= 0:
+        raise UnitError(f"duration {text!r} must be positive; give e.g. 10m")
+    return seconds
+
+
 def _human(value: float, unit: str, binary: bool = False) -> str:
     steps = [("Ti", 2**40), ("Gi", 2**30), ("Mi", 2**20), ("Ki", 2**10)] if binary else [
         ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k" if unit != "B" else "K", 1e3)]
@@ -116,3 +136,4 @@ Bytes = _annotated(parse_bytes, format_bytes, int)
 Bandwidth = _annotated(parse_bandwidth, format_bandwidth, float)
 Frequency = _annotated(parse_frequency, format_frequency, float)
 Flops = _annotated(parse_flops, format_flops, float)
+Duration = Annotated[float, BeforeValidator(parse_duration)]  # seconds

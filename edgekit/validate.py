@@ -17,7 +17,9 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from edgekit.errors import EdgekitError, RecipeError
-from edgekit.recipe import BenchSection, ExportSpec, Recipe, exporter_formats, format_errors, no_exporter, parse_recipe
+from edgekit.bench.config import BenchConfig
+from edgekit.export.config import ExportConfig
+from edgekit.recipe import ExportSpec, Recipe, exporter_formats, format_errors, no_exporter, parse_recipe
 
 
 @functools.lru_cache(maxsize=16)
@@ -114,7 +116,7 @@ def _partial_checks(merged: dict, where: str) -> list[str]:
     bench = merged.get("bench")
     if isinstance(bench, dict):
         try:
-            b = BenchSection.model_validate(bench)
+            b = BenchConfig.model_validate(bench)
         except ValidationError:
             b = None
         if b and b.runtimes:
@@ -145,8 +147,6 @@ def _export_problems(e: ExportSpec) -> list[tuple[str, str]]:
         except RecipeError as err:
             out.append(("quant", str(err)))
         return out
-    from edgekit.export.pipeline import ExportConfig
-
     try:
         ExportConfig(format=e.format, quant=e.quant, calibrate=e.calibrate)
     except (RecipeError, ValidationError) as err:

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from edgekit.errors import RecipeError
-from edgekit.recipe import DistillSection, Recipe, load_recipe, parse_duration
+from edgekit.recipe import Recipe, load_recipe
+from edgekit.units import parse_duration
 from edgekit.validate import validate_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -71,25 +72,6 @@ def test_quick_recipe_builds_stage_configs():
     exports = r.export_configs(model="/some/student")
     assert all(isinstance(e, ExportConfig) and e.model == "/some/student" for e in exports)
     assert [e.label for e in exports] == ["gguf-q4_k_m-calibrated", "onnx-int4"]
-
-
-def test_recipe_defaults_equal_the_stage_defaults():
-    from edgekit.distill.cache import CacheConfig
-    from edgekit.distill.losses import KINDS
-    from edgekit.distill.pipeline import StudentSpec
-    from edgekit.distill.train import TrainConfig
-
-    d = DistillSection()
-    t = TrainConfig.model_fields
-    for key in ("loss", "temperature", "steps", "batch_size", "lr"):
-        assert getattr(d, key) == t[key].default, key
-    assert d.time_budget == t["time_budget_s"].default
-    assert d.init == StudentSpec.model_fields["init"].default
-    assert d.cache == CacheConfig.model_fields["mode"].default
-    from edgekit.recipe import LOSSES
-
-    assert LOSSES == KINDS
-    assert Recipe.model_fields["context"].default == StudentSpec.model_fields["context"].default
 
 
 # --------------------------------------------------------------------------- extends

@@ -3,7 +3,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edgekit.errors import ConfigError
-from edgekit.units import format_bytes, parse_bandwidth, parse_bytes, parse_flops, parse_frequency
+from edgekit.units import format_bytes, parse_bandwidth, parse_bytes, parse_duration, parse_flops, parse_frequency
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -48,3 +48,16 @@ def test_formatted_sizes_parse_back_within_rounding(n):
 def test_binary_formatting_parses_back(n):
     back = parse_bytes(format_bytes(n, binary=True))
     assert abs(back - n) <= max(1, 0.005 * n)
+
+
+@pytest.mark.parametrize("text,seconds", [("90s", 90), ("90 sec", 90), ("10m", 600), ("4 min", 240), ("1.5h", 5400)])
+def test_parse_duration_reads_seconds_minutes_hours(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad,words", [("90", "has no unit"), (90, "has no unit"), ("soon", "cannot read duration"),
+                                       ("0s", "must be positive"), ("-5m", "must be positive"), (None, "NoneType"),
+                                       (True, "bool")])
+def test_parse_duration_needs_a_unit_and_a_positive_value(bad, words):
+    with pytest.raises(ConfigError, match=words):
+        parse_duration(bad)

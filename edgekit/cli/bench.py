@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from edgekit.bench.config import BenchConfig
+from edgekit.cli.options import config_from, default
 from edgekit.cli.output import emit_json
+from edgekit.quantize.config import FidelityConfig
 
 
 def add_commands(sub, common) -> None:
@@ -14,7 +17,7 @@ def add_commands(sub, common) -> None:
     fi.add_argument("artifacts", nargs="+", type=Path, help="export artifact folders")
     fi.add_argument("--reference", help="full-precision model (default: the one the first export came from)")
     fi.add_argument("--text", action="append", type=Path, help="held-out text (JSONL/txt; default: bundled set)")
-    fi.add_argument("--max-tokens", type=int, default=16_384)
+    fi.add_argument("--max-tokens", type=int, help=f"default {default(FidelityConfig, 'max_tokens')}")
     fi.add_argument("--threads", type=int)
     fi.add_argument("--trust-remote-code", action="store_true")
     fi.add_argument("--json", action="store_true")
@@ -26,11 +29,12 @@ def add_commands(sub, common) -> None:
     be.add_argument("--runtimes", action="append", help="comma-separated subset: llama.cpp,onnxruntime,"
                     "onnxruntime-genai,executorch,pytorch (default: all that can run each format)")
     be.add_argument("--device", action="append", help="project onto this device (repeatable; default: all profiles)")
-    be.add_argument("--repeats", type=int, default=5)
-    be.add_argument("--warmup", type=int, default=1)
+    be.add_argument("--repeats", type=int, help=f"default {default(BenchConfig, 'repeats')}")
+    be.add_argument("--warmup", type=int, help=f"default {default(BenchConfig, 'warmup')}")
     be.add_argument("--threads", type=int, help="threads per runtime (default: physical cores)")
-    be.add_argument("--prompt-lengths", type=int, nargs="+", default=[128, 512])
-    be.add_argument("--decode-tokens", type=int, default=128)
+    be.add_argument("--prompt-lengths", type=int, nargs="+",
+                    help=f"default {' '.join(map(str, default(BenchConfig, 'prompt_lengths')))}")
+    be.add_argument("--decode-tokens", type=int, help=f"default {default(BenchConfig, 'decode_tokens')}")
     be.add_argument("--fidelity", action="append", type=Path, help="fidelity report(s) to join quality columns from")
     be.add_argument("--remote", help="user@host: run the same worker over ssh (artifacts at the same paths there)")
     be.add_argument("--out", type=Path, help="report folder (default: $EDGEKIT_HOME/artifacts/bench-<id>)")
@@ -55,14 +59,25 @@ def cmd_fidelity(args) -> int:
         from edgekit.artifact import read_manifest
 
         reference = read_manifest(args.artifacts[0])["config"]["model_path"]
+    cfg = fidelity_config(args)
     ref = resolve_teacher(reference, trust_remote_code=args.trust_remote_code)
-    report = run(ref.path, args.artifacts, texts=args.text, max_tokens=args.max_tokens, threads=args.threads)
+    report = run(ref.path, args.artifacts, texts=cfg.texts or None, max_tokens=cfg.max_tokens, threads=args.threads)
     if args.json:
         emit_json(report)
         return 0
     print(to_markdown(report))
     print(f"report   {report['path']}/report.md")
     return 0
+
+
+def fidelity_config(args) -> FidelityConfig:
+    return config_from(FidelityConfig, "fidelity options", max_tokens=args.max_tokens, texts=args.text)
+
+
+def bench_config(args) -> BenchConfig:
+    runtimes = [r for spec in args.runtimes or [] for r in spec.split(",") if r] or None
+    return config_from(BenchConfig, "bench options", runtimes=runtimes, repeats=args.repeats, warmup=args.warmup,
+                       prompt_lengths=args.prompt_lengths, decode_tokens=args.decode_tokens, threads=args.threads)
 
 
 def fidelity_reports(paths: list[Path] | None) -> list[dict]:
@@ -109,14 +124,14 @@ def cmd_bench(args) -> int:
     from edgekit.bench.measure import run_benchmark
     from edgekit.bench.report import to_markdown, write_report
 
-    runtimes = [r for spec in args.runtimes or [] for r in spec.split(",") if r] or None
+    cfg = bench_config(args)
     # rows finished by an interrupted run of the same command are taken from its journal, not re-measured
-    key = artifact.content_id([str(Path(a).resolve()) for a in args.artifacts], runtimes, args.repeats, args.warmup,
-                              args.threads, args.prompt_lengths, args.decode_tokens, args.remote)
+    key = artifact.content_id([str(Path(a).resolve()) for a in args.artifacts], cfg.runtimes, cfg.repeats, cfg.warmup,
+                              cfg.threads, cfg.prompt_lengths, cfg.decode_tokens, args.remote)
     journal = artifact.home() / "artifacts" / f".bench-{key}.journal.jsonl"
-    results = run_benchmark(args.artifacts, runtimes, repeats=args.repeats, warmup=args.warmup,
-                            threads=args.threads, prompt_lengths=tuple(args.prompt_lengths),
-                            decode_tokens=args.decode_tokens, remote=args.remote, journal=journal)
+    results = run_benchmark(args.artifacts, cfg.runtimes, repeats=cfg.repeats, warmup=cfg.warmup,
+                            threads=cfg.threads, prompt_lengths=tuple(cfg.prompt_lengths),
+                            decode_tokens=cfg.decode_tokens, remote=args.remote, journal=journal)
     devices, arch = _report_inputs(args, results)
     out = args.out or artifact.home() / "artifacts" / (
         "bench-" + artifact.content_id([str(a) for a in args.artifacts], _time.time()))

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import typing
+
+from edgekit.cli.options import default
 from edgekit.cli.output import emit_json, params
-from edgekit.units import format_bytes
+from edgekit.distill.config import LOSSES, CacheConfig, DataConfig, EvalSpec, StudentSpec
+from edgekit.errors import ConfigError
+from edgekit.units import UnitError, format_bytes, parse_duration
 
 
 def add_commands(sub, common) -> None:
@@ -13,18 +18,20 @@ def add_commands(sub, common) -> None:
     ds.add_argument("config", nargs="?", help="YAML with teacher/student/data/cache/train/eval sections (optional)")
     ds.add_argument("--teacher", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     ds.add_argument("--trust-remote-code", action="store_true", help="DANGEROUS: allow a model's own Python code")
-    ds.add_argument("--device", help="size the student for this device (default pi-zero-2w)")
+    ds.add_argument("--device", help=f"size the student for this device (default {default(StudentSpec, 'device')})")
     ds.add_argument("--quant", help="quant the planner sizes for")
     ds.add_argument("--context", type=int, help="context the planner sizes for")
-    ds.add_argument("--init", choices=["minitron", "random"], help="student initialisation")
+    ds.add_argument("--init", choices=typing.get_args(StudentSpec.model_fields["init"].annotation),
+                    help="student initialisation")
     ds.add_argument("--data", action="append", help="user data: JSONL, .txt/.md, or a datasets folder (repeatable)")
     ds.add_argument("--synthetic-prompts", type=int, help="prompts the teacher writes when there is no --data")
     ds.add_argument("--steps", type=int, help="optimizer steps")
     ds.add_argument("--time-budget", help="train for a wall-clock budget instead: 90s, 20m, 1h")
-    ds.add_argument("--loss", choices=["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl"])
+    ds.add_argument("--loss", choices=LOSSES)
     ds.add_argument("--temperature", type=float)
     ds.add_argument("--ce-weight", type=float, help="weight of hard-label cross-entropy next to the KD loss")
-    ds.add_argument("--cache", choices=["topk", "sampled", "none"], help="teacher-logit cache mode; none: online")
+    ds.add_argument("--cache", choices=[*typing.get_args(CacheConfig.model_fields["mode"].annotation), "none"],
+                    help="teacher-logit cache mode; none: online")
     ds.add_argument("--compare-ce", action="store_true", help="also train a CE-only student for the same budget")
     ds.add_argument("--json", action="store_true")
     ds.set_defaults(func=cmd_distill)
@@ -34,32 +41,27 @@ def add_commands(sub, common) -> None:
     ev.add_argument("--against", default="default", help="the teacher (default: the embedded one)")
     ev.add_argument("--data", required=True, help="held-out JSONL (e.g. heldout.jsonl of a data artifact)")
     ev.add_argument("--prompt", action="append", help="also generate greedily for this prompt (repeatable)")
-    ev.add_argument("--max-sequences", type=int, default=200)
-    ev.add_argument("--max-seq-len", type=int, default=512)
-    ev.add_argument("--max-new-tokens", type=int, default=48)
+    ev.add_argument("--max-sequences", type=int, default=default(EvalSpec, "max_sequences"))
+    ev.add_argument("--max-seq-len", type=int, default=default(DataConfig, "max_seq_len"))
+    ev.add_argument("--max-new-tokens", type=int, default=default(EvalSpec, "max_new_tokens"))
     ev.add_argument("--trust-remote-code", action="store_true")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_eval)
 
 
-def _parse_duration(text: str) -> float:
-    from edgekit.errors import ConfigError
-
-    units = {"s": 1, "m": 60, "min": 60, "h": 3600}
-    import re
-
-    m = re.fullmatch(r"\s*([0-9.]+)\s*(s|m|min|h)?\s*", text or "")
-    if not m:
-        raise ConfigError(f"cannot read time budget {text!r}: write e.g. 90s, 20m or 1.5h")
-    return float(m.group(1)) * units[m.group(2) or "s"]
+def _time_budget(text: str) -> float:
+    """--time-budget in seconds, read by the one duration parser (a unit is required, as in recipes)."""
+    try:
+        return parse_duration(text)
+    except UnitError as err:
+        raise ConfigError(f"cannot read time budget {text!r}: write e.g. 90s, 20m or 1.5h") from err
 
 
 def _distill_config(args):
     import yaml
     from pydantic import ValidationError
 
-    from edgekit.distill.pipeline import DistillConfig
-    from edgekit.errors import ConfigError
+    from edgekit.distill.config import DistillConfig
 
     raw: dict = {}
     if args.config:
@@ -79,8 +81,6 @@ def _distill_config(args):
     for key in ("quant", "context", "init"):
         if getattr(args, key) is not None:
             raw["student"][key] = getattr(args, key)
-    if not raw["student"].get("device") and not raw["student"].get("layers"):
-        raw["student"]["device"] = "pi-zero-2w"
     if args.data:
         raw["data"]["sources"] = args.data
     if args.synthetic_prompts:
@@ -88,7 +88,7 @@ def _distill_config(args):
     if args.steps:
         raw["train"].update(steps=args.steps, time_budget_s=None)
     if args.time_budget:
-        raw["train"].update(time_budget_s=_parse_duration(args.time_budget), steps=None)
+        raw["train"].update(time_budget_s=_time_budget(args.time_budget), steps=None)
     for key in ("loss", "temperature", "ce_weight"):
         if getattr(args, key) is not None:
             raw["train"][key] = getattr(args, key)
@@ -140,8 +140,6 @@ def cmd_eval(args) -> int:
     from edgekit.distill import data as data_stage
     from edgekit.distill.evaluate import evaluate, to_markdown
     from edgekit.models import resolve_teacher
-
-    from edgekit.errors import ConfigError
 
     examples = data_stage.check_sources([Path(args.data)], key="--data")  # before any model is resolved
     model = resolve_teacher(args.model, trust_remote_code=args.trust_remote_code)

@@ -4,22 +4,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edgekit.arch import DEFAULT_CONTEXT
+from edgekit.cli.options import config_from, default
 from edgekit.cli.output import emit_json
+from edgekit.errors import RecipeError
+from edgekit.export.config import ExportConfig
+from edgekit.recipe import exporter_formats
 from edgekit.units import format_bytes
 
 
 def add_commands(sub, common) -> None:
     def export_args(sp, quant_help):
-        sp.add_argument("model", nargs="?", default="default",
+        sp.add_argument("model", nargs="?",
                         help="'default' (embedded teacher), a distilled student's folder, an HF folder, .gguf or hub id")
-        sp.add_argument("--format", default="gguf", choices=["gguf", "onnx", "executorch"])
+        sp.add_argument("--format", choices=exporter_formats(), help=f"default {default(ExportConfig, 'format')}")
         sp.add_argument("--quant", help=quant_help)
         sp.add_argument("--context", type=int,
-                        help="executorch: positions of the static KV cache (default 2048, at most the model's)")
+                        help=f"executorch: positions of the static KV cache (default {DEFAULT_CONTEXT}, at most the "
+                             "model's)")
         sp.add_argument("--calibrate", action="store_true",
                         help="calibrated 4-bit: importance matrix (gguf) or activation-aware int4 (onnx)")
         sp.add_argument("--calibration", action="append", type=Path, help="calibration text (JSONL/txt; repeatable)")
-        sp.add_argument("--calibration-tokens", type=int, help="at most this many calibration tokens (default 30000)")
+        sp.add_argument("--calibration-tokens", type=int, help="at most this many calibration tokens (default "
+                                                               f"{default(ExportConfig, 'calibration_tokens')})")
         sp.add_argument("--threads", type=int)
         sp.add_argument("--trust-remote-code", action="store_true", help="DANGEROUS: allow a model's own Python code")
         sp.add_argument("--json", action="store_true")
@@ -36,25 +43,13 @@ def add_commands(sub, common) -> None:
     qu.set_defaults(func=cmd_quantize)
 
 
-def _export_config(args, require_quant: bool):
-    from pydantic import ValidationError
-
-    from edgekit.errors import ConfigError, RecipeError
-    from edgekit.export.pipeline import ExportConfig
-
+def _export_config(args, require_quant: bool) -> ExportConfig:
     if require_quant and not args.quant:
         raise RecipeError("edgekit quantize needs --quant (e.g. q4_k_m for gguf, int4 for onnx); "
                           "`edgekit export` without --quant writes the float model")
-    raw = {"model": args.model, "format": args.format, "quant": args.quant, "calibrate": args.calibrate,
-           "calibration": args.calibration or [], "threads": args.threads, "context": args.context,
-           "trust_remote_code": args.trust_remote_code}
-    if args.calibration_tokens:
-        raw["calibration_tokens"] = args.calibration_tokens
-    try:
-        return ExportConfig.model_validate(raw)
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'options'}: {x['msg']}" for x in e.errors())
-        raise ConfigError(f"export options: {problems}") from e
+    return config_from(ExportConfig, "export options", model=args.model, format=args.format, quant=args.quant,
+                       calibrate=args.calibrate, calibration=args.calibration, calibration_tokens=args.calibration_tokens,
+                       threads=args.threads, context=args.context, trust_remote_code=args.trust_remote_code)
 
 
 def _print_export(result: dict) -> None:

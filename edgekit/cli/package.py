@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from edgekit.arch import DEFAULT_CONTEXT
 from edgekit.cli.bench import fidelity_reports
 from edgekit.cli.output import emit_json
 
@@ -15,7 +16,7 @@ def add_commands(sub, common) -> None:
     pk.add_argument("--format", choices=["gguf", "onnx", "executorch"],
                     help="the export's format (checked; the artifact decides)")
     pk.add_argument("--device", help="device the bundle is built for (memory fit in the manifest)")
-    pk.add_argument("--context", type=int, default=2048)
+    pk.add_argument("--context", type=int, default=DEFAULT_CONTEXT)
     pk.add_argument("--fidelity", action="append", type=Path, help="fidelity report to take quality figures from")
     pk.add_argument("--bench", help="results.json of `edgekit bench` to take speed figures from")
     pk.add_argument("--json", action="store_true")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from edgekit.cli.options import default
 from edgekit.cli.output import emit_json, params, table
+from edgekit.distill.config import StudentSpec
 from edgekit.errors import EdgekitError
 from edgekit.units import format_bandwidth, format_bytes, format_flops
 
@@ -27,9 +29,12 @@ def add_commands(sub, common) -> None:
     pl = sub.add_parser("plan", parents=[common], help="size a student for each device's memory budget")
     teacher_args(pl)
     pl.add_argument("--device", action="append", help="device name, YAML path or 'host' (repeatable; default: all)")
-    pl.add_argument("--format", default="gguf", help="gguf | onnx | executorch (default gguf)")
-    pl.add_argument("--quant", default="q4_k_m", help="quant scheme of the format (default q4_k_m)")
-    pl.add_argument("--context", type=int, default=2048, help="tokens of context to budget for (default 2048)")
+    pl.add_argument("--format", default=default(StudentSpec, "format"),
+                    help=f"gguf | onnx | executorch (default {default(StudentSpec, 'format')})")
+    pl.add_argument("--quant", default=default(StudentSpec, "quant"),
+                    help=f"quant scheme of the format (default {default(StudentSpec, 'quant')})")
+    pl.add_argument("--context", type=int, default=default(StudentSpec, "context"),
+                    help=f"tokens of context to budget for (default {default(StudentSpec, 'context')})")
     pl.add_argument("--target-decode-tok-s", type=float, default=None, help="minimum predicted decode speed")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plan)

@@ -22,29 +22,17 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from edgekit import artifact
+from edgekit.distill.config import CacheConfig
 from edgekit.distill.train import collate
 from edgekit.errors import CacheError
 from edgekit.progress import bar
 
 log = logging.getLogger(__name__)
-
-
-class CacheConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    mode: Literal["topk", "sampled"] = "topk"
-    k: int = Field(32, ge=1, le=4096, description="logits kept per position (topk) or tokens drawn (sampled)")
-    temperature: float = Field(1.0, gt=0, description="sampled mode draws from the teacher at this temperature")
-    sequences_per_shard: int = Field(256, ge=1)
-    batch_size: int = Field(8, ge=1)
-    seed: int = 0
 
 
 def _sparse_targets(logits: torch.Tensor, cfg: CacheConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

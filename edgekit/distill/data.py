@@ -35,9 +35,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
 
 from edgekit import artifact
+from edgekit.distill.config import DataConfig
 from edgekit.errors import CacheError, ConfigError, ModelError
 from edgekit.progress import bar
 
@@ -58,25 +58,6 @@ _SENTINEL = "\u2063EDGEKIT_SENTINEL\u2063"
 _REFUSAL = re.compile(r"^(i'?m sorry|i am sorry|i cannot|i can'?t|i can not|as an ai\b|i'?m an ai\b|"
                       r"i am an ai\b|i'?m unable|i am unable)")
 _ASSISTANT_VOICE = ("how can i help you", "how can i assist you", "how may i help you", "how may i assist you")
-
-
-class DataConfig(BaseModel):
-    """The data stage's settings (``distill.data`` in a recipe)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    sources: list[Path] = []  # user data; when empty, prompts are synthesised from the teacher
-    synthetic_prompts: int = Field(256, ge=1)
-    samples_per_prompt: int = Field(1, ge=1)  # > 1: rejection sampling keeps the best sample
-    max_new_tokens: int = Field(128, ge=1)
-    temperature: float = Field(0.7, ge=0)  # 0: greedy
-    top_p: float = Field(0.9, gt=0, le=1)
-    chain_of_thought: bool = False
-    heldout_fraction: float = Field(0.1, ge=0, lt=1)
-    max_seq_len: int = Field(512, ge=2)
-    seed: int = 0
-    batch_size: int = Field(16, ge=1)
-    generate_responses: bool = True
 
 
 # --------------------------------------------------------------------------- user data

@@ -31,9 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgekit.distill.config import LOSSES
 from edgekit.errors import ConfigError
 
-KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl")
+KINDS = LOSSES
 
 
 def _masked_mean(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

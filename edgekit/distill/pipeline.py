@@ -12,78 +12,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edgekit import artifact
 from edgekit.arch import Architecture
-from edgekit.distill.cache import CacheConfig
-from edgekit.distill.data import DataConfig
-from edgekit.distill.train import TrainConfig
+from edgekit.distill.config import DistillConfig, StudentSpec
 from edgekit.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-DEFAULT_EVAL_PROMPTS = [
-    "What is the capital of France?",
-    "Give me three tips for staying focused while studying.",
-    "Explain what a battery does in one sentence.",
-]
-
-
-class StudentSpec(BaseModel):
-    """Either a device to plan for, or an explicit shape; ``init`` picks pruning or random weights."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    device: str | None = None
-    format: str = "gguf"
-    quant: str = "q4_k_m"
-    context: int = Field(2048, ge=16)
-    target_decode_tok_s: float | None = None
-    layers: int | None = Field(None, ge=1)
-    hidden_size: int | None = Field(None, ge=1)
-    intermediate_size: int | None = Field(None, ge=1)
-    heads: int | None = Field(None, ge=1)
-    kv_heads: int | None = Field(None, ge=1)
-    init: Literal["minitron", "random"] = "minitron"
-
-    @model_validator(mode="after")
-    def _one_way(self):
-        explicit = [self.layers, self.hidden_size, self.intermediate_size, self.heads, self.kv_heads]
-        if self.device and any(v is not None for v in explicit):
-            raise ValueError("give either device (the planner sizes the student) or an explicit shape, not both")
-        if not self.device and any(v is None for v in explicit):
-            raise ValueError("an explicit student needs layers, hidden_size, intermediate_size, heads and kv_heads "
-                             "(or set device to let the planner choose)")
-        return self
-
-
-class EvalSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_EVAL_PROMPTS))
-    max_new_tokens: int = Field(48, ge=1)
-    max_sequences: int = Field(200, ge=1)
-    baselines: list[Literal["ce", "teacher"]] = ["teacher"]
-
-
-class DistillConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    teacher: str = "default"
-    student: StudentSpec
-    data: DataConfig = Field(default_factory=DataConfig)
-    calibration_sequences: int = Field(64, ge=1, description="training sequences used to rank units for pruning")
-    cache: CacheConfig | None = Field(default_factory=CacheConfig, description="null: teacher online")
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    eval: EvalSpec = Field(default_factory=EvalSpec)
-    progressive: StudentSpec | None = Field(
-        None, description="an intermediate model (teacher assistant): distilled from the teacher first, then the "
-                          "student learns from it for train.assistant_fraction of its run (default half) and from "
-                          "the teacher, online, for the rest")
-
 
 def _stage_dir(stage: str, *parts) -> Path:
     return artifact.home() / "artifacts" / f"{stage}-{artifact.content_id(stage, *parts)}"

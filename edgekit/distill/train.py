@@ -29,13 +29,12 @@ import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edgekit import artifact
-from edgekit.distill.losses import KINDS, FeatureProjector, cross_entropy, divergence, feature_loss, sparse_forward_kl
+from edgekit.distill.config import TrainConfig
+from edgekit.distill.losses import FeatureProjector, cross_entropy, divergence, feature_loss, sparse_forward_kl
 from edgekit.errors import ConfigError
 from edgekit.models import worth_copying
 from edgekit.progress import bar
@@ -44,41 +43,6 @@ log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json"}
-
-
-class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    loss: Literal[KINDS] = "forward_kl"  # type: ignore[valid-type]
-    temperature: float = Field(1.0, gt=0)
-    kd_weight: float = Field(1.0, ge=0)
-    ce_weight: float = Field(0.0, ge=0)
-    feature_weight: float = Field(0.0, ge=0)
-    beta: float = Field(0.5, ge=0, le=1, description="JSD mixing weight")
-    skew: float = Field(0.1, ge=0, le=1, description="skew KL mixing weight")
-    steps: int | None = Field(200, ge=1)
-    time_budget_s: float | None = Field(None, gt=0, description="train for this much wall-clock time instead")
-    batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    lr: float = Field(5e-4, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    warmup_steps: int = Field(10, ge=0)
-    weight_decay: float = Field(0.01, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    gradient_checkpointing: bool = False
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    seed: int = 0
-    checkpoint_every: int = Field(50, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    on_policy_fraction: float = Field(0.0, ge=0, le=1, description="share of batches the student writes (GKD)")
-    on_policy_max_new_tokens: int = Field(64, ge=1)
-    assistant_fraction: float = Field(0.0, ge=0, le=1, description="share of training against the assistant")
-
-    @model_validator(mode="after")
-    def _length(self):
-        if self.steps is None and self.time_budget_s is None:
-            raise ValueError("set steps or time_budget_s")
-        return self
 
 
 # --------------------------------------------------------------------------- data order

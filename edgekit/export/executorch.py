@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgekit import artifact
-from edgekit.arch import Architecture
+from edgekit.arch import DEFAULT_CONTEXT, Architecture
 from edgekit.bench.runners import package_version
 from edgekit.errors import ModelError, RecipeError
 from edgekit.export.onnx import copy_hf_files, special_token_ids, steps
@@ -53,7 +53,6 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pte"
 ET_CONFIG = "executorch_config.json"
-DEFAULT_CONTEXT = 2048
 # What a runtime needs beyond ExecuTorch's portable kernels to load the program.
 KERNELS = ["XnnpackBackend", "llama::custom_sdpa", "llama::update_cache"]
 

@@ -35,6 +35,7 @@ import uuid
 from pathlib import Path
 
 from edgekit import __version__
+from edgekit.arch import DEFAULT_CONTEXT
 from edgekit.artifact import fault_point
 from edgekit.errors import ModelError
 from edgekit.integrity import check_safetensors
@@ -180,7 +181,7 @@ def _hparams(cfg: dict, source: Path) -> dict:
             "layers": int(cfg["num_hidden_layers"]), "hidden": hidden, "ffn": int(cfg["intermediate_size"]),
             "heads": heads, "kv_heads": int(cfg.get("num_key_value_heads") or heads),
             "head_dim": int(cfg.get("head_dim") or hidden // heads), "vocab_size": int(cfg["vocab_size"]),
-            "context": int(cfg.get("max_position_embeddings") or 2048),
+            "context": int(cfg.get("max_position_embeddings") or DEFAULT_CONTEXT),
             "rope_theta": float(cfg.get("rope_theta") or 10000.0), "eps": float(cfg.get("rms_norm_eps") or 1e-6),
             "tied": bool(cfg.get("tie_word_embeddings", False)),
         }

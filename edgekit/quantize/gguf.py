@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekit.arch import Architecture
+from edgekit.arch import DEFAULT_CONTEXT, Architecture
 from edgekit.errors import ModelError, RecipeError
 from edgekit.progress import bar
 
@@ -191,7 +191,7 @@ def arch_from_gguf(info: dict) -> Architecture:
             intermediate_size=int(md[f"{a}.feed_forward_length"]), heads=heads,
             kv_heads=int(md.get(f"{a}.attention.head_count_kv") or heads), head_dim=head_dim,
             vocab_size=int(names["token_embd.weight"]["shape"][1]), tie_embeddings="output.weight" not in names,
-            max_context=int(md.get(f"{a}.context_length") or 2048), model_type=str(a),
+            max_context=int(md.get(f"{a}.context_length") or DEFAULT_CONTEXT), model_type=str(a),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ModelError(f"{info['path']} lacks the {a} metadata edgekit needs ({e}); re-export it with "
