@@ -41,7 +41,7 @@ def child(args) -> None:
     """Runs in its own process: load, measure speed, then fill the context, print one JSON line."""
     import resource
 
-    from edgekit.bench.llamacpp import last_logits, open_llama
+    from edgekit.runtimes.llamacpp import last_logits, open_llama
 
     t0 = time.perf_counter()
     llm = open_llama(Path(args.gguf), n_ctx=args.context, n_threads=args.threads)

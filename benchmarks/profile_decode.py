@@ -45,9 +45,9 @@ def llama_cpp_fit(results: dict, arch) -> dict:
 def ort_profile(folder: Path, tokens: int, threads: int) -> dict:
     import onnxruntime as ort
 
-    from edgekit.bench.onnxruntime import OrtLM
+    from edgekit.runtimes.onnxruntime import OrtSession
 
-    lm = OrtLM(folder, threads=threads)
+    lm = OrtSession(folder, threads=threads)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.enable_profiling = True

@@ -26,8 +26,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edgekit import __version__, artifact
-from edgekit.bench.runners import package_version
 from edgekit.errors import CacheError, ModelError, one_line
+from edgekit.registry import PluginError
+from edgekit.runtimes import NO_GPU, Runtime, package_version, runtimes
 from edgekit.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ def run_checks(deep: bool = False) -> list[Check]:
         ("python", check_python),
         ("edgekit", check_edgekit),
         *[(dep.dist, lambda dep=dep: check_dependency(dep, lock, deep)) for dep in DEPENDENCIES],
+        ("runtimes", check_runtimes),
         ("requirements.lock", lambda: check_lock(lock)),
         ("teacher package", check_teacher_package),
         ("teacher cache", lambda: check_teacher_cache(deep)),
@@ -117,7 +119,8 @@ def run_checks(deep: bool = False) -> list[Check]:
     checks = []
     for name, step in steps:
         try:
-            checks.append(step())
+            found = step()
+            checks.extend(found if isinstance(found, list) else [found])
         except Exception as e:  # noqa: BLE001 - the doctor reports, it does not crash
             log.debug("check %s crashed", name, exc_info=True)
             checks.append(Check(name, "fail", f"the check itself crashed: {type(e).__name__}: {e}",
@@ -252,6 +255,28 @@ def check_dependency(dep: Dependency, lock: dict[str, str] | None, deep: bool = 
         return Check(dep.dist, "warn", f"{detail}, but requirements.lock pins {pinned} (the tested set)",
                      f"pip install -r {lock_path()}  (or make setup)")
     return Check(dep.dist, "ok", detail + (" (as pinned)" if pinned else ""))
+
+
+def check_runtimes() -> list[Check]:
+    """One check per registered runtime (built-in or plugin): installed at a version it works with, and its GPU."""
+    try:
+        registered = runtimes()
+    except PluginError as e:
+        return [Check("runtimes", "fail", str(e).partition("; ")[0], str(e).partition("; ")[2])]
+    return [check_runtime(rt) for rt in registered.values()]
+
+
+def check_runtime(rt: Runtime) -> Check:
+    """``ok`` with the version, formats and GPU; not installed is information (benchmarks skip it), too old a warning."""
+    name = f"runtime {rt.name}"
+    problem = rt.available()
+    if problem and rt.version() is None:
+        return Check(name, "ok", f"not installed (benchmarks skip {rt.name})", problem.partition(": ")[2])
+    if problem:
+        return Check(name, "warn", problem.partition(": ")[0], problem.partition(": ")[2])
+    gpu = rt.gpu_available()
+    return Check(name, "ok", f"{rt.package} {rt.version()}, runs {', '.join(rt.formats)}; GPU: "
+                 f"{'available' if gpu is None else gpu.removeprefix(NO_GPU + ': ')}")
 
 
 def _torch_device() -> str:

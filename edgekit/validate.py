@@ -156,7 +156,7 @@ def _export_problems(e: ExportSpec) -> list[tuple[str, str]]:
 
 
 def _runtime_problems(names: list[str], formats: set[str] | None) -> list[str]:
-    from edgekit.bench.runners import runners
+    from edgekit.runtimes import runtimes as runners
 
     registry = runners()
     out = []

@@ -148,7 +148,7 @@ def test_converted_teacher_matches_llama_cpp_on_the_same_gguf(teacher):
     """Top-1 next-token agreement at every position between PyTorch (dequantized) and llama.cpp (Q4_1)."""
     import torch
 
-    from edgekit.bench.llamacpp import open_llama
+    from edgekit.runtimes.llamacpp import open_llama
     from edgekit.models import load_model, load_tokenizer
 
     tok = load_tokenizer(teacher)
@@ -189,7 +189,7 @@ def test_converted_tokenizer_says_what_the_gguf_says(teacher):
     and llama.cpp tokenizes the original embedded GGUF exactly as the converted HF tokenizer does."""
     from transformers import AutoTokenizer
 
-    from edgekit.bench.llamacpp import open_llama
+    from edgekit.runtimes.llamacpp import open_llama
 
     tok = AutoTokenizer.from_pretrained(str(teacher.path))
     assert tok.eos_token == "<|im_end|>" and tok.bos_token == "<|im_start|>"

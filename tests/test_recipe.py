@@ -219,9 +219,9 @@ def test_runtime_that_runs_no_exported_format(tmp_path):
 
 
 def test_missing_runtime_is_a_problem_only_when_named(tmp_path, monkeypatch):
-    from edgekit.bench import runners
+    from edgekit import runtimes
 
-    monkeypatch.setattr(runners.Runner, "available", lambda self: f"{self.name} is not installed: pip install x")
+    monkeypatch.setattr(runtimes.Runtime, "available", lambda self: f"{self.name} is not installed: pip install x")
     assert validate_recipe(write(tmp_path, "a.yaml", MINIMAL)) == []
     msg = one_problem(write(tmp_path, "b.yaml", {**MINIMAL, "bench": {"runtimes": ["llama.cpp"]}}))
     assert "bench.runtimes: llama.cpp is not installed" in msg

@@ -33,8 +33,8 @@ import sys
 import time
 from pathlib import Path
 
-from edgekit import __version__, artifact
-from edgekit.bench.runners import Runner, Source, describe, get_runner, package_version, runners
+from edgekit import __version__, artifact, registry
+from edgekit.runtimes import Runtime, Source, describe, get_runtime, package_version
 from edgekit.errors import ConfigError, EdgekitError
 from edgekit.integrity import check_model_path
 from edgekit.progress import bar as progress_bar
@@ -83,7 +83,7 @@ def run_benchmark(artifacts: list[Path], runtimes: list[str] | None = None, *, r
     from edgekit.devices import detect_host
 
     _check_settings(repeats, warmup, threads, prompt_lengths, decode_tokens)
-    selected = [get_runner(name) for name in runtimes] if runtimes else list(runners().values())
+    selected = [get_runtime(name) for name in runtimes] if runtimes else list(registry.items(registry.RUNTIME).values())
     sources = [describe(Path(a)) for a in artifacts]  # a path that is no artifact raises ConfigError here
     for src in sources:  # headers only: a corrupt or hostile model file stops the run here, not in a worker
         if src.model.exists():  # a missing one is the worker's to report, as a failed row
@@ -131,7 +131,7 @@ def _journal_key(spec: dict, src: Source, where: str) -> str:
     return artifact.content_id(spec, src.path.name, platform.node(), where, __version__)
 
 
-def plan_rows(sources: list[Source], selected: list[Runner]) -> list[tuple[Source, Runner, str | None]]:
+def plan_rows(sources: list[Source], selected: list[Runtime]) -> list[tuple[Source, Runtime, str | None]]:
     """(source, runner, error) per CPU row: every artifact on every runner of its format, then each source model once.
 
     A runner that runs the ``pytorch`` format is the reference: it runs each distinct source
@@ -205,7 +205,7 @@ def _thread_env() -> tuple[str, ...]:
     return THREAD_ENV
 
 
-def _measure_row(row: dict, runner: Runner, spec: dict, settings: dict, timeout_s: float, remote: str | None,
+def _measure_row(row: dict, runner: Runtime, spec: dict, settings: dict, timeout_s: float, remote: str | None,
                  python: str, ids: set[str]) -> list[dict]:
     """The CPU row and, for runtimes with a GPU variant, the GPU row."""
     missing = runner.available() if remote is None else None

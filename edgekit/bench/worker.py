@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from edgekit.errors import ConfigError, ModelError, one_line
+from edgekit.runtimes import get_runtime
 
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
 PROMPT_TEXT = (
@@ -56,7 +57,7 @@ class WorkerSpec:
     artifact: str  # an export-<id>/ folder, or an HF folder for pytorch
     runtime: str  # a registered runner name
     threads: int
-    module: str = "edgekit.bench.runners"  # imported first: registers the runner (a plugin's own module)
+    module: str = "edgekit.runtimes"  # imported first: registers the runtime (a plugin's own module)
     gpu: bool = False
     repeats: int = 5
     warmup: int = 1
@@ -127,9 +128,7 @@ def measure(spec: WorkerSpec) -> dict:
 
     if spec.module != "__main__":
         importlib.import_module(spec.module)
-    from edgekit.bench.runners import get_runner
-
-    runner = get_runner(spec.runtime)
+    runner = get_runtime(spec.runtime)
     missing = runner.available()
     if missing:
         return {"status": "unavailable", "reason": missing}

@@ -9,24 +9,24 @@ evaluated the same way (KL 0, agreement 1) so every table has its reference row.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from edgekit import metrics
 from edgekit.distill.data import apply_chat_template
 from edgekit.distill.train import collate
 from edgekit.progress import bar
+from edgekit.runtimes.pytorch import load_model
 
 log = logging.getLogger(__name__)
 
 
 def _load(folder: Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True).eval()
+    model = load_model(folder)
     try:
         tok = AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError, AttributeError):
@@ -41,25 +41,22 @@ def _batches(sequences: list[dict], batch_size: int):
 
 
 def score(model, teacher, sequences: list[dict], batch_size: int = 8) -> dict:
-    """Held-out perplexity of ``model``, and its KL to / top-1 agreement with ``teacher``."""
-    nll = kl = agree = n = 0.0
+    """Held-out perplexity of ``model``, and its KL to / top-1 agreement with ``teacher`` (:mod:`edgekit.metrics`)."""
+    tally = metrics.Tally()
     with torch.no_grad(), bar(total=len(sequences), desc="evaluating", unit="seq") as progress:
         for ids, labels, mask in _batches(sequences, batch_size):
             s = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
             t = teacher(input_ids=ids, attention_mask=mask).logits[:, :-1].float() if teacher is not model else s
             target = labels[:, 1:]
             keep = target != -100
-            log_s = F.log_softmax(s, -1)
-            log_t = F.log_softmax(t, -1)
-            nll += float(-log_s.gather(-1, target.clamp_min(0)[..., None])[..., 0][keep].sum())
-            kl += float((log_t.exp() * (log_t - log_s)).sum(-1)[keep].sum())
-            agree += float((s.argmax(-1) == t.argmax(-1))[keep].sum())
-            n += int(keep.sum())
+            if keep.any():
+                tally.add(metrics.log_softmax(t[keep].numpy()), s[keep].numpy(), target[keep].numpy())
             progress.update(len(ids))
-    if n == 0:
+    if tally.n == 0:
         raise ValueError("no held-out target tokens to evaluate (all labels are -100)")
-    return {"tokens": int(n), "perplexity": math.exp(nll / n), "cross_entropy": nll / n, "kl_to_teacher": kl / n,
-            "top1_agreement": agree / n}
+    r = tally.result()
+    return {"tokens": r["tokens"], "perplexity": r["perplexity"], "cross_entropy": r["cross_entropy"],
+            "kl_to_teacher": r["kl_mean"], "top1_agreement": r["top1_agreement"]}
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48) -> list[str]:

@@ -45,14 +45,13 @@ from pathlib import Path
 
 from edgekit import artifact
 from edgekit.arch import DEFAULT_CONTEXT, Architecture
-from edgekit.bench.runners import package_version
 from edgekit.errors import ModelError, RecipeError
 from edgekit.export.onnx import copy_hf_files, special_token_ids, steps
+from edgekit.runtimes import package_version
+from edgekit.runtimes.executorch import ET_CONFIG, MODEL_FILE, EtSession
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.pte"
-ET_CONFIG = "executorch_config.json"
 # What a runtime needs beyond ExecuTorch's portable kernels to load the program.
 KERNELS = ["XnnpackBackend", "llama::custom_sdpa", "llama::update_cache"]
 
@@ -279,9 +278,7 @@ def check_pte(path: Path, reference: tuple[list[int], object] | None = None, bos
     """
     import numpy as np
 
-    from edgekit.bench.executorch import EtLM
-
-    lm = EtLM(Path(path).parent if Path(path).is_file() else Path(path), threads=None, check_config=False,
+    lm = EtSession(Path(path).parent if Path(path).is_file() else Path(path), threads=None, check_config=False,
               pte=Path(path))
     ids = reference[0] if reference else [bos, 1, 2, 3]
     logits = lm.prefill_logits(ids)

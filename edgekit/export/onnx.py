@@ -44,7 +44,6 @@ import logging
 import shutil
 import time
 import warnings
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,12 +51,11 @@ from edgekit import artifact
 from edgekit.arch import Architecture
 from edgekit.errors import ModelError, RecipeError, one_line
 from edgekit.models import HF_FILES, read_json, worth_copying
+from edgekit.runtimes.onnxruntime import GENAI_CONFIG, MODEL_FILE, OrtSession, op_counts
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"  # external tensor data, only when the model passes protobuf's 2 GB limit
-GENAI_CONFIG = "genai_config.json"
 OPSET = 18
 _EXTERNAL_ABOVE = 1_800_000_000  # bytes of weights above which tensors go to DATA_FILE
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>")
@@ -183,8 +181,7 @@ def export_onnx(model_dir: Path, out_dir: Path, quant: str = "fp32", *, calibrat
         step_bar.update(1)
         artifact.fault_point("onnx.step")
         t = time.perf_counter()
-        check_onnx(tmp / MODEL_FILE)
-        _smoke_run(tmp / MODEL_FILE, arch, "float16" if spec.kind == "fp16" else "float32")
+        _smoke_run(tmp / MODEL_FILE, arch)  # check_onnx, then a prefill
         timings["check_s"] = time.perf_counter() - t
         step_bar.update(1)
         artifact.fault_point("onnx.step")
@@ -315,36 +312,6 @@ def special_token_ids(model_dir: Path) -> tuple[int, list[int], int]:
     bos = next((v for v in (cfg.get("bos_token_id"), gen.get("bos_token_id")) if isinstance(v, int)), eos[0])
     pad = next((v for v in (cfg.get("pad_token_id"), gen.get("pad_token_id")) if isinstance(v, int)), eos[0])
     return bos, eos, pad
-
-
-def check_onnx(path: Path) -> dict[str, int]:
-    """Check that ``path`` (a model.onnx or its folder) is a whole ONNX model; return its op counts.
-
-    Reads the protobuf and checks its tensors with :func:`edgekit.integrity.load_checked_onnx`
-    (shapes, byte counts, external data inside the folder and long enough), then that every
-    node input is defined. Raises ModelError with one line naming the file otherwise.
-    """
-    from edgekit.integrity import load_checked_onnx
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / MODEL_FILE
-    if not path.is_file():
-        raise ModelError(f"{path} is missing; export the model again (edgekit export --format onnx)")
-    model = load_checked_onnx(path)
-    problem = _graph_problem(model)
-    if problem:
-        raise ModelError(f"{path} is incomplete ({problem}); it is truncated or its data file is damaged: "
-                         "delete the folder and export again")
-    return op_counts(model)
-
-
-def op_counts(model) -> dict[str, int]:
-    """How many nodes of each op type the main graph has (sorted by name)."""
-    return dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
-
-
-# --------------------------------------------------------------------------- step 1: optimum
 
 
 def _optimum_tool() -> str:
@@ -665,37 +632,25 @@ def _save(model, path: Path) -> bool:
     return external
 
 
-def _smoke_run(path: Path, arch: Architecture, kv_dtype: str) -> None:
-    """Load the written model in onnxruntime and run a 3-token prefill: a broken graph fails here, not later."""
+def _smoke_run(path: Path, arch: Architecture) -> None:
+    """Load the written folder in onnxruntime (after :func:`check_onnx`) and run a 3-token prefill: a broken graph
+    fails here, not later."""
     import numpy as np
-    import onnxruntime as ort
 
     try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        logits = session.run(["logits"], prefill_inputs([1, 2, 3], arch.layers, arch.kv_heads, arch.head_dim,
-                                                        np.dtype(kv_dtype)))[0]
+        session = OrtSession(path.parent, threads=1, gpu=False)
+        logits = session.logits([1, 2, 3])
+        session.close()
+    except ModelError:
+        raise
     except Exception as e:  # onnxruntime raises Fail / InvalidGraph / RuntimeException
         raise ModelError(f"onnxruntime cannot run the exported {path}: {one_line(e, with_type=True)}") from e
-    if logits.shape != (1, 3, arch.vocab_size) or not np.isfinite(logits).all():
+    if logits.shape != (3, arch.vocab_size) or not np.isfinite(logits).all():
         raise ModelError(f"the exported {path} gives logits of shape {logits.shape} with non-finite values; "
                          "the export is broken, please report it")
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _graph_problem(model) -> str | None:
-    """A node reading a tensor nothing defines, or an output nothing computes (tensor bytes: edgekit.integrity)."""
-    defined = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
-    for node in model.graph.node:
-        for name in node.input:
-            if name not in defined:
-                return f"node {node.name or node.op_type} reads undefined tensor {name!r}"
-        defined.update(node.output)
-    for out in model.graph.output:
-        if out.name not in defined:
-            return f"output {out.name!r} is never computed"
-    return None
 
 
 def _attr(node, name: str):

@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from edgekit.bench.runners import Runner, register_runner
+from edgekit.runtimes import Runtime as Runner, register_runtime as register_runner
 
 
 class FakeSession:

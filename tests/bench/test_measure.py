@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgekit.bench import measure
-from edgekit.bench import runners as runners_mod
+from edgekit import runtimes as runners_mod
 from edgekit.bench.measure import (SCHEMA, plan_rows, run_benchmark, run_worker, summarize, validate_results,
                                    worker_command)
-from edgekit.bench.runners import describe, get_runner
+from edgekit.runtimes import describe, get_runtime as get_runner
 from edgekit.bench.worker import WorkerSpec
 from edgekit.errors import ConfigError
 
@@ -44,7 +44,7 @@ def fakes(monkeypatch, bench_home):
     from tests.bench import fake_runners
 
     for r in fake_runners.RUNNERS:
-        runners_mod.register_runner(r)
+        runners_mod.register_runtime(r)
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     return fake_runners
 

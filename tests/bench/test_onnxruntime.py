@@ -8,7 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from edgekit.bench.onnxruntime import GenerationStats, OrtLM, default_providers, genai_generate
+from edgekit.runtimes import GenerationStats
+from edgekit.runtimes.onnxruntime import OrtSession as OrtLM, default_providers
+from edgekit.runtimes.onnxruntime_genai import genai_generate
 from edgekit.errors import ModelError
 
 PROMPT = [{"role": "user", "content": "Hello world, how are you today? Tell me about the quick brown fox."}]

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from edgekit.bench import runners as runners_mod
-from edgekit.bench.runners import NO_GPU, Runner, describe, get_runner, register_runner, runners
+from edgekit.runtimes import NO_GPU, Runtime as Runner, describe, get_runtime as get_runner, runtimes as runners
+from edgekit.runtimes import register_runtime as register_runner
 from edgekit.errors import ConfigError
 
 BUILTINS = {"llama.cpp": ("gguf",), "onnxruntime": ("onnx",), "onnxruntime-genai": ("onnx",),

@@ -41,7 +41,7 @@ def torch_lm(tiny_bpe_llama_dir):
 
 
 def _et(folder: Path):
-    from edgekit.bench.executorch import EtLM
+    from edgekit.runtimes.executorch import EtSession as EtLM
 
     return EtLM(folder, threads=1)
 
@@ -60,7 +60,7 @@ def test_fp32_export_folder_has_program_config_and_tokenizer(exports, tiny_bpe_l
 
 
 def test_program_carries_the_llm_runner_metadata(exports):
-    from edgekit.bench.executorch import _constant, _runtime
+    from edgekit.runtimes.executorch import _constant, _runtime
 
     runtime, verification = _runtime()
     program = runtime.load_program(exports["fp32"][0] / "model.pte", verification=verification.InternalConsistency)

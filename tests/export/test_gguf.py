@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgekit.bench.llamacpp import last_logits, open_llama
+from edgekit.runtimes.llamacpp import last_logits, open_llama
 from edgekit.errors import ModelError
 from edgekit.export import gguf as export
 from edgekit.export.gguf import detect_pre_tokenizer, export_gguf, read_gguf

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from edgekit.errors import ModelError, RecipeError
-from edgekit.export.onnx import QUANTS, check_onnx, export_onnx, genai_config, op_counts, resolve_quant
+from edgekit.export.onnx import QUANTS, export_onnx, genai_config, resolve_quant
+from edgekit.runtimes.onnxruntime import check_onnx, op_counts
 
 TEXT = "The quick brown fox jumps over the lazy dog. Hello world, 42 apples!"
 HELD_OUT = "Quantization trades bits for accuracy; how are you today, lazy fox? def add(a, b): return 1234567890"
@@ -56,7 +57,7 @@ def _torch_logits(model, ids: list[int]) -> np.ndarray:
 
 
 def _ort(folder: Path):
-    from edgekit.bench.onnxruntime import OrtLM
+    from edgekit.runtimes.onnxruntime import OrtSession as OrtLM
 
     return OrtLM(folder, threads=1)
 
@@ -135,7 +136,7 @@ def test_chat_end_of_turn_token_is_added_to_eos(tiny_bpe_llama_dir, tmp_path):
 def test_fp16_export_runs_on_the_cpu_provider_close_to_pytorch(exports, torch_lm):
     import onnx
 
-    from edgekit.bench.onnxruntime import genai_generate
+    from edgekit.runtimes.onnxruntime_genai import genai_generate
 
     model, tok = torch_lm
     folder, summary = exports["fp16"]
@@ -365,7 +366,7 @@ def test_teacher_fp32_logits_match_pytorch_over_a_chat_prompt(teacher_exports, t
 def test_teacher_greedy_64_tokens_identical_in_pytorch_ortlm_and_genai(teacher_exports, teacher_torch):
     import torch
 
-    from edgekit.bench.onnxruntime import genai_generate
+    from edgekit.runtimes.onnxruntime_genai import genai_generate
 
     model, tok = teacher_torch
     ids = tok.apply_chat_template(CHAT, add_generation_prompt=True)
@@ -382,7 +383,7 @@ def test_teacher_greedy_64_tokens_identical_in_pytorch_ortlm_and_genai(teacher_e
 
 @pytest.mark.slow
 def test_teacher_int4_runs_and_mostly_agrees_with_fp32(teacher_exports, teacher_torch):
-    from edgekit.bench.onnxruntime import genai_generate
+    from edgekit.runtimes.onnxruntime_genai import genai_generate
 
     _, tok = teacher_torch
     folder, summary = teacher_exports["int4"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgekit.bench.llamacpp import last_logits, open_llama
+from edgekit.runtimes.llamacpp import last_logits, open_llama
 from edgekit.errors import ModelError, RecipeError
 from edgekit.export.gguf import export_gguf, read_gguf
 from edgekit.quantize.gguf import FTYPES, compute_imatrix, load_imatrix, quantize_gguf, save_imatrix

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from edgekit.export.pipeline import ExportConfig, run
+from edgekit import metrics
 from edgekit.quantize import report
 
 
@@ -17,7 +18,7 @@ def test_tally_matches_hand_computed_kl_and_agreement():
     ref = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
     cand = np.array([[1.0, 0.5, -1.0], [0.0, 0.0, 1.0]], dtype=np.float32)
     targets = torch.tensor([0, 2])
-    t = report._Tally()
+    t = metrics.Tally()
     t.add(F.log_softmax(ref, -1), cand, targets)
     r = t.result()
     p, q = F.softmax(ref, -1), F.softmax(torch.from_numpy(cand), -1)
@@ -30,7 +31,7 @@ def test_tally_matches_hand_computed_kl_and_agreement():
 
 def test_tally_of_identical_logits_is_zero_kl_full_agreement():
     logits = torch.randn(7, 11)
-    t = report._Tally()
+    t = metrics.Tally()
     t.add(F.log_softmax(logits, -1), logits.numpy(), torch.randint(0, 11, (7,)))
     r = t.result()
     assert r["kl_mean"] == pytest.approx(0.0, abs=1e-6) and r["top1_agreement"] == 1.0

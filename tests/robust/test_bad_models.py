@@ -285,7 +285,7 @@ def test_truncated_gguf_export_is_refused_by_bench_and_fidelity(capsys, home, ex
 def test_open_llama_checks_before_llama_cpp_sees_the_file(exports, tmp_path, monkeypatch):
     import llama_cpp
 
-    from edgekit.bench.llamacpp import open_llama
+    from edgekit.runtimes.llamacpp import open_llama
 
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(_gguf_damage(exports["gguf"] / "model.gguf", "absurd_dims")[0])
@@ -402,7 +402,7 @@ def test_hostile_onnx_is_refused_by_fidelity(capsys, home, exports, tmp_path):
 def test_onnxruntime_never_sees_a_refused_file(exports, tmp_path, monkeypatch, damage):
     import onnxruntime
 
-    from edgekit.bench.onnxruntime import OrtLM
+    from edgekit.runtimes.onnxruntime import OrtSession as OrtLM
 
     folder, path = _onnx_damaged(exports, tmp_path, damage)
     monkeypatch.setattr(onnxruntime, "InferenceSession", lambda *a, **k: pytest.fail("onnxruntime got the file"))
@@ -439,13 +439,13 @@ def test_damaged_pte_is_refused_by_bench(capsys, home, et_export, tmp_path, dama
 
 @pytest.mark.parametrize("damage", ["truncated", "wrong_identifier"])
 def test_etlm_checks_before_the_runtime_loads(et_export, monkeypatch, damage):
-    from edgekit.bench import executorch as et
+    from edgekit.runtimes import executorch as et
 
     pte = et_export / "model.pte"
     pte.write_bytes(PTE_DAMAGES[damage][0](pte.read_bytes()))
     monkeypatch.setattr(et, "_runtime", lambda: pytest.fail("ExecuTorch's runtime was handed the file"))
     with pytest.raises(ModelError, match="model.pte is not a readable ExecuTorch program"):
-        et.EtLM(et_export, threads=1)
+        et.EtSession(et_export, threads=1)
 
 
 # --------------------------------------------------------------------------- hostile folders

@@ -1,27 +1,23 @@
-"""Running an exported ExecuTorch folder (``model.pte`` + ``executorch_config.json``) with ExecuTorch's Python runtime.
+"""ExecuTorch's Python runtime on an exported folder (``model.pte`` + ``executorch_config.json``), XNNPACK on the CPU.
 
-:class:`EtLM` loads the program through ``executorch.runtime`` (with the LLM and quantized
-kernels registered, and the flatbuffer verified on load), and steps it: the program keeps its
-K/V cache inside, so a call is ``forward(tokens, input_pos) -> last-position logits`` and a
-new sequence simply starts again at position 0. The benchmark session, the fidelity report
-and the export check all use it.
+:class:`EtSession` loads the program through ``executorch.runtime`` (with the LLM and quantized
+kernels registered, and the flatbuffer verified on load), and steps it: the program keeps its K/V
+cache inside, so a call is ``forward(tokens, input_pos) -> last-position logits`` and a new sequence
+simply starts again at position 0.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 
-import numpy as np
-
-from edgekit.bench.onnxruntime import GenerationStats
-from edgekit import integrity
+from edgekit import integrity, registry
 from edgekit.errors import ModelError, one_line
-from edgekit.export.executorch import ET_CONFIG, MODEL_FILE
+from edgekit.runtimes import NO_GPU, GenerationStats, Runtime, hf_tokenizer
 
-log = logging.getLogger(__name__)
+MODEL_FILE = "model.pte"
+ET_CONFIG = "executorch_config.json"
 
 
 def _runtime():
@@ -29,10 +25,10 @@ def _runtime():
     try:
         import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  llama::custom_sdpa / update_cache
         import executorch.kernels.quantized  # noqa: F401  quantized_decomposed::embedding_byte
-        from executorch.runtime import Runtime, Verification
+        from executorch.runtime import Runtime as EtRuntime, Verification
     except ImportError as e:
         raise ModelError(f"ExecuTorch is not installed ({e}); pip install 'edgekit[executorch]'") from e
-    return Runtime.get(), Verification
+    return EtRuntime.get(), Verification
 
 
 def set_threads(threads: int | None) -> None:
@@ -43,15 +39,19 @@ def set_threads(threads: int | None) -> None:
         portable_lib._unsafe_reset_threadpool(int(threads))
 
 
-class EtLM:
+class EtSession:
     """A ``model.pte`` from ``edgekit export --format executorch``, batch 1."""
 
     def __init__(self, folder: Path, threads: int | None = None, *, check_config: bool = True,
-                 pte: Path | None = None):
+                 pte: Path | None = None, gpu: bool = False, context: int | None = None, all_logits: bool = False):
+        import numpy as np
         import torch
 
-        self.torch = torch
-        folder = Path(folder)
+        if gpu:
+            raise ModelError("edgekit's ExecuTorch programs are lowered to XNNPACK (CPU); a GPU needs a Vulkan, "
+                             "MPS or Core ML export, which edgekit does not write yet")
+        self.np, self.torch = np, torch
+        self.folder = folder = Path(folder)
         self.path = Path(pte) if pte else folder / MODEL_FILE
         self.config = {}
         config_path = folder / ET_CONFIG
@@ -79,8 +79,15 @@ class EtLM:
         self.eos_ids = tuple(self.config.get("eos_token_id") or ())
         self.pos = 0
         self.stats = GenerationStats()
+        self._tokenize = None
+        self._token = None
 
-    def forward(self, ids: list[int], pos: int) -> np.ndarray:
+    def tokenize(self, text: str) -> list[int]:
+        if self._tokenize is None:
+            self._tokenize = hf_tokenizer(self.folder)
+        return self._tokenize(text)
+
+    def forward(self, ids: list[int], pos: int):
         """Logits [vocab] of the last of ``ids`` placed at positions ``pos..pos+len(ids)-1``."""
         if self.context and pos + len(ids) > self.context:
             raise ModelError(f"{len(ids)} tokens at position {pos} pass the program's context of {self.context}; "
@@ -90,33 +97,43 @@ class EtLM:
         self.pos = pos + len(ids)
         return out.reshape(-1).numpy()
 
-    def prefill_logits(self, ids: list[int]) -> np.ndarray:
+    def prefill_logits(self, ids: list[int]):
         """Start a new sequence with ``ids``; logits of its last position."""
         return self.forward(list(ids), 0)
 
-    def logits(self, ids: list[int]) -> np.ndarray:
+    def logits(self, ids: list[int]):
         """[T, vocab] logits of every position, one program call per token (the program returns the last only)."""
         rows = [self.forward([tok], i) for i, tok in enumerate(ids)]
-        return np.stack(rows).astype(np.float32, copy=False)
+        return self.np.stack(rows).astype(self.np.float32, copy=False)
 
-    def generate(self, ids: list[int], max_new_tokens: int, eos_ids=None, greedy: bool = True):
-        """Yield up to ``max_new_tokens`` greedy tokens after ``ids``; stops at ``eos_ids`` (default: the export's)."""
-        if not greedy:
-            raise ModelError("EtLM samples greedily only")
+    def prefill(self, ids: list[int]) -> int:
+        self._token = int(self.prefill_logits(list(ids)).argmax())
+        return self._token
+
+    def decode(self, n: int) -> list[int]:
+        out = []
+        for _ in range(n):
+            self._token = int(self.forward([self._token], self.pos).argmax())
+            out.append(self._token)
+        return out
+
+    def generate(self, ids: list[int], n: int, eos_ids=None) -> list[int]:
+        """Up to ``n`` greedy tokens after ``ids``; stops at ``eos_ids`` (default: the export's). Timings in ``stats``."""
         stop = set(self.eos_ids if eos_ids is None else eos_ids)
         self.stats = GenerationStats(prompt_tokens=len(ids))
+        out: list[int] = []
         t0 = time.perf_counter()
         logits = self.prefill_logits(ids)
         self.stats.prefill_s = time.perf_counter() - t0
-        for i in range(max_new_tokens):
-            token = int(logits.argmax())
-            self.stats.new_tokens += 1
-            yield token
-            if token in stop or i == max_new_tokens - 1:
-                return
+        while len(out) < n:
+            out.append(int(logits.argmax()))
+            if out[-1] in stop or len(out) == n:
+                break
             t = time.perf_counter()
-            logits = self.forward([token], self.pos)
+            logits = self.forward([out[-1]], self.pos)
             self.stats.decode_s.append(time.perf_counter() - t)
+        self.stats.new_tokens = len(out)
+        return out
 
     def close(self) -> None:
         self.method = None
@@ -132,3 +149,16 @@ def _constant(program, name: str):
     except Exception:  # an optional fact: missing or odd metadata is not an error here
         return None
 
+
+def _gpu() -> str | None:
+    return f"{NO_GPU}: edgekit lowers ExecuTorch programs to XNNPACK, a CPU backend"
+
+
+RUNTIME = Runtime("executorch", ("executorch",), "executorch", "executorch", EtSession, _gpu,
+                  description="ExecuTorch's Python runtime (XNNPACK delegate, portable + LLM kernels)",
+                  min_version="1.5.1")
+
+
+def register(reg: registry.Registry) -> None:
+    """Entry point (group ``edgekit``)."""
+    reg.add(registry.RUNTIME, RUNTIME.name, RUNTIME)
