@@ -34,10 +34,10 @@ import time
 from pathlib import Path
 
 from edgekit import __version__, artifact, registry
-from edgekit.runtimes import Runtime, Source, describe, get_runtime, package_version
 from edgekit.errors import ConfigError, EdgekitError
 from edgekit.integrity import check_model_path
 from edgekit.progress import bar as progress_bar
+from edgekit.runtimes import Runtime, Source, describe, get_runtime, package_version
 
 log = logging.getLogger(__name__)
 
