@@ -40,11 +40,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edgekit import artifact, registry
-from edgekit.arch import Architecture
+from edgekit.arch import DEFAULT_CONTEXT, Architecture
 from edgekit.errors import ConfigError, ModelError, one_line
 
 NO_GPU = "not available on this host"
-DEFAULT_CONTEXT = 2048  # positions a session allocates when the caller names none
 
 
 class Session(Protocol):

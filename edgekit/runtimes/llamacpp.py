@@ -16,7 +16,8 @@ from pathlib import Path
 from edgekit import registry
 from edgekit.errors import ModelError
 from edgekit.integrity import check_gguf
-from edgekit.runtimes import DEFAULT_CONTEXT, NO_GPU, Runtime, greedy
+from edgekit.arch import DEFAULT_CONTEXT
+from edgekit.runtimes import NO_GPU, Runtime, greedy
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from edgekit import registry
 from edgekit.errors import ModelError, one_line
 from edgekit.integrity import check_model_path
-from edgekit.runtimes import DEFAULT_CONTEXT, NO_GPU, Runtime, hf_tokenizer
+from edgekit.arch import DEFAULT_CONTEXT
+from edgekit.runtimes import NO_GPU, Runtime, hf_tokenizer
 from edgekit.runtimes.onnxruntime import read_genai_config
 
 
