@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edgekit import __version__, artifact
+from edgekit import __version__, artifact, registry
 from edgekit.bench.runners import package_version
 from edgekit.errors import CacheError, ModelError, one_line
 from edgekit.units import format_bytes
@@ -103,6 +103,8 @@ def run_checks(deep: bool = False) -> list[Check]:
         ("edgekit", check_edgekit),
         *[(dep.dist, lambda dep=dep: check_dependency(dep, lock, deep)) for dep in DEPENDENCIES],
         ("requirements.lock", lambda: check_lock(lock)),
+        ("plugins", check_plugins),
+        ("runtimes", check_runtimes),
         ("teacher package", check_teacher_package),
         ("teacher cache", lambda: check_teacher_cache(deep)),
         ("EDGEKIT_HOME", check_home_writable),
@@ -263,6 +265,34 @@ def _torch_device() -> str:
     except Exception as e:  # noqa: BLE001 - a broken driver: edgekit runs on the CPU anyway
         return f"CPU only (CUDA present but unusable: {one_line(e, with_type=True)})"
     return "CPU only"
+
+
+def check_plugins() -> Check:
+    """Everything registered through the ``edgekit`` entry points, and which package brought what."""
+    try:
+        found = {kind: registry.names(kind) for kind in registry.KINDS}
+    except registry.PluginError as e:
+        return Check("plugins", "fail", str(e), "fix or uninstall the plugin package it names")
+    extra = sorted({f"{name} ({registry.REGISTRY.origin(kind, name)})" for kind in registry.KINDS
+                    for name in found[kind] if not registry.REGISTRY.origin(kind, name).startswith("edgekit.")})
+    detail = (f"formats {', '.join(found[registry.FORMAT])}; {len(found[registry.SCHEME])} quant schemes; exporters "
+              f"{', '.join(found[registry.EXPORTER])}; runtimes {', '.join(found[registry.RUNTIME])}")
+    return Check("plugins", "ok", detail + (f"; from plugins: {', '.join(extra)}" if extra else ""))
+
+
+def check_runtimes() -> Check:
+    """Every registered runtime: installed (with its version) or why not. Runtimes whose package is one of
+    :data:`DEPENDENCIES` are judged there; a plugin's runtime that cannot load is a warning here."""
+    known = {dep.dist for dep in DEPENDENCIES}
+    parts, missing = [], []
+    for name, rt in registry.items(registry.RUNTIME).items():
+        why = rt.available()
+        parts.append(f"{name} {rt.version() or '?'}" if why is None else f"{name} (not installed)")
+        if why is not None and rt.package not in known:
+            missing.append(why)
+    if missing:
+        return Check("runtimes", "warn", "; ".join(parts), "; ".join(missing))
+    return Check("runtimes", "ok", "; ".join(parts))
 
 
 def check_lock(lock: dict[str, str] | None) -> Check:
