@@ -100,8 +100,8 @@ def plugin_env(tmp_path_factory) -> dict[str, str]:
     target = root / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                     "--no-index", "--target", str(target), str(src)], check=True, capture_output=True, text=True)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-               EDGEKIT_HOME=str(root / "home"))
+    path = os.pathsep.join(p for p in (str(target), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, PYTHONPATH=path, EDGEKIT_HOME=str(root / "home"))
     return env
 
 
@@ -127,7 +127,8 @@ def test_the_plugin_is_registered_beside_the_builtins(plugin_env):
 
 
 def test_without_the_plugin_its_names_are_unknown():
-    code = "from edgekit import registry; print('toy' in registry.names('format'), 'toyrt' in registry.names('runtime'))"
+    code = ("from edgekit import registry; "
+            "print('toy' in registry.names('format'), 'toyrt' in registry.names('runtime'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
 

@@ -792,7 +792,8 @@ def export_artifact(cfg, model, tmp: Path, texts: list[str] | None) -> dict:
 
 
 EXPORTER = Exporter("onnx", export_artifact, version=2, default_quant="fp32",
-                    calibrated_names=SchemeTable("onnx", lambda ss: {f"{s.name}-awq": s.name for s in ss if s.calibrate}),
+                    calibrated_names=SchemeTable("onnx", lambda ss: {f"{s.name}-awq": s.name
+                                                                     for s in ss if s.calibrate}),
                     description="optimum's ONNX export, onnxruntime's quantizers, genai_config.json")
 
 

@@ -23,7 +23,6 @@ so a plugin's format exports through this same stage.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 
