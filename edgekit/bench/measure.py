@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from edgekit import __version__, artifact
+from edgekit import __version__, artifact, registry
 from edgekit.bench.runners import Runner, Source, describe, get_runner, package_version, runners
 from edgekit.errors import ConfigError, EdgekitError
 from edgekit.integrity import check_model_path
@@ -51,8 +51,10 @@ REQUIRED_VERSIONS = ("llama_cpp_python", "onnxruntime", "onnxruntime_genai", "to
 
 def version_packages() -> dict[str, str]:
     """``host.versions`` key -> pip distribution, for every registered runtime plus transformers."""
-    packages = [rt.package for rt in runners().values()] + ["transformers"]
+    packages = [rt.package for rt in registry.items(registry.RUNTIME).values()] + ["transformers"]
     return {p.replace("-", "_"): p for p in dict.fromkeys(packages)}
+
+
 STAT_KEYS = ("median", "min", "max", "q1", "q3", "iqr", "mean", "n", "values")
 DECODE_PROMPT_TOKENS = 128  # decode speed is measured after a prompt of this many tokens
 
