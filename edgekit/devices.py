@@ -15,26 +15,39 @@ import logging
 import os
 import platform
 import time
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from edgekit import artifact
+from edgekit import artifact, registry
 from edgekit.errors import DeviceError, validation_problem, yaml_problem
 from edgekit.units import Bandwidth, Bytes, Flops, Frequency, format_bytes
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("llama.cpp", "onnxruntime", "onnxruntime-genai", "executorch")
 ISA_FLAGS = (
     "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx",
     "neon", "fp16", "dotprod", "i8mm", "bf16", "sve", "sve2", "sme", "xtensa_pie", "rvv",
 )
-Runtime = Literal["llama.cpp", "onnxruntime", "onnxruntime-genai", "executorch"]
 Isa = Literal[ISA_FLAGS]  # type: ignore[valid-type]
+
+
+def device_runtimes() -> list[str]:
+    """Runtimes a device profile can list: the registered ones that run a registered export format
+    (the PyTorch reference runs the HF folder itself, which is no device's runtime)."""
+    fmts = set(registry.names(registry.FORMAT))
+    return [name for name, rt in registry.items(registry.RUNTIME).items() if set(rt.formats) & fmts]
+
+
+def _check_runtimes(names: list[str]) -> list[str]:
+    known = device_runtimes()
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise ValueError(f"unknown runtime {', '.join(map(repr, bad))}: use any of {', '.join(known)} (a plugin "
+                         "package adds more through the 'edgekit' entry-point group)")
+    return names
 
 
 class _Strict(BaseModel):
@@ -63,7 +76,12 @@ class Accelerator(_Strict):
     peak: Flops | None = None
     precision: Literal["fp32", "fp16", "bf16", "int8", "int4"] | None = None
     memory: str = "shared"
-    usable_by: list[Runtime] = []
+    usable_by: list[str] = []
+
+    @field_validator("usable_by")
+    @classmethod
+    def _usable_by(cls, v: list[str]) -> list[str]:
+        return _check_runtimes(v)
 
     @field_validator("memory")
     @classmethod
@@ -86,12 +104,17 @@ class DeviceProfile(_Strict):
     memory_bandwidth: Bandwidth = Field(gt=0)
     cpu: Cpu
     accelerators: list[Accelerator] = []
-    runtimes: list[Runtime]
+    runtimes: list[str]
     os: str
     notes: str = ""
     measured: dict[str, str] = Field(default_factory=dict, description="how detected figures were measured (host)")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("runtimes")
+    @classmethod
+    def _runtimes(cls, v: list[str]) -> list[str]:
+        return _check_runtimes(v)
 
     @model_validator(mode="after")
     def _budget_within_ram(self):
@@ -293,9 +316,8 @@ def measure_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
 
 
 def installed_runtimes() -> list[str]:
-    modules = {"llama.cpp": "llama_cpp", "onnxruntime": "onnxruntime", "onnxruntime-genai": "onnxruntime_genai",
-               "executorch": "executorch"}
-    return [rt for rt, mod in modules.items() if find_spec(mod) is not None]
+    """The device runtimes this host can import (each runtime's descriptor knows its module)."""
+    return [name for name in device_runtimes() if registry.get(registry.RUNTIME, name).available() is None]
 
 
 def detect_host(refresh: bool = False) -> DeviceProfile:

@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edgekit import __version__, artifact
+from edgekit import __version__, artifact, registry
 from edgekit.errors import CacheError, ModelError, one_line
 from edgekit.registry import PluginError
 from edgekit.runtimes import NO_GPU, Runtime, package_version, runtimes
@@ -105,6 +105,7 @@ def run_checks(deep: bool = False) -> list[Check]:
         *[(dep.dist, lambda dep=dep: check_dependency(dep, lock, deep)) for dep in DEPENDENCIES],
         ("runtimes", check_runtimes),
         ("requirements.lock", lambda: check_lock(lock)),
+        ("plugins", check_plugins),
         ("teacher package", check_teacher_package),
         ("teacher cache", lambda: check_teacher_cache(deep)),
         ("EDGEKIT_HOME", check_home_writable),
@@ -288,6 +289,19 @@ def _torch_device() -> str:
     except Exception as e:  # noqa: BLE001 - a broken driver: edgekit runs on the CPU anyway
         return f"CPU only (CUDA present but unusable: {one_line(e, with_type=True)})"
     return "CPU only"
+
+
+def check_plugins() -> Check:
+    """Everything registered through the ``edgekit`` entry points, and which package brought what."""
+    try:
+        found = {kind: registry.names(kind) for kind in registry.KINDS}
+    except registry.PluginError as e:
+        return Check("plugins", "fail", str(e), "fix or uninstall the plugin package it names")
+    extra = sorted({f"{name} ({registry.REGISTRY.origin(kind, name)})" for kind in registry.KINDS
+                    for name in found[kind] if not registry.REGISTRY.origin(kind, name).startswith("edgekit.")})
+    detail = (f"formats {', '.join(found[registry.FORMAT])}; {len(found[registry.SCHEME])} quant schemes; exporters "
+              f"{', '.join(found[registry.EXPORTER])}; runtimes {', '.join(found[registry.RUNTIME])}")
+    return Check("plugins", "ok", detail + (f"; from plugins: {', '.join(extra)}" if extra else ""))
 
 
 def check_lock(lock: dict[str, str] | None) -> Check:

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from edgekit.arch import DEFAULT_CONTEXT, Architecture
 from edgekit.devices import DeviceProfile
 from edgekit.errors import BudgetError, RecipeError
-from edgekit.quantize.schemes import Scheme, get_format, get_scheme, schemes
+from edgekit import registry
+from edgekit.quantize.schemes import Scheme, formats, get_format, get_scheme, runtimes, schemes
 from edgekit.units import format_bytes
 
 SAFETY_MARGIN = 0.10
@@ -45,6 +46,7 @@ class RuntimeModel:
     all_logits: bool  # whether prefill materialises logits for every prompt token
     source: str
     embedded_overhead_bytes: int = 512_000  # bare-metal build (microcontrollers): no OS process, no Python
+    kv_cells_multiple: int = 1  # the KV cache is allocated in multiples of this many positions
 
 
 RUNTIME_MODELS = {
@@ -54,7 +56,8 @@ RUNTIME_MODELS = {
     # measured read bandwidth, prefill at ~35 % of the measured FP32 matmul peak. A native
     # app without Python is ~12 MiB smaller.
     "llama.cpp": RuntimeModel("llama.cpp", 512, 50_000_000, 450, 0.5, 0.35, 25e-6, False,
-                              "calibrated: llama-cpp-python 0.3.36 on x86-64 (benchmarks/plan_accuracy.py)"),
+                              "calibrated: llama-cpp-python 0.3.36 on x86-64 (benchmarks/plan_accuracy.py)",
+                              kv_cells_multiple=256),  # llama.cpp pads the cache to 256 cells
     # Estimates until the ONNX and ExecuTorch exporters exist to measure them against.
     "onnxruntime": RuntimeModel("onnxruntime", 512, 80_000_000, 300, 0.4, 0.4, 40e-6, True,
                                 "estimate (not yet measured)"),
@@ -63,6 +66,21 @@ RUNTIME_MODELS = {
     "executorch": RuntimeModel("executorch", 128, 30_000_000, 200, 0.4, 0.4, 30e-6, False,
                                "estimate (not yet measured)"),
 }
+
+
+
+
+def runtime_model(runtime: str) -> RuntimeModel:
+    """The planning constants of ``runtime``: its descriptor's ``plan_model`` when it brings one (a plugin
+    runtime), else edgekit's table above, else a generic estimate for a registered runtime."""
+    desc = registry.get(registry.RUNTIME, runtime, error=RecipeError, what="runtime")
+    own = getattr(desc, "plan_model", None)
+    if own is not None:
+        return own
+    if runtime in RUNTIME_MODELS:
+        return RUNTIME_MODELS[runtime]
+    return RuntimeModel(runtime, 512, 80_000_000, 300, 0.4, 0.4, 40e-6, True,
+                        f"generic estimate: runtime {runtime} brings no plan_model")
 
 
 @dataclass(frozen=True)
@@ -97,8 +115,8 @@ class Memory:
 
 
 def kv_cache_bytes(arch: Architecture, context: int, bytes_per_value: int, runtime: str = "llama.cpp") -> int:
-    if runtime == "llama.cpp":
-        context = -(-context // 256) * 256  # llama.cpp pads the cache to 256 cells
+    cells = runtime_model(runtime).kv_cells_multiple
+    context = -(-context // cells) * cells
     return 2 * arch.layers * context * arch.kv_dim * bytes_per_value
 
 
@@ -117,7 +135,7 @@ def compute_buffer_bytes(arch: Architecture, context: int, rt: RuntimeModel) -> 
 
 
 def memory_model(arch: Architecture, scheme: Scheme, context: int, runtime: str, bare_metal: bool = False) -> Memory:
-    rt = RUNTIME_MODELS[runtime]
+    rt = runtime_model(runtime)
     fmt = get_format(scheme.format)
     overhead = rt.embedded_overhead_bytes if bare_metal else rt.overhead_bytes + rt.vocab_table_bytes * arch.vocab_size
     return Memory(
@@ -149,7 +167,7 @@ def bytes_read_per_token(arch: Architecture, scheme: Scheme, position: int, kv_b
 
 
 def predict_speed(arch: Architecture, scheme: Scheme, device: DeviceProfile, runtime: str, context: int) -> dict:
-    rt = RUNTIME_MODELS[runtime]
+    rt = runtime_model(runtime)
     fmt = get_format(scheme.format)
     position = min(context, DECODE_POSITION)
     nbytes, weighted = bytes_read_per_token(arch, scheme, position, fmt.kv_dtype_bytes)
@@ -168,7 +186,7 @@ def predict_speed(arch: Architecture, scheme: Scheme, device: DeviceProfile, run
 
 
 def _assumptions(runtime: str, device: DeviceProfile) -> list[str]:
-    rt = RUNTIME_MODELS[runtime]
+    rt = runtime_model(runtime)
     bw = "measured" if "memory_bandwidth" in device.measured else "spec-sheet peak"
     return [
         f"decode reaches {rt.decode_bandwidth_eff:.0%} of the device's {bw} memory bandwidth and pays "
@@ -183,21 +201,16 @@ def _assumptions(runtime: str, device: DeviceProfile) -> list[str]:
 
 
 def runtime_for(fmt: str, device: DeviceProfile) -> str:
-    f = get_format(fmt)
-    for rt in f.runtimes:
+    get_format(fmt)
+    able = runtimes(fmt)  # the registered runtimes that run fmt, in registration order
+    for rt in able:
         if rt in device.runtimes:
             return rt
-    others = sorted({name for name, g in _all_formats().items() if set(g.runtimes) & set(device.runtimes)})
+    others = sorted({name for name in formats() if set(runtimes(name)) & set(device.runtimes)})
     raise RecipeError(
-        f"device {device.name!r} has no runtime for format {fmt!r} (needs {' or '.join(f.runtimes)}; "
+        f"device {device.name!r} has no runtime for format {fmt!r} (needs {' or '.join(able) or 'a runtime plugin'}; "
         f"the device lists {', '.join(device.runtimes) or 'none'}); choose --format {' or '.join(others) or '(none)'}"
     )
-
-
-def _all_formats():
-    from edgekit.quantize.schemes import formats
-
-    return formats()
 
 
 def attention_heads_for(hidden: int, teacher: Architecture, align: int) -> tuple[int, int]:

@@ -24,10 +24,11 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError, model_validator
 
+from edgekit import registry
 from edgekit.bench.config import BenchConfig
 from edgekit.distill.config import LOSSES, CacheConfig, DataConfig, DistillConfig, StudentSpec, TrainConfig
 from edgekit.errors import RecipeError, validation_problem, yaml_problem
-from edgekit.export.config import ExportConfig
+from edgekit.export.config import ExportConfig, exporter
 from edgekit.quantize.config import FidelityConfig
 from edgekit.units import Duration
 
@@ -173,7 +174,7 @@ class Recipe(_Section):
                 raise RecipeError(f"{self._where()}: exports.{i}.format: {no_exporter(e.format)}")
             try:
                 out.append(ExportConfig(model=model, format=e.format, quant=e.quant, calibrate=e.calibrate,
-                                        context=self.context if e.format == "executorch" else None,
+                                        context=self.context if exporter(e.format).static_context else None,
                                         threads=self.bench.threads if self.bench else None))
             except (ValidationError, RecipeError) as err:
                 msg = format_errors(err, None, {}) if isinstance(err, ValidationError) else str(err)
@@ -185,8 +186,8 @@ class Recipe(_Section):
 
 
 def exporter_formats() -> tuple[str, ...]:
-    """Formats the export stage can write (the ``ExportConfig.format`` choices)."""
-    return typing.get_args(ExportConfig.model_fields["format"].annotation)
+    """Formats the export stage can write: those with a registered exporter."""
+    return tuple(registry.names(registry.EXPORTER))
 
 
 def no_exporter(fmt: str) -> str:

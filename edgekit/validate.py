@@ -178,7 +178,7 @@ def _runtime_problems(names: list[str], formats: set[str] | None) -> list[str]:
 
 
 def _checks(r: Recipe, where: str) -> list[str]:
-    from edgekit.plan import RUNTIME_MODELS, _bare_metal, memory_model, plan, runtime_for
+    from edgekit.plan import _bare_metal, memory_model, plan, runtime_for
     from edgekit.quantize.schemes import formats, get_scheme
     from edgekit.units import format_bytes
 
@@ -245,8 +245,6 @@ def _checks(r: Recipe, where: str) -> list[str]:
                                f"use context <= {arch.max_context}")
         if student is not None:
             for i, e, scheme, rt in usable:
-                if rt not in RUNTIME_MODELS:
-                    continue
                 need = memory_model(student, scheme, r.context, rt, _bare_metal(device)).total
                 if need > device.memory_budget:
                     if d is None:

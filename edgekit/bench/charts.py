@@ -6,8 +6,8 @@ dependency (matplotlib or plotly would be a large install for one page), and a r
 that is a single self-contained HTML file, with the charts inline as SVG, opens
 anywhere -- offline, attached to an issue, on a phone -- with no script or network.
 
-Every text that comes from data is escaped; colours are fixed per runtime so a runtime
-looks the same in every chart.
+Every text that comes from data is escaped; colours are fixed per registered runtime so a
+runtime looks the same in every chart.
 """
 
 from __future__ import annotations
@@ -16,23 +16,25 @@ import math
 from dataclasses import dataclass
 from html import escape
 
-RUNTIME_COLOURS = {
-    "llama.cpp": "#2563eb",
-    "onnxruntime": "#d97706",
-    "onnxruntime-genai": "#059669",
-    "executorch": "#7c3aed",
-    "pytorch": "#6b7280",
-}
-FORMAT_COLOURS = {"gguf": RUNTIME_COLOURS["llama.cpp"], "onnx": RUNTIME_COLOURS["onnxruntime"],
-                  "executorch": RUNTIME_COLOURS["executorch"], "pytorch": RUNTIME_COLOURS["pytorch"]}
-_SPARE = ("#db2777", "#0891b2", "#65a30d", "#9333ea", "#ea580c")
+from edgekit import registry
+
+# Runtimes take these in registration order (llama.cpp blue, onnxruntime amber, onnxruntime-genai green,
+# executorch violet, pytorch grey); a runtime descriptor with a ``colour`` attribute keeps its own.
+PALETTE = ("#2563eb", "#d97706", "#059669", "#7c3aed", "#6b7280", "#db2777", "#0891b2", "#65a30d", "#9333ea",
+           "#ea580c")
+_SPARE = PALETTE[5:]
 FONT = "font-family=\"system-ui, -apple-system, 'Segoe UI', Roboto, 'DejaVu Sans', sans-serif\""
 
 
 def colour(name: str) -> str:
-    """A fixed colour per runtime (and per format, in its runtime's colour); unknown names get a stable spare."""
-    if name in RUNTIME_COLOURS or name in FORMAT_COLOURS:
-        return RUNTIME_COLOURS.get(name) or FORMAT_COLOURS[name]
+    """A fixed colour per registered runtime, and per format in the colour of the first runtime that runs it
+    (gguf as llama.cpp); any other name gets a stable spare."""
+    rts = registry.items(registry.RUNTIME)
+    if name not in rts:
+        name = next((rt for rt, d in rts.items() if name in d.formats), name)
+    if name in rts:
+        own = getattr(rts[name], "colour", None)
+        return own or PALETTE[list(rts).index(name) % len(PALETTE)]
     return _SPARE[sum(map(ord, name)) % len(_SPARE)]
 
 

@@ -43,10 +43,18 @@ log = logging.getLogger(__name__)
 
 SCHEMA = "edgekit.bench/1"
 STATUSES = ("ok", "unavailable", "failed")
-VERSION_PACKAGES = {"llama_cpp_python": "llama-cpp-python", "onnxruntime": "onnxruntime",
-                    "onnxruntime_genai": "onnxruntime-genai", "torch": "torch", "transformers": "transformers",
-                    "executorch": "executorch"}
-VERSIONS_ADDED_LATER = {"executorch"}  # results written before ExecuTorch support lack the key and stay valid
+# host.versions records every registered runtime's package (key: the name with "_" for "-") and transformers.
+# Results must carry the keys the first schema had; a key added later (executorch, a plugin's) is checked
+# only when present, so older results stay valid.
+REQUIRED_VERSIONS = ("llama_cpp_python", "onnxruntime", "onnxruntime_genai", "torch", "transformers")
+
+
+def version_packages() -> dict[str, str]:
+    """``host.versions`` key -> pip distribution, for every registered runtime plus transformers."""
+    packages = [rt.package for rt in registry.items(registry.RUNTIME).values()] + ["transformers"]
+    return {p.replace("-", "_"): p for p in dict.fromkeys(packages)}
+
+
 STAT_KEYS = ("median", "min", "max", "q1", "q3", "iqr", "mean", "n", "values")
 DECODE_PROMPT_TOKENS = 128  # decode speed is measured after a prompt of this many tokens
 
@@ -155,7 +163,7 @@ def plan_rows(sources: list[Source], selected: list[Runtime]) -> list[tuple[Sour
 
 
 def host_block(profile, threads: int) -> dict:
-    versions = {key: package_version(package) for key, package in VERSION_PACKAGES.items()}
+    versions = {key: package_version(package) for key, package in version_packages().items()}
     return {"cpu": profile.cpu.name, "cores_physical": profile.cpu.cores, "threads_used": threads,
             "ram_bytes": int(profile.ram), "platform": platform.platform(), "python": platform.python_version(),
             "versions": versions, "memory_bandwidth_bytes_s": float(profile.memory_bandwidth),
@@ -345,8 +353,9 @@ def validate_results(d: dict) -> None:
         _check_keys(d["host"], _HOST, "host.", problems)
         versions = d["host"].get("versions")
         if isinstance(versions, dict):
-            _check_keys(versions, {k: (str, type(None)) for k in VERSION_PACKAGES
-                                   if k not in VERSIONS_ADDED_LATER or k in versions}, "host.versions.", problems)
+            _check_keys(versions, {k: (str, type(None)) for k in REQUIRED_VERSIONS + tuple(
+                k for k in version_packages() if k in versions and k not in REQUIRED_VERSIONS)},
+                        "host.versions.", problems)
     settings = d.get("settings")
     lengths = []
     if isinstance(settings, dict):

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from html import escape
 from pathlib import Path
 
-from edgekit import artifact
+from edgekit import artifact, registry
 from edgekit.arch import Architecture
 from edgekit.bench import charts
 from edgekit.bench.project import DECODE_PROMPT_TOKENS, project
@@ -332,8 +332,15 @@ def _runs_table(results: dict) -> str:
     return "".join(out)
 
 
+# Short names in chart labels for the built-in runtimes; any runtime descriptor may bring its own
+# ``short_name``, and a runtime with neither is shown by its name.
 SHORT_RUNTIME = {"onnxruntime": "ORT", "onnxruntime-genai": "ORT-GenAI", "pytorch": "PyTorch",
                  "executorch": "ExecuTorch"}
+
+
+def short_runtime(runtime: str) -> str:
+    desc = registry.items(registry.RUNTIME).get(runtime)
+    return getattr(desc, "short_name", None) or SHORT_RUNTIME.get(runtime, runtime)
 
 
 def _namer(pairs: Iterable[tuple[str, str]]):
@@ -343,7 +350,7 @@ def _namer(pairs: Iterable[tuple[str, str]]):
         runtimes.setdefault(label, set()).add(runtime)
 
     def name(label: str, runtime: str) -> str:
-        return f"{label} ({SHORT_RUNTIME.get(runtime, runtime)})" if len(runtimes.get(label, ())) > 1 else label
+        return f"{label} ({short_runtime(runtime)})" if len(runtimes.get(label, ())) > 1 else label
 
     return name
 

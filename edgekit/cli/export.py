@@ -9,7 +9,6 @@ from edgekit.cli.options import config_from, default
 from edgekit.cli.output import emit_json
 from edgekit.errors import RecipeError
 from edgekit.export.config import ExportConfig
-from edgekit.recipe import exporter_formats
 from edgekit.units import format_bytes
 
 
@@ -17,7 +16,8 @@ def add_commands(sub, common) -> None:
     def export_args(sp, quant_help):
         sp.add_argument("model", nargs="?",
                         help="'default' (embedded teacher), a distilled student's folder, an HF folder, .gguf or hub id")
-        sp.add_argument("--format", choices=exporter_formats(), help=f"default {default(ExportConfig, 'format')}")
+        sp.add_argument("--format", help="a registered format: gguf, onnx, executorch or a plugin's (`edgekit doctor` "
+                                         f"lists them); default {default(ExportConfig, 'format')}")
         sp.add_argument("--quant", help=quant_help)
         sp.add_argument("--context", type=int,
                         help=f"executorch: positions of the static KV cache (default {DEFAULT_CONTEXT}, at most the "

@@ -13,8 +13,7 @@ from edgekit.cli.output import emit_json
 def add_commands(sub, common) -> None:
     pk = sub.add_parser("package", parents=[common], help="bundle an export for an app (folder + .tar.gz)")
     pk.add_argument("artifact", help="export artifact id or folder")
-    pk.add_argument("--format", choices=["gguf", "onnx", "executorch"],
-                    help="the export's format (checked; the artifact decides)")
+    pk.add_argument("--format", help="the export's format (checked; the artifact decides)")
     pk.add_argument("--device", help="device the bundle is built for (memory fit in the manifest)")
     pk.add_argument("--context", type=int, default=DEFAULT_CONTEXT)
     pk.add_argument("--fidelity", action="append", type=Path, help="fidelity report to take quality figures from")

@@ -30,7 +30,8 @@ def add_commands(sub, common) -> None:
     teacher_args(pl)
     pl.add_argument("--device", action="append", help="device name, YAML path or 'host' (repeatable; default: all)")
     pl.add_argument("--format", default=default(StudentSpec, "format"),
-                    help=f"gguf | onnx | executorch (default {default(StudentSpec, 'format')})")
+                    help="a registered format: gguf, onnx, executorch or a plugin's (`edgekit doctor` lists them; "
+                         f"default {default(StudentSpec, 'format')})")
     pl.add_argument("--quant", default=default(StudentSpec, "quant"),
                     help=f"quant scheme of the format (default {default(StudentSpec, 'quant')})")
     pl.add_argument("--context", type=int, default=default(StudentSpec, "context"),

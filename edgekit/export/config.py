@@ -1,22 +1,29 @@
-"""What the export stage runs, and every default it has. Torch-free, so the recipe and the CLI build it too."""
+"""What the export stage runs, and every default it has. Torch-free, so the recipe and the CLI build it too.
+
+``format`` names a registered exporter (:mod:`edgekit.export.exporter`, kind ``"exporter"`` of
+:mod:`edgekit.registry`) and ``quant`` one of that format's registered schemes, so a plugin's format is
+checked and exported exactly like the built-ins.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from edgekit import registry
 from edgekit.arch import DEFAULT_CONTEXT
 from edgekit.errors import RecipeError
-from edgekit.quantize.schemes import get_scheme
+from edgekit.export.exporter import Exporter
+from edgekit.quantize.schemes import get_scheme, schemes
 
 RESOURCES = Path(__file__).resolve().parent.parent / "resources"
 DEFAULT_CALIBRATION = RESOURCES / "calibration.jsonl"
-DEFAULT_QUANT = {"gguf": "f16", "onnx": "fp32", "executorch": "fp32"}
-GGUF_FLOATS = ("f32", "f16", "bf16")
-# ONNX quant names the exporter understands, and what ``calibrate`` turns each into.
-ONNX_CALIBRATED = {"int4": "int4-awq"}
+
+
+def exporter(fmt: str) -> Exporter:
+    """The registered exporter of ``fmt``; RecipeError naming the registered formats otherwise."""
+    return registry.get(registry.EXPORTER, fmt, error=RecipeError, what="format")
 
 
 class ExportConfig(BaseModel):
@@ -25,8 +32,10 @@ class ExportConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field("default", description="'default' (embedded teacher), a folder, a .gguf, or a hub id")
-    format: Literal["gguf", "onnx", "executorch"] = "gguf"
-    quant: str | None = Field(None, description="scheme name; default f16 for gguf, fp32 for onnx and executorch")
+    format: str = Field("gguf", description="a registered format with an exporter (gguf, onnx, executorch, "
+                                            "or a plugin's)")
+    quant: str | None = Field(None, description="scheme name; default: the format exporter's (f16 for gguf, "
+                                                "fp32 for onnx and executorch)")
     calibrate: bool = Field(False, description="calibrated 4-bit: imatrix for gguf, activation-aware scaling for "
                                                "onnx int4 and executorch 8da4w")
     calibration: list[Path] = Field(default_factory=list,
@@ -39,35 +48,32 @@ class ExportConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self):
+        ex = exporter(self.format)
         if self.quant is None:
-            self.quant = DEFAULT_QUANT[self.format]
+            self.quant = ex.default_quant
         quant = self.quant.lower()
         self.quant = quant
-        if self.format == "onnx" and quant in ONNX_CALIBRATED.values():
-            self.quant, self.calibrate = next(k for k, v in ONNX_CALIBRATED.items() if v == quant), True
-        else:
-            get_scheme(self.format, quant)  # raises RecipeError listing the valid names
-        if self.context is not None and self.format != "executorch":
-            raise RecipeError(f"context sizes the static KV cache of an executorch export; {self.format} "
-                              "models grow their cache at run time: drop --context")
-        if self.calibrate and self.format == "executorch" and self.quant != "8da4w":
-            raise RecipeError(f"calibrate is available for executorch 8da4w only, not {self.quant}; drop "
-                              "--calibrate or use --quant 8da4w")
-        if self.calibrate:
-            if self.format == "gguf" and self.quant in GGUF_FLOATS:
-                raise RecipeError(f"calibrate needs a quantized type, not {self.quant}: an importance matrix only "
-                                  "guides quantization; pick e.g. --quant q4_k_m")
-            if self.format == "onnx" and self.quant not in ONNX_CALIBRATED:
-                raise RecipeError(f"calibrate is available for onnx {', '.join(ONNX_CALIBRATED)} only, not "
-                                  f"{self.quant}; drop --calibrate or use --quant int4")
+        if quant in ex.calibrated_names:  # a calibrated variant's own name (onnx int4-awq) is the flag
+            self.quant, self.calibrate = ex.calibrated_names[quant], True
+        scheme = get_scheme(self.format, self.quant)  # raises RecipeError listing the valid names
+        if self.context is not None and not ex.static_context:
+            static = [e.format for e in registry.items(registry.EXPORTER).values() if e.static_context]
+            raise RecipeError(f"context sizes the static KV cache of an {' or '.join(static) or 'static'} export; "
+                              f"{self.format} models grow their cache at run time: drop --context")
+        if ex.check is not None:
+            ex.check(self)
+        if self.calibrate and not scheme.calibrate:
+            able = [s.name for s in schemes(self.format) if s.calibrate]
+            if not able:
+                raise RecipeError(f"calibrate is not available for {self.format} exports; drop --calibrate")
+            raise RecipeError(f"calibrate is available for {self.format} {', '.join(able)} only, not {self.quant}; "
+                              f"drop --calibrate or use --quant {able[0]}")
         return self
 
     @property
     def exporter_quant(self) -> str:
         """The name the format's exporter is called with."""
-        if self.format == "onnx" and self.calibrate:
-            return ONNX_CALIBRATED[self.quant]
-        return self.quant
+        return exporter(self.format).exporter_quant(self.quant, self.calibrate)
 
     @property
     def label(self) -> str:

@@ -39,16 +39,20 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgekit import artifact
+from edgekit import artifact, registry
 from edgekit.arch import DEFAULT_CONTEXT, Architecture
 from edgekit.errors import ModelError, RecipeError
+from edgekit.export.exporter import Exporter
 from edgekit.export.onnx import copy_hf_files, special_token_ids, steps
 from edgekit.runtimes import package_version
 from edgekit.runtimes.executorch import ET_CONFIG, MODEL_FILE, EtSession
+from edgekit.quantize.schemes import SchemeTable
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +68,9 @@ class EtQuant:
     description: str = ""
 
 
-QUANTS = {q.name: q for q in (
-    EtQuant("fp32", 32, description="32-bit float weights"),
-    EtQuant("8da8w", 8, 0, "int8 weights per output channel, int8 dynamic activations; int8 embedding"),
-    EtQuant("8da4w", 4, 32, "int4 weights in groups of 32, int8 dynamic activations; LM head and the _M mix's "
-                            "v_proj/down_proj 8da8w, int8 embedding"),
-)}
+# Quant name -> EtQuant, from the registered ExecuTorch schemes (edgekit.quantize.schemes is the one table).
+QUANTS: Mapping[str, EtQuant] = SchemeTable("executorch", lambda ss: {s.name: EtQuant(
+    s.name, s.options["weight_bits"], s.options.get("group_size", 0), s.options.get("description", "")) for s in ss})
 
 
 def runtime_available() -> str | None:
@@ -292,3 +293,27 @@ def check_pte(path: Path, reference: tuple[list[int], object] | None = None, bos
     lm.close()
     return out
 
+
+# --------------------------------------------------------------------------- the export stage's exporter
+
+
+def export_artifact(cfg, model, tmp: Path, texts: list[str] | None) -> dict:
+    """The export stage's ExecuTorch step: :func:`export_executorch` into ``tmp`` for ``cfg.context`` positions."""
+    work = tmp / "executorch"
+    summary = export_executorch(model.path, work, cfg.quant, context=cfg.context or DEFAULT_CONTEXT,
+                                calibration_texts=texts)
+    for p in work.iterdir():  # flatten: the artifact folder is the ExecuTorch folder
+        shutil.move(str(p), tmp / p.name)
+    work.rmdir()
+    size = (tmp / MODEL_FILE).stat().st_size
+    return {"model_file": MODEL_FILE, "size_bytes": size, "bits_per_weight": 8 * size / model.arch.params,
+            "context": summary["context"], "export": summary}
+
+
+EXPORTER = Exporter("executorch", export_artifact, version=2, default_quant="fp32", static_context=True,
+                    description="torch.export of a static-KV-cache decoder, torchao quantization, XNNPACK lowering")
+
+
+def register(reg: registry.Registry) -> None:
+    """Entry point (group ``edgekit``): the ExecuTorch exporter."""
+    reg.add(registry.EXPORTER, EXPORTER.format, EXPORTER)

@@ -34,13 +34,16 @@ import re
 import uuid
 from pathlib import Path
 
-from edgekit import __version__
+from edgekit import __version__, artifact, registry
 from edgekit.arch import DEFAULT_CONTEXT
 from edgekit.artifact import fault_point
-from edgekit.errors import ModelError
+from edgekit.errors import ModelError, RecipeError
+from edgekit.export.exporter import Exporter
 from edgekit.integrity import check_safetensors
 from edgekit.models import read_json
 from edgekit.progress import bar
+from edgekit.quantize.gguf import compute_imatrix, quantize_gguf, save_imatrix
+from edgekit.quantize.schemes import GGUF_FLOATS
 
 log = logging.getLogger(__name__)
 
@@ -552,3 +555,54 @@ def read_gguf(path: Path) -> dict:
     return {"path": str(path), "arch": arch, "size_bytes": size, "n_tensors": len(tensors),
             "params": sum(math.prod(t["shape"]) for t in tensors), "tensors": tensors,
             "n_vocab": n_vocab, "metadata": metadata}
+
+
+# --------------------------------------------------------------------------- the export stage's exporter
+
+
+def export_artifact(cfg, model, tmp: Path, texts: list[str] | None) -> dict:
+    """The export stage's GGUF step: floats are written directly; quantized types are made by llama.cpp's
+    quantizer from a temporary f32 GGUF (guided by an importance matrix when ``texts`` are given)."""
+    meta = {"name": model.name, "license": model.license, "teacher": model.origin}
+    final = tmp / "model.gguf"
+    if cfg.quant in GGUF_FLOATS:
+        written = export_gguf(model.path, final, cfg.quant, **meta)
+        return {"model_file": final.name, "size_bytes": final.stat().st_size, "export": written,
+                "bits_per_weight": 8 * final.stat().st_size / model.arch.params}
+    source = tmp / "source-f32.gguf.tmp"  # the quantizer's input; deleted before the manifest is written
+    try:
+        export_gguf(model.path, source, "f32", **meta)
+        imatrix = None
+        if texts is not None:
+            imatrix = compute_imatrix(model.path, texts, max_tokens=cfg.calibration_tokens)
+            save_imatrix(tmp / "imatrix.safetensors", imatrix, {"texts": len(texts), "model": model.name})
+        report = quantize_gguf(source, final, cfg.quant, imatrix=imatrix, nthreads=cfg.threads)
+        artifact.fault_point("quantize.done")
+        # the quantizer saw temporary paths; record what they are once the folder is renamed into place
+        report.update(path=final.name, source=f"f32 GGUF of {model.path} (temporary, deleted)")
+    finally:
+        source.unlink(missing_ok=True)
+    artifact.atomic_write_text(tmp / "quant_report.json", json.dumps(report, indent=2, default=str) + "\n")
+    return {"model_file": final.name, "size_bytes": final.stat().st_size,
+            "bits_per_weight": report["bits_per_weight"], "fallbacks": report["fallbacks"],
+            "imatrix": texts is not None}
+
+
+def _check(cfg) -> None:
+    if cfg.calibrate and cfg.quant in GGUF_FLOATS:
+        raise RecipeError(f"calibrate needs a quantized type, not {cfg.quant}: an importance matrix only "
+                          "guides quantization; pick e.g. --quant q4_k_m")
+
+
+def _space(quant: str, params: int) -> float:
+    """Floats write the file once; quantized types first write an f32 GGUF for the quantizer."""
+    return params * {"f32": 4.0, "f16": 2.0, "bf16": 2.0}.get(quant, 4.0 + 1.1)
+
+
+EXPORTER = Exporter("gguf", export_artifact, version=1, default_quant="f16", check=_check, space=_space,
+                    description="edgekit's GGUF writer, then llama.cpp's quantizer (imatrix with calibrate)")
+
+
+def register(reg: registry.Registry) -> None:
+    """Entry point (group ``edgekit``): the GGUF exporter."""
+    reg.add(registry.EXPORTER, EXPORTER.format, EXPORTER)

@@ -44,14 +44,18 @@ import logging
 import shutil
 import time
 import warnings
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgekit import artifact
+from edgekit import artifact, registry
 from edgekit.arch import Architecture
 from edgekit.errors import ModelError, RecipeError, one_line
+from edgekit.export.exporter import Exporter
 from edgekit.models import HF_FILES, read_json, worth_copying
 from edgekit.runtimes.onnxruntime import GENAI_CONFIG, MODEL_FILE, OrtSession, op_counts
+from edgekit.quantize.schemes import Scheme, SchemeTable
 
 log = logging.getLogger(__name__)
 
@@ -72,18 +76,28 @@ class OnnxQuant:
 
 HEAD_BITS, HEAD_BLOCK = 8, 32  # the LM head (and a tied embedding) of the 4-bit exports, as llama.cpp keeps it
 
-QUANTS = {q.name: q for q in (
-    OnnxQuant("fp32", "fp32", description="32-bit float weights"),
-    OnnxQuant("fp16", "fp16", description="16-bit float weights, activations and K/V cache (optimum's fp16 export)"),
-    OnnxQuant("int8", "int8", 32, "rtn", "int8 weight-only MatMulNBits, block 32, asymmetric (accuracy_level 4)"),
-    OnnxQuant("int8-dynamic", "int8", 0, "dynamic",
-              "int8 weights per output channel, int8 activations per tensor (dynamic quantization, MatMulInteger)"),
-    OnnxQuant("int4", "int4", 32, "rtn", "int4 MatMulNBits, block 32, asymmetric, round to nearest; LM head int8"),
-    OnnxQuant("int4-b128", "int4", 128, "rtn", "int4 MatMulNBits, block 128, asymmetric, round to nearest; "
-              "LM head int8"),
-    OnnxQuant("int4-awq", "int4", 32, "awq", "int4 MatMulNBits, block 32, after activation-aware (AWQ) scaling on "
-              "calibration text; LM head int8"),
-)}
+
+
+def _quants(schemes: list[Scheme]) -> dict[str, OnnxQuant]:
+    """The exporter's table: every registered ONNX scheme, then the activation-aware variant (``<name>-awq``,
+    what ``calibrate`` makes) of each scheme that can be calibrated."""
+    out = {}
+    for s in schemes:
+        o = s.options
+        out[s.name] = OnnxQuant(s.name, o["kind"], o.get("block_size", 0), o.get("algorithm", ""),
+                                o.get("description", ""))
+    for s in schemes:
+        if s.calibrate:
+            spec = out[s.name]
+            out[f"{s.name}-awq"] = OnnxQuant(
+                f"{s.name}-awq", spec.kind, spec.block_size, "awq",
+                f"{spec.kind} MatMulNBits, block {spec.block_size}, after activation-aware (AWQ) scaling on "
+                "calibration text; LM head int8")
+    return out
+
+
+# Quant name -> OnnxQuant, from the registered ONNX schemes (edgekit.quantize.schemes is the one table).
+QUANTS: Mapping[str, OnnxQuant] = SchemeTable("onnx", _quants)
 
 # Calibration text used when the caller passes none: varied registers, code, numbers and a ChatML turn.
 DEFAULT_CALIBRATION = [
@@ -716,3 +730,29 @@ def steps(progress: bool, total: int, desc: str):
 
     with bar(total=total, desc=desc, unit="step") as b:
         yield b
+
+
+# --------------------------------------------------------------------------- the export stage's exporter
+
+
+def export_artifact(cfg, model, tmp: Path, texts: list[str] | None) -> dict:
+    """The export stage's ONNX step: :func:`export_onnx` into ``tmp`` (the artifact folder is the ONNX folder)."""
+    work = tmp / "onnx"
+    summary = export_onnx(model.path, work, cfg.exporter_quant, calibration_texts=texts)
+    for p in work.iterdir():  # flatten: the artifact folder is the ONNX folder
+        shutil.move(str(p), tmp / p.name)
+    work.rmdir()
+    size = sum(p.stat().st_size for p in tmp.iterdir() if p.name.startswith(MODEL_FILE))
+    return {"model_file": MODEL_FILE, "size_bytes": size, "bits_per_weight": 8 * size / model.arch.params,
+            "export": summary}
+
+
+EXPORTER = Exporter("onnx", export_artifact, version=2, default_quant="fp32",
+                    calibrated_names=SchemeTable("onnx", lambda ss: {f"{s.name}-awq": s.name
+                                                                     for s in ss if s.calibrate}),
+                    description="optimum's ONNX export, onnxruntime's quantizers, genai_config.json")
+
+
+def register(reg: registry.Registry) -> None:
+    """Entry point (group ``edgekit``): the ONNX exporter."""
+    reg.add(registry.EXPORTER, EXPORTER.format, EXPORTER)

@@ -14,23 +14,23 @@ export reuses the folder, and a changed model or key never reuses stale output.
   tools make int8 / int4; ``calibrate`` picks the activation-aware int4 variant.
 - ExecuTorch: ``torch.export`` of a static-KV-cache decoder, torchao weight quantization
   (8da8w / 8da4w) and ExecuTorch's XNNPACK lowering, for ``context`` positions.
+
+Formats are not listed here: ``format`` names a registered exporter (:mod:`edgekit.export.exporter`,
+kind ``"exporter"`` of :mod:`edgekit.registry`) and ``quant`` one of that format's registered schemes,
+so a plugin's format exports through this same stage.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 
 from edgekit import artifact
 from edgekit.errors import RecipeError
-from edgekit.export.config import DEFAULT_CALIBRATION, GGUF_FLOATS, ExportConfig
+from edgekit.export.config import DEFAULT_CALIBRATION, ExportConfig, exporter
 
 log = logging.getLogger(__name__)
-
-# Bump when an exporter's output changes for the same config, so older artifacts are not reused.
-EXPORTER_VERSION = {"gguf": 1, "onnx": 2, "executorch": 2}
 
 
 def calibration_texts(paths: list[Path], tokenizer, max_tokens: int) -> list[str]:
@@ -60,7 +60,7 @@ def _files(path: Path) -> list[Path]:
 
 def artifact_dir(cfg: ExportConfig, model_id: str) -> Path:
     key = cfg.model_dump(mode="json", exclude={"model", "threads", "trust_remote_code"})
-    key["exporter"] = EXPORTER_VERSION[cfg.format]
+    key["exporter"] = exporter(cfg.format).version
     if key.get("context") is None:  # only executorch has one; keeps gguf/onnx ids as they were
         key.pop("context", None)
     key["calibration"] = [artifact.sha256_file(f) for p in (cfg.calibration or [DEFAULT_CALIBRATION])
@@ -71,14 +71,10 @@ def artifact_dir(cfg: ExportConfig, model_id: str) -> Path:
 def space_needed(cfg: ExportConfig, params: int) -> int:
     """A generous estimate of the bytes an export writes at its peak (intermediate files included).
 
-    GGUF floats write the file once; quantized GGUF first writes an f32 GGUF for the quantizer;
-    ONNX and ExecuTorch hold an fp32 copy of the weights next to the result while they work.
+    The exporter says what it writes at its peak; by default an fp32 copy of the weights next to the result.
     """
-    bytes_per_weight = {"f32": 4.0, "f16": 2.0, "bf16": 2.0}
-    if cfg.format == "gguf":
-        peak = params * bytes_per_weight.get(cfg.quant, 4.0 + 1.1)
-    else:
-        peak = params * 8.0
+    ex = exporter(cfg.format)
+    peak = ex.space(cfg.quant, params) if ex.space is not None else params * 8.0
     return int(peak * 1.1) + (1 << 20)  # + tokenizer, config and manifest
 
 
@@ -112,12 +108,7 @@ def run(cfg: ExportConfig) -> dict:
 
             tok = AutoTokenizer.from_pretrained(str(model.path))
             texts = calibration_texts(cfg.calibration, tok, cfg.calibration_tokens)
-        if cfg.format == "gguf":
-            summary = _export_gguf(cfg, model, tmp, texts)
-        elif cfg.format == "onnx":
-            summary = _export_onnx(cfg, model, tmp, texts)
-        else:
-            summary = _export_executorch(cfg, model, tmp, texts)
+        summary = exporter(cfg.format).export(cfg, model, tmp, texts)
         summary["seconds"] = round(time.perf_counter() - t0, 1)
         summary["params"] = model.arch.params
         manifest = artifact.write_manifest(
@@ -127,65 +118,3 @@ def run(cfg: ExportConfig) -> dict:
         )
     log.info("exported %s to %s in %.0fs", cfg.label, out, time.perf_counter() - t0)
     return {"path": str(out), "reused": False, "manifest": manifest}
-
-
-def _export_gguf(cfg: ExportConfig, model, tmp: Path, texts: list[str] | None) -> dict:
-    from edgekit.export.gguf import export_gguf
-    from edgekit.quantize.gguf import compute_imatrix, quantize_gguf, save_imatrix
-
-    meta = {"name": model.name, "license": model.license, "teacher": model.origin}
-    final = tmp / "model.gguf"
-    if cfg.quant in GGUF_FLOATS:
-        written = export_gguf(model.path, final, cfg.quant, **meta)
-        return {"model_file": final.name, "size_bytes": final.stat().st_size, "export": written,
-                "bits_per_weight": 8 * final.stat().st_size / model.arch.params}
-    source = tmp / "source-f32.gguf.tmp"  # the quantizer's input; deleted before the manifest is written
-    try:
-        export_gguf(model.path, source, "f32", **meta)
-        imatrix = None
-        if texts is not None:
-            imatrix = compute_imatrix(model.path, texts, max_tokens=cfg.calibration_tokens)
-            save_imatrix(tmp / "imatrix.safetensors", imatrix, {"texts": len(texts), "model": model.name})
-        report = quantize_gguf(source, final, cfg.quant, imatrix=imatrix, nthreads=cfg.threads)
-        artifact.fault_point("quantize.done")
-        # the quantizer saw temporary paths; record what they are once the folder is renamed into place
-        report.update(path=final.name, source=f"f32 GGUF of {model.path} (temporary, deleted)")
-    finally:
-        source.unlink(missing_ok=True)
-    artifact.atomic_write_text(tmp / "quant_report.json", _json(report))
-    return {"model_file": final.name, "size_bytes": final.stat().st_size,
-            "bits_per_weight": report["bits_per_weight"], "fallbacks": report["fallbacks"],
-            "imatrix": texts is not None}
-
-
-def _export_onnx(cfg: ExportConfig, model, tmp: Path, texts: list[str] | None) -> dict:
-    from edgekit.export.onnx import export_onnx
-
-    work = tmp / "onnx"
-    summary = export_onnx(model.path, work, cfg.exporter_quant, calibration_texts=texts)
-    for p in work.iterdir():  # flatten: the artifact folder is the ONNX folder
-        shutil.move(str(p), tmp / p.name)
-    work.rmdir()
-    size = sum(p.stat().st_size for p in tmp.iterdir() if p.name.startswith("model.onnx"))
-    return {"model_file": "model.onnx", "size_bytes": size, "bits_per_weight": 8 * size / model.arch.params,
-            "export": summary}
-
-
-def _export_executorch(cfg: ExportConfig, model, tmp: Path, texts: list[str] | None) -> dict:
-    from edgekit.export.executorch import DEFAULT_CONTEXT, MODEL_FILE, export_executorch
-
-    work = tmp / "executorch"
-    summary = export_executorch(model.path, work, cfg.quant, context=cfg.context or DEFAULT_CONTEXT,
-                                calibration_texts=texts)
-    for p in work.iterdir():  # flatten: the artifact folder is the ExecuTorch folder
-        shutil.move(str(p), tmp / p.name)
-    work.rmdir()
-    size = (tmp / MODEL_FILE).stat().st_size
-    return {"model_file": MODEL_FILE, "size_bytes": size, "bits_per_weight": 8 * size / model.arch.params,
-            "context": summary["context"], "export": summary}
-
-
-def _json(obj) -> str:
-    import json
-
-    return json.dumps(obj, indent=2, default=str) + "\n"

@@ -31,6 +31,7 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -38,27 +39,13 @@ import numpy as np
 from edgekit.arch import DEFAULT_CONTEXT, Architecture
 from edgekit.errors import ModelError, RecipeError
 from edgekit.progress import bar
+from edgekit.quantize.schemes import SchemeTable, get_scheme
 
 log = logging.getLogger(__name__)
 
-# Our scheme name -> llama.cpp's LLAMA_FTYPE_* (names in llama_cpp). The float ones convert without quantizing.
-FTYPES: dict[str, str] = {
-    "f32": "LLAMA_FTYPE_ALL_F32",
-    "f16": "LLAMA_FTYPE_MOSTLY_F16",
-    "bf16": "LLAMA_FTYPE_MOSTLY_BF16",
-    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
-    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
-    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
-    "q5_k_s": "LLAMA_FTYPE_MOSTLY_Q5_K_S",
-    "q5_1": "LLAMA_FTYPE_MOSTLY_Q5_1",
-    "q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
-    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
-    "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
-    "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
-    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
-    "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
-    "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K",
-}
+# Our scheme name -> llama.cpp's LLAMA_FTYPE_* (names in llama_cpp), from each registered GGUF scheme's options.
+# The float ones convert without quantizing.
+FTYPES: Mapping[str, str] = SchemeTable("gguf", lambda ss: {s.name: s.options["ftype"] for s in ss})
 FLOAT_TYPES = ("f32", "f16", "bf16")
 
 # HF module path inside a Llama -> GGUF weight name (the key llama.cpp's quantizer looks an imatrix entry up by)
@@ -94,7 +81,6 @@ def quantize_gguf(src: Path, dst: Path, quant: str, *, imatrix: dict[str, np.nda
     import llama_cpp
 
     from edgekit.export.gguf import read_gguf
-    from edgekit.quantize.schemes import get_scheme
 
     src, dst = Path(src), Path(dst)
     key = quant.lower()

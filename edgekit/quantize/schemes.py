@@ -17,12 +17,18 @@ choices against llama.cpp's quantizer tensor by tensor.
 
 Built-ins register exactly as a third party would: :func:`register` is this module's entry point in
 the ``edgekit`` group (see :mod:`edgekit.registry`); a scheme is registered as ``"<format>/<name>"``.
+Each scheme is the one place that says everything about it: its memory layout for the planner, whether
+``calibrate`` applies, and in ``options`` what its format's exporter needs (llama.cpp's ftype, ONNX's
+quantizer settings, ExecuTorch's weight bits). The exporters read their tables from the registered
+schemes (:class:`SchemeTable`), so adding a scheme is one row here (or one ``reg.add`` in a plugin).
+Which runtimes run a format is the runtimes' own word (their ``formats``), read by :func:`runtimes`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from edgekit import registry
 from edgekit.arch import Architecture
@@ -47,7 +53,6 @@ class Tensor:
 @dataclass(frozen=True)
 class Format:
     name: str
-    runtimes: tuple[str, ...]
     file_suffix: str
     kv_dtype_bytes: int  # bytes per cached K or V value at the runtime's default
     description: str
@@ -60,6 +65,9 @@ class Scheme:
     description: str
     layout: Callable[[Architecture], list[Tensor]] = field(repr=False)
     row_multiple: int = 1  # rows that are multiples of this quantize without fallback
+    calibrate: bool = False  # `calibrate` (imatrix / activation-aware scaling) applies to this scheme
+    # What the format's exporter needs to make this scheme (read through SchemeTable by the exporter).
+    options: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
 
     def tensors(self, arch: Architecture) -> list[Tensor]:
         return self.layout(arch)
@@ -88,6 +96,11 @@ def get_format(name: str) -> Format:
     return registry.get(registry.FORMAT, name, error=RecipeError)
 
 
+def runtimes(fmt: str) -> list[str]:
+    """Registered runtimes that run ``fmt`` (each runtime lists its ``formats``), in registration order."""
+    return [name for name, rt in registry.items(registry.RUNTIME).items() if fmt in rt.formats]
+
+
 def schemes(fmt: str | None = None) -> list[Scheme]:
     return [s for s in registry.items(registry.SCHEME).values() if fmt is None or s.format == fmt]
 
@@ -101,6 +114,30 @@ def get_scheme(fmt: str, name: str) -> Scheme:
         hint = f" ({name!r} is a {elsewhere[0]} scheme: pass --format {elsewhere[0]})" if elsewhere else ""
         raise RecipeError(f"unknown quant {name!r} for format {fmt}{hint}; choose one of {', '.join(names)}")
     return found
+
+
+class SchemeTable(Mapping):
+    """An exporter's quant table, built from the registered schemes of ``fmt`` on first use.
+
+    ``build(schemes)`` turns the format's registered schemes into the table (usually ``{s.name: spec}``,
+    plus variants such as ONNX's calibrated ``int4-awq``). Reading the registry lazily keeps importing an
+    exporter (which the registry itself does, to call its entry point) free of lookups.
+    """
+
+    def __init__(self, fmt: str, build: Callable[[list[Scheme]], Mapping[str, Any]]) -> None:
+        self.format, self._build = fmt, build
+
+    def _table(self) -> dict[str, Any]:
+        return dict(self._build(schemes(self.format)))
+
+    def __getitem__(self, key: str) -> Any:
+        return self._table()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
 
 
 # --------------------------------------------------------------------------- GGUF / llama.cpp
@@ -199,7 +236,7 @@ def _gguf_layout(ftype: str, base: str) -> Callable[[Architecture], list[Tensor]
     return layout
 
 
-GGUF = Format("gguf", ("llama.cpp",), ".gguf", 2, "GGUF for llama.cpp (KV cache f16)")
+GGUF = Format("gguf", ".gguf", 2, "GGUF for llama.cpp (KV cache f16)")
 
 _GGUF = [
     ("f32", "F32", 1, "32-bit float, the reference"),
@@ -218,7 +255,12 @@ _GGUF = [
     ("q3_k_m", "Q3_K", 256, "3-bit K-quant mix"),
     ("q2_k", "Q2_K", 256, "2-bit K-quant mix; large quality loss"),
 ]
-GGUF_SCHEMES = tuple(Scheme("gguf", n, d, _gguf_layout(n, base), mult) for n, base, mult, d in _GGUF)
+GGUF_FLOATS = ("f32", "f16", "bf16")  # converted by edgekit's writer; llama.cpp quantizes the others from f32
+# Our scheme name -> llama.cpp's LLAMA_FTYPE_* (a name in llama_cpp): the quantizer's target, and the
+# imatrix (calibrate) applies to every quantized type.
+_LLAMA_FTYPE = {"f32": "LLAMA_FTYPE_ALL_F32", **{n: f"LLAMA_FTYPE_MOSTLY_{n.upper()}" for n, *_ in _GGUF[1:]}}
+GGUF_SCHEMES = tuple(Scheme("gguf", n, d, _gguf_layout(n, base), mult, calibrate=n not in GGUF_FLOATS,
+                            options={"ftype": _LLAMA_FTYPE[n]}) for n, base, mult, d in _GGUF)
 
 
 # --------------------------------------------------------------------------- ONNX / onnxruntime
@@ -287,49 +329,71 @@ def _blockwise(bits: int, block: int, scale_bytes: int, zero_bits: int) -> Calla
     return nbytes
 
 
-ONNX = Format("onnx", ("onnxruntime", "onnxruntime-genai"), ".onnx", 4, "ONNX for onnxruntime (KV cache fp32)")
+ONNX = Format("onnx", ".onnx", 4, "ONNX for onnxruntime (KV cache fp32)")
+
+
+def _onnx(kind: str, block_size: int = 0, algorithm: str = "", description: str = "") -> dict[str, Any]:
+    """What edgekit.export.onnx needs: the weight kind, MatMulNBits block, algorithm, and its metadata text."""
+    return {"kind": kind, "block_size": block_size, "algorithm": algorithm, "description": description}
+
+
 ONNX_SCHEMES = (
-    Scheme("onnx", "fp32", "32-bit float", _dense_layout(lambda r, n: 4 * r * n, "fp32", 4, "fp32")),
-    Scheme("onnx", "fp16", "16-bit float", _dense_layout(lambda r, n: 2 * r * n, "fp16", 2, "fp16")),
+    Scheme("onnx", "fp32", "32-bit float", _dense_layout(lambda r, n: 4 * r * n, "fp32", 4, "fp32"),
+           options=_onnx("fp32", description="32-bit float weights")),
+    Scheme("onnx", "fp16", "16-bit float", _dense_layout(lambda r, n: 2 * r * n, "fp16", 2, "fp16"),
+           options=_onnx("fp16", description="16-bit float weights, activations and K/V cache (optimum's fp16 "
+                                             "export)")),
     Scheme(
         "onnx", "int8", "int8 weight-only MatMulNBits, block 32 (fp32 scale + 8-bit zero point); embedding shares it",
         _dense_layout(_blockwise(8, 32, 4, 8), "int8-b32", 0, "shared", head_bytes=_blockwise(8, 32, 4, 8)),
+        options=_onnx("int8", 32, "rtn", "int8 weight-only MatMulNBits, block 32, asymmetric (accuracy_level 4)"),
     ),
     Scheme(
         "onnx", "int8-dynamic", "int8 weights per output channel, int8 activations per tensor (MatMulInteger)",
         _dense_layout(lambda r, n: r * n + 4 * n, "int8", 4, "fp32"),
+        options=_onnx("int8", 0, "dynamic", "int8 weights per output channel, int8 activations per tensor "
+                                            "(dynamic quantization, MatMulInteger)"),
     ),
     Scheme(
         "onnx", "int4", "int4 MatMulNBits, block 32, fp32 scale + 4-bit zero point per block (5.125 bpw); "
         "LM head, tied embedding and the _M mix's v_proj/down_proj int8",
         _dense_layout(_blockwise(4, 32, 4, 4), "int4-b32", 0, "shared", head_bytes=_blockwise(8, 32, 4, 8), mix=True),
-        32,
+        32, calibrate=True,
+        options=_onnx("int4", 32, "rtn", "int4 MatMulNBits, block 32, asymmetric, round to nearest; LM head int8"),
     ),
     Scheme(
         "onnx", "int4-b128", "int4 MatMulNBits, block 128 (4.28 bpw); LM head, tied embedding and _M mix int8",
         _dense_layout(_blockwise(4, 128, 4, 4), "int4-b128", 0, "shared", head_bytes=_blockwise(8, 32, 4, 8),
                       mix=True),
         128,
+        options=_onnx("int4", 128, "rtn", "int4 MatMulNBits, block 128, asymmetric, round to nearest; LM head int8"),
     ),
 )
 
 # --------------------------------------------------------------------------- ExecuTorch / XNNPACK
 
-EXECUTORCH = Format("executorch", ("executorch",), ".pte", 4, "ExecuTorch .pte for XNNPACK (static KV cache fp32)")
+EXECUTORCH = Format("executorch", ".pte", 4, "ExecuTorch .pte for XNNPACK (static KV cache fp32)")
 # fp32 keeps a tied embedding twice (the embedding kernel's table and the XNNPACK-packed LM head); the
 # quantized schemes store the embedding as int8 rows (embedding_byte; the per-row scales, 0.7 % of it, are
-# not counted) and the LM head as int8 per channel (edgekit.export.executorch).
+# not counted) and the LM head as int8 per channel (edgekit.export.executorch). ``options``: weight bits
+# (32 = float), group size (0 = one scale per output channel) and the exporter's metadata text.
 EXECUTORCH_SCHEMES = (
-    Scheme("executorch", "fp32", "32-bit float", _dense_layout(lambda r, n: 4 * r * n, "fp32", 4, "fp32")),
+    Scheme("executorch", "fp32", "32-bit float", _dense_layout(lambda r, n: 4 * r * n, "fp32", 4, "fp32"),
+           options={"weight_bits": 32, "group_size": 0, "description": "32-bit float weights"}),
     Scheme(
         "executorch", "8da8w", "8-bit dynamic activations, int8 per-channel weights; int8 embedding",
         _dense_layout(lambda r, n: r * n + 4 * n, "int8", 1, "int8"),
+        options={"weight_bits": 8, "group_size": 0,
+                 "description": "int8 weights per output channel, int8 dynamic activations; int8 embedding"},
     ),
     Scheme(
         "executorch", "8da4w", "8-bit dynamic activations, int4 weights in groups of 32 (XNNPACK packs a bf16 "
         "scale); LM head and the _M mix's v_proj/down_proj int8 per channel, int8 embedding",
         _dense_layout(_blockwise(4, 32, 2, 0), "int4-g32", 1, "int8", head_bytes=lambda r, n: r * n + 4 * n, mix=True),
-        32,
+        32, calibrate=True,
+        options={"weight_bits": 4, "group_size": 32,
+                 "description": "int4 weights in groups of 32, int8 dynamic activations; LM head and the _M mix's "
+                                "v_proj/down_proj 8da8w, int8 embedding"},
     ),
 )
 
