@@ -15,32 +15,31 @@ from pathlib import Path
 
 from edgekit import artifact
 from edgekit.arch import Architecture
+from edgekit.bench.config import BenchConfig
 from edgekit.bench.measure import run_benchmark
 from edgekit.bench.report import QUALITY_KEYS, write_report
 
 log = logging.getLogger(__name__)
 
 
-def run(artifacts: list[Path], *, runtimes: list[str] | None, repeats: int, prompt_lengths: list[int],
-        decode_tokens: int, threads: int | None = None, warmup: int = 1, remote: str | None = None,
-        devices: list | None = None, fidelity: list[dict] = (), title: str | None = None,
-        out: Path | None = None) -> artifact.Artifact:
-    """Benchmark ``artifacts`` (export folders, or HF folders for PyTorch) and write the report artifact.
+def run(cfg: BenchConfig, artifacts: list[Path], *, remote: str | None = None, devices: list | None = None,
+        fidelity: list[dict] = (), title: str | None = None, out: Path | None = None) -> artifact.Artifact:
+    """Benchmark ``artifacts`` (export folders, or HF folders for PyTorch) as ``cfg`` says; write the report artifact.
 
-    ``devices`` (profiles) are projected onto; ``fidelity`` reports give the quality columns; ``out``
-    puts the artifact in a folder of your choice instead of the store. ``result`` is results.json.
+    ``remote`` (user@host) measures there; ``devices`` (profiles) are projected onto; ``fidelity``
+    reports give the quality columns; ``out`` puts the artifact in a folder of your choice instead of
+    the store. The artifact's ``result`` is results.json.
     """
     artifacts = [Path(a) for a in artifacts]
-    config = {"runtimes": runtimes, "repeats": repeats, "warmup": warmup, "threads": threads,
-              "prompt_lengths": list(prompt_lengths), "decode_tokens": decode_tokens, "remote": remote,
-              "devices": [d.name for d in devices or []], "title": title}
+    config = {**cfg.model_dump(mode="json"), "remote": remote, "devices": [d.name for d in devices or []],
+              "title": title}
     inputs = {"artifacts": ",".join(artifact.folder_id(a) for a in artifacts), "quality": _quality_id(fidelity)}
     labels = [_label(a) for a in artifacts]
     with artifact.stage("bench", config, inputs, at=out) as st:
         if not st.reused:
-            results = run_benchmark(artifacts, runtimes, repeats=repeats, warmup=warmup, threads=threads,
-                                    prompt_lengths=tuple(prompt_lengths), decode_tokens=decode_tokens, remote=remote,
-                                    journal=st.work / "journal.jsonl")
+            results = run_benchmark(artifacts, cfg.runtimes, repeats=cfg.repeats, warmup=cfg.warmup,
+                                    threads=cfg.threads, prompt_lengths=tuple(cfg.prompt_lengths),
+                                    decode_tokens=cfg.decode_tokens, remote=remote, journal=st.work / "journal.jsonl")
             write_report(results, st.tmp, list(fidelity), devices=devices, arch=architecture(artifacts), title=title)
             st.extra = {"label": title or "bench " + ", ".join(labels)}
     st.result = json.loads((st.path / "results.json").read_text())
