@@ -22,6 +22,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgekit import __version__
@@ -450,3 +451,162 @@ def locked(name: str, wait: bool = True) -> Iterator[Path]:
             f.seek(0)
             f.truncate()
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------- the stage contract
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """What every stage returns: its finished folder, the folder's name as its id, its manifest, whether an
+    earlier run's folder was reused, the seconds this call took, and ``result``: what the stage reports
+    beyond its files (a fidelity report, benchmark results, a distillation summary).
+
+    ``a["key"]`` reads the dict shape stages returned before (``path`` as a string, then ``result``'s
+    keys, then the fields); new code reads the attributes.
+    """
+
+    path: Path
+    id: str
+    manifest: dict
+    reused: bool
+    seconds: float
+    result: dict = field(default_factory=dict)
+
+    def __getitem__(self, key: str):
+        if key == "path":
+            return str(self.path)
+        if key in self.result:
+            return self.result[key]
+        if key in ("id", "manifest", "reused", "seconds"):
+            return getattr(self, key)
+        raise KeyError(key)
+
+    def get(self, key: str, default=None):
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def as_dict(self) -> dict:
+        """JSON-ready: path, id, reused, seconds, then ``result``'s keys."""
+        return {"path": str(self.path), "id": self.id, "reused": self.reused, "seconds": self.seconds,
+                **self.result}
+
+
+class Stage:
+    """What ``with stage(...) as st`` gives the stage's body.
+
+    ``st.reused`` says an intact earlier artifact was found (then ``st.tmp`` is None and the body
+    builds nothing); otherwise the body writes its files into ``st.tmp`` and may set ``st.metrics``
+    and ``st.extra`` (manifest keys), and ``st.result``. ``st.work`` is a folder for resumable work in
+    progress (journals, finished shards) that survives a kill and is removed once the artifact is
+    published. After the ``with`` block, ``st.artifact`` is the finished :class:`Artifact`.
+    """
+
+    def __init__(self, name: str, path: Path, config: dict, inputs: dict):
+        self.name, self.path, self.id = name, path, path.name
+        self.config, self.inputs = config, inputs
+        self.reused = False
+        self.tmp: Path | None = None
+        self.metrics: dict = {}
+        self.extra: dict = {}
+        self.result: dict = {}
+        self.manifest: dict = {}
+        self.seconds = 0.0
+
+    @property
+    def work(self) -> Path:
+        return self.path.with_name(self.path.name + ".inprogress")
+
+    @property
+    def artifact(self) -> Artifact:
+        if not self.manifest:
+            raise CacheError(f"{self.path} is not finished yet: read st.artifact after the `with stage(...)` block")
+        return Artifact(self.path, self.id, self.manifest, self.reused, self.seconds, self.result)
+
+
+def store_path(name: str, *key: object) -> Path:
+    """Where the store keeps the ``name`` artifact whose identity is ``key``: ``artifacts/<name>-<content id>``."""
+    return home() / "artifacts" / f"{name}-{content_id(name, *key)}"
+
+
+def _plain(obj: object) -> object:
+    """``obj`` as it reads back from a manifest (tuples become lists, paths strings)."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def find(path: Path, stage: str | None = None, config: dict | None = None, inputs: dict | None = None) -> dict | None:
+    """The manifest of the finished, intact artifact at ``path``, or None (nothing there, another ``stage``,
+    ``config`` or ``inputs`` when given, an unreadable manifest, or files that do not match it)."""
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        return None
+    try:
+        manifest = read_manifest(path)
+        stale = [k for k, want in (("stage", stage), ("config", config), ("inputs", inputs))
+                 if want is not None and manifest.get(k) != _plain(want)]
+        problems = [f"its {', '.join(stale)} differ{'s' if len(stale) == 1 else ''}"] if stale else \
+            verify_manifest(path)
+    except CacheError as e:
+        problems = [str(e)]
+    if problems:
+        log.warning("rebuilding %s: %s", path, "; ".join(problems[:3]))
+        return None
+    return manifest
+
+
+def _in_store(path: Path) -> bool:
+    try:
+        return Path(path).resolve().is_relative_to(home().resolve())
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def stage(name: str, config: dict, inputs: dict | None = None, *, key: tuple | None = None, at: Path | None = None,
+          needed: int | None = None, what: str | None = None) -> Iterator[Stage]:
+    """Reuse or build one artifact: the one place that owns id, reuse check, lock, temp folder, manifest and rename.
+
+    The folder is ``$EDGEKIT_HOME/artifacts/<name>-<id>`` with id = content_id(name, *key), ``key``
+    defaulting to (config, inputs); or ``at`` (a caller-chosen folder, reused only when its manifest
+    records the same stage, config and inputs). Inside the store the store lock is held throughout, so
+    two processes never build one artifact at once and the second reuses the first's. When an intact
+    artifact is there, ``st.reused`` is True and the body should build nothing. Otherwise, after a
+    disk-space check (``needed`` bytes for ``what``), the body writes into ``st.tmp``; on leaving the
+    block the manifest (stage ``name``, ``config``, ``inputs``, ``st.metrics``, ``st.extra``) is written and
+    the folder renamed into place, so a killed or failed build leaves nothing that looks whole::
+
+        with artifact.stage("fidelity", config, inputs) as st:
+            if not st.reused:
+                (st.tmp / "report.json").write_text(...)
+        return st.artifact
+    """
+    t0 = time.perf_counter()
+    inputs = dict(inputs or {})
+    path = Path(at) if at is not None else store_path(name, *(key if key is not None else (config, inputs)))
+    st = Stage(name, path, config, inputs)
+    with contextlib.ExitStack() as held:
+        if _in_store(path):
+            held.enter_context(locked(STORE_LOCK))
+        compare = at is not None  # a content-addressed folder's name already says which config made it
+        found = find(path, name, config if compare else None, inputs if compare else None)
+        if found is not None:
+            log.info("reusing %s", path)
+            st.reused, st.manifest = True, found
+            shutil.rmtree(st.work, ignore_errors=True)  # left by a run killed between publishing and cleaning up
+            st.seconds = round(time.perf_counter() - t0, 3)
+            yield st
+            return
+        if at is not None and path.is_dir() and not (path / MANIFEST).exists() and any(path.iterdir()):
+            raise CacheError(f"{path} exists and is not an edgekit artifact (no {MANIFEST}), so it would be replaced; "
+                             "choose an empty or new folder")
+        if needed:
+            require_space(path, needed, what or f"the {name} artifact")
+        with atomic_dir(path, needed) as tmp:
+            st.tmp = tmp
+            yield st
+            st.manifest = write_manifest(tmp, name, config, inputs, metrics=st.metrics, extra=st.extra)
+        st.tmp = None
+        shutil.rmtree(st.work, ignore_errors=True)
+        st.seconds = round(time.perf_counter() - t0, 3)

@@ -69,17 +69,12 @@ def _distill(recipe, record: dict, trust_remote_code: bool) -> str:
         return str(teacher.path)
     from edgekit.distill.pipeline import run as distill
 
-    cfg = recipe.distill_config()
-    root = artifact.home() / "artifacts"
-    before = {p.name for p in root.iterdir()} if root.is_dir() else set()
-    summary = distill(cfg, trust_remote_code=trust_remote_code)
-    student = summary["artifacts"]["student"]
-    reused = Path(student).name in before  # finished by an earlier run
-    ev = summary.get("evaluation", {}).get("models", {})
+    a = distill(recipe.distill_config(), trust_remote_code=trust_remote_code)
+    ev = a.result.get("evaluation", {}).get("models", {})
     quality = {k: {m: round(v[m], 4) for m in ("perplexity", "kl_to_teacher", "top1_agreement") if m in v}
                for k, v in ev.items()}
-    _stage(record, "distill", student, reused, t0, student=summary.get("student"), evaluation=quality)
-    return student
+    _stage(record, "distill", a.path, a.reused, t0, student=a.result.get("student"), evaluation=quality)
+    return str(a.path)
 
 
 def _exports(recipe, model: str, record: dict) -> list[Path]:
@@ -88,61 +83,46 @@ def _exports(recipe, model: str, record: dict) -> list[Path]:
     paths = []
     for cfg in recipe.export_configs(model):
         t0 = time.perf_counter()
-        r = export(cfg)
-        m = r["manifest"]
-        _stage(record, f"export {cfg.label}", r["path"], r["reused"], t0,
+        a = export(cfg)
+        m = a.manifest
+        _stage(record, f"export {cfg.label}", a.path, a.reused, t0,
                size_bytes=m["metrics"].get("size_bytes"), bits_per_weight=m["metrics"].get("bits_per_weight"))
-        paths.append(Path(r["path"]))
+        paths.append(a.path)
     return paths
 
 
 def _fidelity(recipe, model: str, exports: list[Path], record: dict) -> dict | None:
+    """The fidelity report (an ``edgekit.fidelity/1`` dict), or None when the recipe has no fidelity."""
     if recipe.fidelity is None:
         return None
     from edgekit.quantize.report import run as fidelity
 
     t0 = time.perf_counter()
-    rep = fidelity(Path(model), exports, texts=recipe.fidelity.texts or None, max_tokens=recipe.fidelity.max_tokens)
+    a = fidelity(Path(model), exports, texts=recipe.fidelity.texts or None, max_tokens=recipe.fidelity.max_tokens)
     rows = {r["label"]: {k: r[k] for k in ("kl_mean", "top1_agreement", "perplexity", "greedy_match")}
-            for r in rep["rows"]}
-    _stage(record, "fidelity", rep["path"], rep["reused"], t0, rows=rows)
-    return rep
+            for r in a.result["rows"]}
+    _stage(record, "fidelity", a.path, a.reused, t0, rows=rows)
+    return a.result
 
 
 def _bench(recipe, exports: list[Path], fidelity: dict | None, record: dict) -> dict | None:
-    """Benchmark every export; the folder id hashes the exports and the settings, so a re-run reuses it."""
+    """Benchmark every export (the same stage as `edgekit bench`); returns its results."""
     if recipe.bench is None:
         return None
-    from edgekit.bench.measure import run_benchmark
-    from edgekit.bench.report import write_report
+    from edgekit.bench.stage import run as bench
     from edgekit.devices import load_device
 
     t0 = time.perf_counter()
-    b = recipe.bench
-    settings = b.model_dump(mode="json")
-    ids = [artifact.content_id(artifact.read_manifest(p)["files"]) for p in exports]
-    out = artifact.home() / "artifacts" / f"bench-{artifact.content_id('bench', ids, settings)}"
-    if (out / "results.json").is_file() and not artifact.verify_manifest(out):
-        _stage(record, "bench", out, True, t0)
-        return json.loads((out / "results.json").read_text())
-    journal = out.with_name(f".{out.name}.journal.jsonl")  # rows measured before an interruption
-    results = run_benchmark(exports, b.runtimes, repeats=b.repeats, warmup=b.warmup, threads=b.threads,
-                            prompt_lengths=tuple(b.prompt_lengths), decode_tokens=b.decode_tokens, journal=journal)
-    arch = None
     source = artifact.read_manifest(exports[0]).get("source_model", {})
-    if source.get("architecture"):
-        from edgekit.arch import Architecture
-
-        arch = Architecture.from_dict(source["architecture"])
-    with artifact.atomic_dir(out) as tmp:
-        write_report(results, tmp, [fidelity] if fidelity else [], devices=[load_device(recipe.device)], arch=arch,
-                     title=f"{recipe.name}: {source.get('name', '')} for {recipe.device}")
-        artifact.write_manifest(tmp, "bench", settings, {"exports": ",".join(ids)})
-    journal.unlink(missing_ok=True)
-    decode = {f"{r['label']} / {r['runtime']}": r["metrics"]["decode_tok_s"]["median"]
-              for r in results["runs"] if r["status"] == "ok"}
-    _stage(record, "bench", out, False, t0, decode_tok_s=decode, report=str(out / "report.html"))
-    return json.loads((out / "results.json").read_text())
+    a = bench(recipe.bench, exports, devices=[load_device(recipe.device)], fidelity=[fidelity] if fidelity else [],
+              title=f"{recipe.name}: {source.get('name', '')} for {recipe.device}")
+    extra = {}
+    if not a.reused:
+        extra = {"decode_tok_s": {f"{r['label']} / {r['runtime']}": r["metrics"]["decode_tok_s"]["median"]
+                                  for r in a.result["runs"] if r["status"] == "ok"},
+                 "report": str(a.path / "report.html")}
+    _stage(record, "bench", a.path, a.reused, t0, **extra)
+    return a.result
 
 
 def _package(recipe, exports: list[Path], fidelity: dict | None, bench: dict | None, record: dict) -> None:

@@ -118,32 +118,18 @@ def _report_inputs(args, results: dict):
 
 
 def cmd_bench(args) -> int:
-    import time as _time
+    from edgekit.bench.stage import run as bench
+    from edgekit.devices import list_devices, load_device
 
-    from edgekit import artifact
-    from edgekit.bench.measure import run_benchmark
-    from edgekit.bench.report import to_markdown, write_report
-
-    cfg = bench_config(args)
-    # rows finished by an interrupted run of the same command are taken from its journal, not re-measured
-    key = artifact.content_id([str(Path(a).resolve()) for a in args.artifacts], cfg.runtimes, cfg.repeats, cfg.warmup,
-                              cfg.threads, cfg.prompt_lengths, cfg.decode_tokens, args.remote)
-    journal = artifact.home() / "artifacts" / f".bench-{key}.journal.jsonl"
-    results = run_benchmark(args.artifacts, cfg.runtimes, repeats=cfg.repeats, warmup=cfg.warmup,
-                            threads=cfg.threads, prompt_lengths=tuple(cfg.prompt_lengths),
-                            decode_tokens=cfg.decode_tokens, remote=args.remote, journal=journal)
-    devices, arch = _report_inputs(args, results)
-    out = args.out or artifact.home() / "artifacts" / (
-        "bench-" + artifact.content_id([str(a) for a in args.artifacts], _time.time()))
-    out.mkdir(parents=True, exist_ok=True)
-    paths = write_report(results, out, fidelity_reports(args.fidelity), devices=devices, arch=arch)
-    journal.unlink(missing_ok=True)
+    a = bench(bench_config(args), args.artifacts, remote=args.remote,
+              devices=[load_device(d) for d in args.device] if args.device else list_devices(),
+              fidelity=fidelity_reports(args.fidelity), out=args.out)
     if args.json:
-        emit_json(json.loads(paths["json"].read_text()))
+        emit_json(a.result)
         return 0
-    print(paths["markdown"].read_text() if paths.get("markdown") else to_markdown(results, []))
-    for kind, p in paths.items():
-        print(f"{kind:<9}{p}")
+    print((a.path / "report.md").read_text())
+    for kind, name in (("json", "results.json"), ("markdown", "report.md"), ("html", "report.html")):
+        print(f"{kind:<9}{a.path / name}")
     return 0
 
 

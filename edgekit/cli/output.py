@@ -21,5 +21,5 @@ def params(n: int) -> str:
 
 
 def emit_json(obj) -> None:
-    json.dump(obj, sys.stdout, indent=2, default=str)
+    json.dump(obj, sys.stdout, indent=2, default=lambda o: o.as_dict() if hasattr(o, "as_dict") else str(o))
     sys.stdout.write("\n")

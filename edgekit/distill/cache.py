@@ -79,54 +79,49 @@ def build(cfg: CacheConfig, teacher, sequences: list[dict], out_dir: Path) -> Pa
     """Run ``teacher`` (a causal LM) over ``sequences`` ({input_ids, labels}) and write the cache folder."""
     out_dir = Path(out_dir)
     config = {"cache": cfg.model_dump(), "sequences": artifact.content_id([s["input_ids"] for s in sequences])}
-    if (out_dir / artifact.MANIFEST).is_file():
-        if artifact.read_manifest(out_dir)["config"] == config and not artifact.verify_manifest(out_dir):
+    with artifact.stage("logit-cache", config, at=out_dir) as st:
+        if st.reused:
             log.info("logit cache %s is complete; reusing it", out_dir)
             return out_dir
-        log.warning("logit cache %s is stale or damaged; rebuilding it", out_dir)
-    work = out_dir.with_name(out_dir.name + ".inprogress")
-    work.mkdir(parents=True, exist_ok=True)
-    marker = work / "config.json"
-    if marker.is_file() and json.loads(marker.read_text()) != config:
-        shutil.rmtree(work)
-        work.mkdir(parents=True)
-    artifact.atomic_write_text(marker, json.dumps(config))
+        work = st.work  # finished shards, kept across interruptions
+        work.mkdir(parents=True, exist_ok=True)
+        marker = work / "config.json"
+        if marker.is_file() and json.loads(marker.read_text()) != config:
+            shutil.rmtree(work)
+            work.mkdir(parents=True)
+        artifact.atomic_write_text(marker, json.dumps(config))
 
-    vocab = teacher.config.vocab_size
-    teacher.eval()
-    n_shards = -(-len(sequences) // cfg.sequences_per_shard)
-    tokens = sum(len(s["input_ids"]) for s in sequences)
-    with bar(total=tokens, desc="teacher logits", unit="tok") as progress:
-        for shard in range(n_shards):
-            seqs = sequences[shard * cfg.sequences_per_shard:(shard + 1) * cfg.sequences_per_shard]
-            path = work / f"shard-{shard:05d}.safetensors"
-            if path.is_file():  # finished before an interruption
-                progress.update(sum(len(s["input_ids"]) for s in seqs))
-                continue
-            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + shard)
-            all_idx, all_val = [], []
-            for b in range(0, len(seqs), cfg.batch_size):
-                batch = seqs[b:b + cfg.batch_size]
-                padded = collate(batch, None)
-                ids, mask = padded["input_ids"], padded["attention_mask"]
-                with torch.no_grad():
-                    logits = teacher(input_ids=ids, attention_mask=mask).logits
-                for i, s in enumerate(batch):
-                    idx, val = _sparse_targets(logits[i, :len(s["input_ids"])], cfg, gen)
-                    all_idx.append(idx.numpy())
-                    all_val.append(val.numpy())
-                progress.update(int(mask.sum()))
-            _write_shard(path, seqs, all_idx, all_val, vocab)
-            artifact.fault_point("cache.shard")
-    with artifact.atomic_dir(out_dir) as tmp:
+        vocab = teacher.config.vocab_size
+        teacher.eval()
+        n_shards = -(-len(sequences) // cfg.sequences_per_shard)
+        tokens = sum(len(s["input_ids"]) for s in sequences)
+        with bar(total=tokens, desc="teacher logits", unit="tok") as progress:
+            for shard in range(n_shards):
+                seqs = sequences[shard * cfg.sequences_per_shard:(shard + 1) * cfg.sequences_per_shard]
+                path = work / f"shard-{shard:05d}.safetensors"
+                if path.is_file():  # finished before an interruption
+                    progress.update(sum(len(s["input_ids"]) for s in seqs))
+                    continue
+                gen = torch.Generator().manual_seed(cfg.seed * 100_003 + shard)
+                all_idx, all_val = [], []
+                for b in range(0, len(seqs), cfg.batch_size):
+                    batch = seqs[b:b + cfg.batch_size]
+                    padded = collate(batch, None)
+                    ids, mask = padded["input_ids"], padded["attention_mask"]
+                    with torch.no_grad():
+                        logits = teacher(input_ids=ids, attention_mask=mask).logits
+                    for i, s in enumerate(batch):
+                        idx, val = _sparse_targets(logits[i, :len(s["input_ids"])], cfg, gen)
+                        all_idx.append(idx.numpy())
+                        all_val.append(val.numpy())
+                    progress.update(int(mask.sum()))
+                _write_shard(path, seqs, all_idx, all_val, vocab)
+                artifact.fault_point("cache.shard")
         for p in sorted(work.glob("shard-*.safetensors")):
-            shutil.copy2(p, tmp / p.name)
-        size = sum(p.stat().st_size for p in tmp.glob("shard-*.safetensors"))
-        artifact.write_manifest(tmp, stage="logit-cache", config=config, metrics={
-            "sequences": len(sequences), "tokens": tokens, "bytes": size,
-            "bytes_per_token": size / max(tokens, 1), "mode": cfg.mode, "k": cfg.k, "vocab_size": vocab,
-        })
-    shutil.rmtree(work, ignore_errors=True)
+            shutil.copy2(p, st.tmp / p.name)
+        size = sum(p.stat().st_size for p in st.tmp.glob("shard-*.safetensors"))
+        st.metrics = {"sequences": len(sequences), "tokens": tokens, "bytes": size,
+                      "bytes_per_token": size / max(tokens, 1), "mode": cfg.mode, "k": cfg.k, "vocab_size": vocab}
     return out_dir
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 
@@ -20,9 +21,6 @@ from edgekit.distill.config import DistillConfig, StudentSpec
 from edgekit.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-def _stage_dir(stage: str, *parts) -> Path:
-    return artifact.home() / "artifacts" / f"{stage}-{artifact.content_id(stage, *parts)}"
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -45,8 +43,9 @@ def student_shape(spec: StudentSpec, teacher_arch: Architecture, teacher_name: s
                                    kv_heads=spec.kv_heads), None
 
 
-def run(cfg: DistillConfig, trust_remote_code: bool = False) -> dict:
-    """Run the whole distillation chain; returns a summary with every artifact path and the evaluation."""
+def run(cfg: DistillConfig, trust_remote_code: bool = False) -> artifact.Artifact:
+    """Run the whole distillation chain. The artifact is the trained student (``reused`` when an earlier run
+    had finished it); its ``result`` is a summary with every artifact path and the evaluation."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from edgekit.distill import cache as cache_stage
@@ -56,6 +55,7 @@ def run(cfg: DistillConfig, trust_remote_code: bool = False) -> dict:
     from edgekit.distill import train as train_stage
     from edgekit.models import resolve_teacher
 
+    t0 = time.perf_counter()
     if cfg.data.sources:  # bad user data fails here, before the teacher is resolved (converting it takes minutes)
         data_stage.check_sources(cfg.data.sources)
     teacher = resolve_teacher(cfg.teacher, trust_remote_code=trust_remote_code)
@@ -73,14 +73,15 @@ def run(cfg: DistillConfig, trust_remote_code: bool = False) -> dict:
     needed = int(shape.params * 4 * (3 * cfg.train.keep_checkpoints + 3)) + (8 << 20)
     artifact.require_space(artifact.home() / "artifacts" / "distill", needed,
                            f"distilling a {shape.params / 1e6:.1f}M-parameter student (init, checkpoints, result)")
-    data_dir = data_stage.run(cfg.data, teacher.path, _stage_dir("data", cfg.data.model_dump(mode="json"), teacher_id))
+    data_dir = data_stage.run(cfg.data, teacher.path,
+                              artifact.store_path("data", cfg.data.model_dump(mode="json"), teacher_id))
     data_id = data_dir.name
     train_examples = _jsonl(data_dir / "train.jsonl")
     heldout_examples = _jsonl(data_dir / "heldout.jsonl")
 
     tokenizer = AutoTokenizer.from_pretrained(str(teacher.path))
     calib = [data_stage.render_text(e, tokenizer) for e in train_examples[:cfg.calibration_sequences]]
-    init_dir = prune_stage.run(teacher.path, shape, calib, _stage_dir(
+    init_dir = prune_stage.run(teacher.path, shape, calib, artifact.store_path(
         "prune", shape.to_dict(), cfg.student.init, cfg.calibration_sequences, teacher_id, data_id),
         method=cfg.student.init, seed=cfg.train.seed)
 
@@ -89,27 +90,29 @@ def run(cfg: DistillConfig, trust_remote_code: bool = False) -> dict:
     cache_dir = None
     if cfg.cache is not None and cfg.train.kd_weight > 0:
         teacher_model = AutoModelForCausalLM.from_pretrained(str(teacher.path), use_safetensors=True)
-        cache_dir = cache_stage.build(cfg.cache, teacher_model, train_seqs, _stage_dir(
+        cache_dir = cache_stage.build(cfg.cache, teacher_model, train_seqs, artifact.store_path(
             "cache", cfg.cache.model_dump(), cfg.data.max_seq_len, teacher_id, data_id))
         del teacher_model
     online = cfg.cache is None and cfg.train.kd_weight + cfg.train.feature_weight > 0
     train_cfg, assistant_dir = cfg.train, None
     if cfg.progressive is not None:  # teacher -> intermediate (as configured) -> student (assistant, then teacher)
         mid_shape, _ = student_shape(cfg.progressive, teacher.arch, teacher.name)
-        mid_init = prune_stage.run(teacher.path, mid_shape, calib, _stage_dir(
+        mid_init = prune_stage.run(teacher.path, mid_shape, calib, artifact.store_path(
             "prune", mid_shape.to_dict(), cfg.progressive.init, cfg.calibration_sequences, teacher_id, data_id),
             method=cfg.progressive.init, seed=cfg.train.seed)
         assistant_dir = train_stage.train(
-            cfg.train, mid_init, _stage_dir("distill", cfg.train.model_dump(), mid_init.name,
+            cfg.train, mid_init, artifact.store_path("distill", cfg.train.model_dump(), mid_init.name,
                                             cache_dir.name if cache_dir else teacher_id, data_id),
             sequences=None if cache_dir else train_seqs, cache_dir=cache_dir,
             teacher_dir=teacher.path if online else None)
         train_cfg = cfg.train.model_copy(update={"assistant_fraction": cfg.train.assistant_fraction or 0.5})
         cache_dir, online = None, True  # the assistant schedule compares against live models
+    student_dir = artifact.store_path("distill", train_cfg.model_dump(), init_dir.name,
+                                      cache_dir.name if cache_dir else teacher_id, data_id,
+                                      assistant_dir.name if assistant_dir else None)
+    reused = artifact.find(student_dir, "distill") is not None  # what training reuses: a student that verifies
     student_dir = train_stage.train(
-        train_cfg, init_dir, _stage_dir("distill", train_cfg.model_dump(), init_dir.name,
-                                        cache_dir.name if cache_dir else teacher_id, data_id,
-                                        assistant_dir.name if assistant_dir else None),
+        train_cfg, init_dir, student_dir,
         sequences=None if cache_dir else train_seqs, cache_dir=cache_dir,
         teacher_dir=teacher.path if online else None, assistant_dir=assistant_dir)
     models = {"student (KD)" if cfg.train.kd_weight > 0 else "student": student_dir}
@@ -117,21 +120,21 @@ def run(cfg: DistillConfig, trust_remote_code: bool = False) -> dict:
         ce_cfg = cfg.train.model_copy(update={"kd_weight": 0.0, "ce_weight": 1.0, "feature_weight": 0.0,
                                               "on_policy_fraction": 0.0, "assistant_fraction": 0.0})
         models["student (CE only)"] = train_stage.train(
-            ce_cfg, init_dir, _stage_dir("distill", ce_cfg.model_dump(), init_dir.name, data_id), sequences=train_seqs)
+            ce_cfg, init_dir, artifact.store_path("distill", ce_cfg.model_dump(), init_dir.name, data_id),
+            sequences=train_seqs)
 
-    eval_dir = _stage_dir("eval", cfg.eval.model_dump(), {k: v.name for k, v in models.items()}, data_id, teacher_id)
-    if (eval_dir / "report.json").is_file() and not artifact.verify_manifest(eval_dir):
-        report = json.loads((eval_dir / "report.json").read_text())
-    else:
-        report = eval_stage.evaluate(models, teacher.path, heldout_seqs[:cfg.eval.max_sequences], cfg.eval.prompts,
-                                     cfg.eval.max_new_tokens)
-        with artifact.atomic_dir(eval_dir) as tmp:
-            artifact.atomic_write_text(tmp / "report.json", json.dumps(report, indent=2))
-            artifact.atomic_write_text(tmp / "report.md", eval_stage.to_markdown(report) + "\n")
-            artifact.write_manifest(tmp, stage="eval", config=cfg.eval.model_dump(),
-                                    inputs={k: str(v) for k, v in models.items()})
-    train_metrics = artifact.read_manifest(student_dir)["metrics"]
-    return {
+    with artifact.stage("eval", cfg.eval.model_dump(), {k: str(v) for k, v in models.items()},
+                        key=(cfg.eval.model_dump(), {k: v.name for k, v in models.items()}, data_id, teacher_id)) as ev:
+        if ev.reused:
+            report = json.loads((ev.path / "report.json").read_text())
+        else:
+            report = eval_stage.evaluate(models, teacher.path, heldout_seqs[:cfg.eval.max_sequences],
+                                         cfg.eval.prompts, cfg.eval.max_new_tokens)
+            artifact.atomic_write_text(ev.tmp / "report.json", json.dumps(report, indent=2))
+            artifact.atomic_write_text(ev.tmp / "report.md", eval_stage.to_markdown(report) + "\n")
+    eval_dir = ev.path
+    manifest = artifact.read_manifest(student_dir)
+    summary = {
         "teacher": {"name": teacher.name, "params": teacher.arch.params, "path": str(teacher.path)},
         "student": {**shape.to_dict(), "fraction_of_teacher": shape.params / teacher.arch.params,
                     "init": cfg.student.init, "path": str(student_dir)},
@@ -142,6 +145,8 @@ def run(cfg: DistillConfig, trust_remote_code: bool = False) -> dict:
                       **{f"model:{k}": str(v) for k, v in models.items()}},
         "data": artifact.read_manifest(data_dir)["metrics"],
         "cache": artifact.read_manifest(cache_dir)["metrics"] if cache_dir else None,
-        "training": train_metrics,
+        "training": manifest["metrics"],
         "evaluation": report,
     }
+    return artifact.Artifact(Path(student_dir), Path(student_dir).name, manifest, reused,
+                             round(time.perf_counter() - t0, 3), summary)

@@ -40,7 +40,7 @@ from torch import nn
 
 from edgekit import artifact
 from edgekit.arch import Architecture
-from edgekit.errors import CacheError, ModelError, RecipeError
+from edgekit.errors import ModelError, RecipeError
 from edgekit.models import worth_copying
 
 log = logging.getLogger(__name__)
@@ -303,37 +303,37 @@ def run(teacher_dir: Path, target: Architecture, calib_texts: list[str], out_dir
     if method not in METHODS:
         raise RecipeError(f"unknown pruning method {method!r}; choose one of {', '.join(METHODS)}")
     inputs = {"teacher": _teacher_id(teacher_dir)}
-    if _reusable(out_dir, config, inputs):
-        log.info("prune: reusing %s (same teacher, target and calibration)", out_dir)
-        return out_dir
+    with artifact.stage("prune", config, inputs, at=out_dir) as st:
+        if st.reused:
+            log.info("prune: reusing %s (same teacher, target and calibration)", out_dir)
+            return out_dir
+        started = time.monotonic()
+        model = AutoModelForCausalLM.from_pretrained(teacher_dir, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+        teacher = teacher_architecture(model)
+        check_carvable(teacher, target)
+        importance, kept_layers = None, None
+        if method == "minitron":
+            seq_len = min(CALIB_SEQ_LEN, teacher.max_context)
+            importance = measure_importance(model, calibration_batches(tokenizer, calib_texts, max_tokens, seq_len))
+            kept_layers = top_indices(importance.block, target.layers).tolist()
+        student = prune(model, target, importance, method=method, seed=seed)
 
-    started = time.monotonic()
-    model = AutoModelForCausalLM.from_pretrained(teacher_dir, use_safetensors=True)
-    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    teacher = teacher_architecture(model)
-    check_carvable(teacher, target)
-    importance, kept_layers = None, None
-    if method == "minitron":
-        seq_len = min(CALIB_SEQ_LEN, teacher.max_context)
-        importance = measure_importance(model, calibration_batches(tokenizer, calib_texts, max_tokens, seq_len))
-        kept_layers = top_indices(importance.block, target.layers).tolist()
-    student = prune(model, target, importance, method=method, seed=seed)
-
-    with artifact.atomic_dir(out_dir) as tmp:
+        tmp = st.tmp
         student.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if not worth_copying(tmp / "tokenizer.model"):  # a GGUF copy, not a tokenizer (see models.worth_copying)
             (tmp / "tokenizer.model").unlink()
         if importance is not None:
             save_file(importance.tensors(), str(tmp / "importance.safetensors"))
-        artifact.write_manifest(tmp, stage="prune", config=config, inputs=inputs, metrics={
+        st.metrics = {
             "params": sum(p.numel() for p in student.parameters()),
             "teacher_params": sum(p.numel() for p in model.parameters()),
             "kept_layers": kept_layers,
             "block_importance": importance.block.tolist() if importance is not None else None,
             "calibration_tokens": importance.tokens if importance is not None else 0,
             "seconds": round(time.monotonic() - started, 2),
-        })
+        }
     log.info("prune: wrote %s", out_dir)
     return out_dir
 
@@ -347,14 +347,3 @@ def _teacher_id(teacher_dir: Path) -> str:
                          "folder with config.json and safetensors weights (resolve the teacher first)")
     return artifact.content_id({p.name: artifact.sha256_file(p) for p in files})
 
-
-def _reusable(out_dir: Path, config: dict, inputs: dict) -> bool:
-    if not (out_dir / artifact.MANIFEST).is_file():
-        return False
-    try:
-        manifest = artifact.read_manifest(out_dir)
-    except CacheError as e:  # an unreadable manifest just means: build it again
-        log.warning("prune: %s has a bad manifest (%s); rebuilding it", out_dir, e)
-        return False
-    same = manifest.get("stage") == "prune" and manifest.get("config") == config and manifest.get("inputs") == inputs
-    return same and artifact.verify_manifest(out_dir) == []

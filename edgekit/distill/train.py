@@ -189,7 +189,7 @@ def train(cfg: TrainConfig, student_dir: Path, out_dir: Path, sequences: list[di
     config = {"train": cfg.model_dump(), "student": str(student_dir), "cache": str(cache_dir or ""),
               "teacher": str(teacher_dir or ""), "assistant": str(assistant_dir or ""),
               "data": artifact.content_id([s["input_ids"] for s in sequences]) if sequences else None}
-    if (out_dir / artifact.MANIFEST).is_file() and artifact.read_manifest(out_dir)["config"] == config:
+    if artifact.find(out_dir, "distill", config) is not None:
         log.info("%s is already trained with this config; reusing it", out_dir)
         return out_dir
 

@@ -58,14 +58,19 @@ def _files(path: Path) -> list[Path]:
     return sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
 
 
-def artifact_dir(cfg: ExportConfig, model_id: str) -> Path:
+def export_key(cfg: ExportConfig, model_id: str) -> tuple[dict, str]:
+    """What identifies an export: the settings that change its files, the exporter's version, the model."""
     key = cfg.model_dump(mode="json", exclude={"model", "threads", "trust_remote_code"})
     key["exporter"] = exporter(cfg.format).version
     if key.get("context") is None:  # only executorch has one; keeps gguf/onnx ids as they were
         key.pop("context", None)
     key["calibration"] = [artifact.sha256_file(f) for p in (cfg.calibration or [DEFAULT_CALIBRATION])
                           for f in _files(Path(p))] if cfg.calibrate else []
-    return artifact.home() / "artifacts" / f"export-{artifact.content_id('export', key, model_id)}"
+    return key, model_id
+
+
+def artifact_dir(cfg: ExportConfig, model_id: str) -> Path:
+    return artifact.store_path("export", *export_key(cfg, model_id))
 
 
 def space_needed(cfg: ExportConfig, params: int) -> int:
@@ -78,8 +83,8 @@ def space_needed(cfg: ExportConfig, params: int) -> int:
     return int(peak * 1.1) + (1 << 20)  # + tokenizer, config and manifest
 
 
-def run(cfg: ExportConfig) -> dict:
-    """Export (reusing an intact earlier export); returns ``{"path", "reused", "manifest"}``."""
+def run(cfg: ExportConfig) -> artifact.Artifact:
+    """Export (reusing an intact earlier export); ``a["path"]``, ``a["reused"]``, ``a["manifest"]`` as before."""
     from edgekit.models import resolve_teacher
 
     if cfg.calibrate and cfg.calibration:  # bad calibration files fail here, before the model is resolved
@@ -88,33 +93,24 @@ def run(cfg: ExportConfig) -> dict:
         check_sources(cfg.calibration, key="--calibration")
     model = resolve_teacher(cfg.model, trust_remote_code=cfg.trust_remote_code)
     model_id = artifact.folder_id(model.path)
-    out = artifact_dir(cfg, model_id)
-    if (out / artifact.MANIFEST).is_file():
-        problems = artifact.verify_manifest(out)
-        if not problems:
-            log.info("reusing %s", out)
-            return {"path": str(out), "reused": True, "manifest": artifact.read_manifest(out)}
-        log.warning("rebuilding %s: %s", out, "; ".join(problems[:3]))
-
-    t0 = time.perf_counter()
-    inputs = {"model": model_id}
     config = {**cfg.model_dump(mode="json"), "model_path": str(model.path), "model_name": model.name}
-    needed = space_needed(cfg, model.arch.params)
-    artifact.require_space(out, needed, f"the {cfg.label} export of {model.name}")
-    with artifact.atomic_dir(out, needed) as tmp:
+    with artifact.stage("export", config, {"model": model_id}, key=export_key(cfg, model_id),
+                        needed=space_needed(cfg, model.arch.params),
+                        what=f"the {cfg.label} export of {model.name}") as st:
+        if st.reused:
+            return st.artifact
+        t0 = time.perf_counter()
         texts = None
         if cfg.calibrate:
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(str(model.path))
             texts = calibration_texts(cfg.calibration, tok, cfg.calibration_tokens)
-        summary = exporter(cfg.format).export(cfg, model, tmp, texts)
+        summary = exporter(cfg.format).export(cfg, model, st.tmp, texts)
         summary["seconds"] = round(time.perf_counter() - t0, 1)
         summary["params"] = model.arch.params
-        manifest = artifact.write_manifest(
-            tmp, "export", config, inputs, metrics=summary,
-            extra={"format": cfg.format, "quant": cfg.quant, "calibrated": cfg.calibrate, "label": cfg.label,
-                   "model_file": summary["model_file"], "source_model": model.describe()},
-        )
-    log.info("exported %s to %s in %.0fs", cfg.label, out, time.perf_counter() - t0)
-    return {"path": str(out), "reused": False, "manifest": manifest}
+        st.metrics = summary
+        st.extra = {"format": cfg.format, "quant": cfg.quant, "calibrated": cfg.calibrate, "label": cfg.label,
+                    "model_file": summary["model_file"], "source_model": model.describe()}
+    log.info("exported %s to %s in %.0fs", cfg.label, st.path, st.seconds)
+    return st.artifact

@@ -155,19 +155,21 @@ def to_markdown(report: dict) -> str:
 
 
 def run(reference: Path, exports: list[Path], *, texts: list[Path] | None = None, max_tokens: int = 16_384,
-        threads: int | None = None) -> dict:
-    """The fidelity stage: reuse or write ``fidelity-<id>/`` with report.json and report.md."""
+        threads: int | None = None) -> artifact.Artifact:
+    """The fidelity stage: reuse or write ``fidelity-<id>/`` with report.json and report.md; the report is
+    the artifact's ``result``."""
     ids = {"reference": artifact.folder_id(Path(reference)),
            "exports": [artifact.content_id(artifact.read_manifest(Path(p))["files"]) for p in exports],
            "texts": [artifact.sha256_file(Path(t)) for t in (texts or [DEFAULT_HELDOUT])], "max_tokens": max_tokens}
-    out = artifact.home() / "artifacts" / f"fidelity-{artifact.content_id('fidelity', ids)}"
-    if (out / "report.json").is_file() and not artifact.verify_manifest(out):
-        return {"path": str(out), "reused": True, **json.loads((out / "report.json").read_text())}
-    report = fidelity(Path(reference), [Path(p) for p in exports], texts=texts, max_tokens=max_tokens, threads=threads)
-    with artifact.atomic_dir(out) as tmp:
-        artifact.atomic_write_text(tmp / "report.json", json.dumps(report, indent=2) + "\n")
-        artifact.atomic_write_text(tmp / "report.md", to_markdown(report))
-        artifact.write_manifest(tmp, "fidelity", {"max_tokens": max_tokens, "threads": threads}, ids,
-                                metrics={r.get("artifact", "reference"): {k: r[k] for k in ("kl_mean", "top1_agreement", "perplexity")}
-                                         for r in report["rows"]})
-    return {"path": str(out), "reused": False, **report}
+    with artifact.stage("fidelity", {"max_tokens": max_tokens, "threads": threads}, ids, key=(ids,)) as st:
+        if st.reused:
+            st.result = json.loads((st.path / "report.json").read_text())
+            return st.artifact
+        report = fidelity(Path(reference), [Path(p) for p in exports], texts=texts, max_tokens=max_tokens,
+                          threads=threads)
+        artifact.atomic_write_text(st.tmp / "report.json", json.dumps(report, indent=2) + "\n")
+        artifact.atomic_write_text(st.tmp / "report.md", to_markdown(report))
+        st.metrics = {r.get("artifact", "reference"): {k: r[k] for k in ("kl_mean", "top1_agreement", "perplexity")}
+                      for r in report["rows"]}
+        st.result = report
+    return st.artifact

@@ -39,3 +39,27 @@ def test_report_of_a_non_result_is_one_line_error(tmp_path, capsys):
     assert main(["report", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("edgekit: error:") and "\n" not in err and "results.json" in err
+
+
+def test_bench_is_a_stored_artifact_listed_by_runs_and_reused(tiny_bpe_llama_dir, home, capsys):
+    from edgekit import artifact
+
+    gguf = run(ExportConfig(model=str(tiny_bpe_llama_dir), format="gguf", quant="q8_0"))["path"]
+    argv = ["bench", gguf, "--runtimes", "llama.cpp", "--repeats", "1", "--warmup", "0", "--threads", "1",
+            "--prompt-lengths", "8", "--decode-tokens", "4", "--device", "pi-5-8gb", "--json", "-q"]
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    folders = list((home / "artifacts").glob("bench-*"))
+    assert len(folders) == 1 and artifact.verify_manifest(folders[0]) == []
+    m = artifact.read_manifest(folders[0])
+    assert m["stage"] == "bench" and m["config"]["devices"] == ["pi-5-8gb"] and m["config"]["repeats"] == 1
+    assert not list((home / "artifacts").glob("*.inprogress")) and not list((home / "artifacts").glob(".*"))
+    assert main(argv) == 0  # the same exports and settings: reused, not measured again
+    assert json.loads(capsys.readouterr().out) == first
+    assert list((home / "artifacts").glob("bench-*")) == folders
+    assert main(["runs", "--json", "-q"]) == 0
+    listed = {r["id"]: r for r in json.loads(capsys.readouterr().out)}
+    assert listed[folders[0].name]["stage"] == "bench"
+    assert main(argv[:-4] + ["--device", "laptop-x86", "--json", "-q"]) == 0  # another device: another report
+    capsys.readouterr()
+    assert len(list((home / "artifacts").glob("bench-*"))) == 2
