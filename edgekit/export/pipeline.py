@@ -30,7 +30,7 @@ from edgekit.export.config import DEFAULT_CALIBRATION, GGUF_FLOATS, ExportConfig
 log = logging.getLogger(__name__)
 
 # Bump when an exporter's output changes for the same config, so older artifacts are not reused.
-EXPORTER_VERSION = {"gguf": 1, "onnx": 2, "executorch": 2}
+EXPORTER_VERSION = {"gguf": 1, "onnx": 3, "executorch": 2}
 
 
 def calibration_texts(paths: list[Path], tokenizer, max_tokens: int) -> list[str]:
