@@ -15,19 +15,20 @@ import pytest
 
 from edgekit.errors import ModelError, RecipeError
 from edgekit.export.executorch import QUANTS, check_pte, export_executorch, resolve_quant
+from tests.conftest import needs_executorch
 
 from .test_onnx import DAMAGES, HELD_OUT, TEXT, _torch_logits, damaged_copy, kl_and_top1
 
+pytestmark = needs_executorch
 CONTEXT = 128
 
 
 @pytest.fixture(scope="module")
-def exports(tiny_bpe_llama_dir, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
-    root = tmp_path_factory.mktemp("et-exports")
-    out = {q: (root / q, export_executorch(tiny_bpe_llama_dir, root / q, q, context=CONTEXT, progress=False))
-           for q in ("fp32", "8da8w", "8da4w")}
-    out["8da4w-awq"] = (root / "awq", export_executorch(tiny_bpe_llama_dir, root / "awq", "8da4w", context=CONTEXT,
-                                                        calibration_texts=[TEXT, HELD_OUT * 3], progress=False))
+def exports(tiny_bpe_llama_dir, exporter_output) -> dict[str, tuple[Path, dict]]:
+    """(folder, summary) of ``export_executorch`` per quant, from the session's export store (read-only)."""
+    out = {q: exporter_output(tiny_bpe_llama_dir, "executorch", q, context=CONTEXT) for q in ("fp32", "8da8w", "8da4w")}
+    out["8da4w-awq"] = exporter_output(tiny_bpe_llama_dir, "executorch", "8da4w", context=CONTEXT,
+                                       calibration_texts=[TEXT, HELD_OUT * 3])
     return out
 
 

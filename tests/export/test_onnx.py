@@ -33,9 +33,9 @@ def kl_and_top1(ref: np.ndarray, other: np.ndarray) -> tuple[float, float]:
 
 
 @pytest.fixture(scope="module")
-def exports(tiny_bpe_llama_dir, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
-    root = tmp_path_factory.mktemp("onnx-exports")
-    return {q: (root / q, export_onnx(tiny_bpe_llama_dir, root / q, q, progress=False))
+def exports(tiny_bpe_llama_dir, exporter_output) -> dict[str, tuple[Path, dict]]:
+    """(folder, summary) of ``export_onnx`` per quant, from the session's export store (read-only)."""
+    return {q: exporter_output(tiny_bpe_llama_dir, "onnx", q)
             for q in ("fp32", "fp16", "int8-dynamic", "int8", "int4", "int4-b128", "int4-awq")}
 
 
@@ -368,9 +368,8 @@ CHAT = [{"role": "system", "content": "You are a concise, helpful assistant."},
 
 
 @pytest.fixture(scope="module")
-def teacher_exports(teacher, tmp_path_factory):
-    root = tmp_path_factory.mktemp("teacher-onnx")
-    return {q: (root / q, export_onnx(teacher.path, root / q, q, progress=False)) for q in ("fp32", "int4")}
+def teacher_exports(teacher, exporter_output):
+    return {q: exporter_output(teacher.path, "onnx", q) for q in ("fp32", "int4")}
 
 
 @pytest.fixture(scope="module")
