@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
@@ -18,6 +20,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("EDGEKIT_QUIET", "1")
 
 from edgekit.arch import Architecture  # noqa: E402
+
 
 # ExecuTorch is an optional extra (pyproject `executorch`): without it, the tests that export or run a .pte are
 # skipped with this reason (shown by -ra), and everything else still runs.
@@ -170,9 +173,13 @@ def tiny_bpe_llama_dir(tmp_path_factory) -> Path:
 # - ``exporter_output(model, fmt, quant, **options)``: the bare output of the format's exporter function
 #   (``export_gguf`` / ``export_onnx`` / ``export_executorch``) and the summary it returned.
 #
-# Both return the stored path itself: tests only read it. A test that damages, renames or adds files works
-# on ``writable_copy(path, tmp_path)``. As a safety net the store remembers every file's size and mtime and
-# rebuilds an entry that a test changed anyway. Under pytest-xdist the workers share one store (a file lock
+# While the store runs the export stage, the stage's calls of the exporter functions are answered from the
+# exporter level (the stage still lays out, hashes and renames its own folder), so an export that an exporter
+# test already made is not made again for a stage test.
+#
+# Both return the stored path itself: tests only read it. A test that damages, renames or adds files works on
+# ``writable_copy(path, tmp_path)``. As a safety net the store remembers every file's size and mtime and rebuilds
+# an entry that a test changed anyway. Under pytest-xdist the workers share one store (a file lock
 # per entry), so each export is still built once per run.
 
 
@@ -210,6 +217,11 @@ def _edgekit_home(home: Path):
             os.environ["EDGEKIT_HOME"] = old
 
 
+# format -> (module, function) of its exporter
+EXPORTERS = {"gguf": ("edgekit.export.gguf", "export_gguf"), "onnx": ("edgekit.export.onnx", "export_onnx"),
+             "executorch": ("edgekit.export.executorch", "export_executorch")}
+
+
 class ExportStore:
     """Exports built once per session, content-addressed; see the comment above."""
 
@@ -217,6 +229,7 @@ class ExportStore:
         self.root = root
         self.home = root / "edgekit-home"  # EDGEKIT_HOME of the export stage's artifacts
         self._done: dict[str, tuple[object, dict]] = {}  # key -> (result, snapshot of its files)
+        self._real: dict[str, object] = {}  # format -> the exporter function, while the stage's calls are patched
         root.mkdir(parents=True, exist_ok=True)
 
     def _get(self, level: str, model: Path, fmt: str, quant: str | None, options: dict, build):
@@ -240,7 +253,8 @@ class ExportStore:
         def build(_):
             from edgekit.export.pipeline import ExportConfig, run
 
-            with _edgekit_home(self.home):  # the stage reuses an intact artifact (and rebuilds a damaged one)
+            # the stage reuses an intact artifact (and rebuilds a damaged one)
+            with _edgekit_home(self.home), self._exporters_from_store():
                 return Path(run(ExportConfig(model=str(model), format=fmt, quant=quant, **config))["path"])
 
         return self._get("stage", model, fmt, quant, config, build)
@@ -255,17 +269,45 @@ class ExportStore:
                 return out, json.loads(done.read_text())
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
-            if fmt == "gguf":
-                from edgekit.export.gguf import export_gguf as export
-            elif fmt == "onnx":
-                from edgekit.export.onnx import export_onnx as export
-            else:
-                from edgekit.export.executorch import export_executorch as export
+            export = self._real.get(fmt) or getattr(importlib.import_module(EXPORTERS[fmt][0]), EXPORTERS[fmt][1])
             summary = export(model, out, quant, progress=False, **options)
             done.write_text(json.dumps(summary, default=str))
             return out, summary
 
-        return self._get("exporter", model, fmt, quant, options, build)
+        options = {k: v for k, v in options.items() if v is not None}  # an omitted option is the same export
+        return self._get("exporter", Path(model), fmt, quant, options, build)
+
+    @contextlib.contextmanager
+    def _exporters_from_store(self):
+        """Answer the export stage's calls of ``export_gguf`` / ``export_onnx`` / ``export_executorch`` from
+        :meth:`exporter` (a copy of the stored output), for as long as the stage runs."""
+        patched = []
+        for fmt, (module, name) in EXPORTERS.items():
+            try:
+                mod = importlib.import_module(module)
+            except ImportError:  # e.g. the executorch extra is missing
+                continue
+            real = getattr(mod, name, None)
+            if real is None or fmt in self._real:
+                continue
+
+            def from_store(model_dir, out, quant, *, progress=True, _fmt=fmt, **options):
+                src, summary = self.exporter(Path(model_dir), _fmt, quant, **options)
+                if src.is_dir():
+                    shutil.copytree(src, out)
+                else:
+                    shutil.copy2(src, out)
+                return copy.deepcopy(summary)
+
+            self._real[fmt] = real
+            setattr(mod, name, from_store)
+            patched.append((fmt, mod, name, real))
+        try:
+            yield
+        finally:
+            for fmt, mod, name, real in patched:
+                setattr(mod, name, real)
+                del self._real[fmt]
 
 
 @pytest.fixture(scope="session")
