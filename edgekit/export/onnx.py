@@ -501,9 +501,9 @@ def _quantize_int8(model, work: Path):
     src, dst = work / "fp32.onnx", work / "int8.onnx"
     large = _save(model, src)
     with _quiet("onnxruntime", "root"):
-        # reduce_range: weights in [-63, 63]. On x86 CPUs without VNNI onnxruntime multiplies uint8 activations by
+        # reduce_range: weights in [-64, 64]. On x86 CPUs without VNNI onnxruntime multiplies uint8 activations by
         # int8 weights with VPMADDUBSW, which saturates a pair of products at 32767 (255*127*2 overflows); 7-bit
-        # weights cannot (255*63*2 = 32130), so the result is the same on every CPU. On the tiny test model full
+        # weights cannot (255*64*2 = 32640), so the result is the same on every CPU. On the tiny test model full
         # 8-bit weights gave KL 3e-6 to fp32 with exact (VNNI, NEON) kernels but 1.5e-4 where pairs saturate.
         quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=True,
                          weight_type=QuantType.QInt8, use_external_data_format=large,

@@ -183,7 +183,7 @@ def test_int8_dynamic_weights_cannot_saturate_a_16_bit_pair_sum(exports):
     weights = [numpy_helper.to_array(inits[n.input[1]]) for n in model.graph.node if n.op_type == "MatMulInteger"]
     assert len(weights) == 2 * 7 + 1
     for w in weights:
-        assert np.abs(w.astype(np.int32)).max() <= 63  # reduce_range: 7-bit weights
+        assert np.abs(w.astype(np.int32)).max() <= 64  # reduce_range: 7-bit weights
         pairs = np.abs(w[0::2].astype(np.int32)) + np.abs(w[1::2].astype(np.int32))  # adjacent along K
         assert 255 * pairs.max() <= 32767
 
@@ -241,7 +241,7 @@ def test_quantized_embedding_rows_are_the_lm_head_rows(exports, tiny_bpe_llama_d
 
 # The KL bounds come from the quantization's error model, not from one host's measurement:
 # - Rounding to a step D adds noise of variance D^2/12. A matmul y = Wx whose input is quantized per tensor (int8:
-#   D = range(x)/255, range ~8 rms for ~3k activations) and whose weights per channel or block (int8: D = max|w|/63
+#   D = range(x)/255, range ~8 rms for ~3k activations) and whose weights per channel or block (int8: D = max|w|/64
 #   with 7-bit weights; int4: D = range of a block of 32 (~4 sd) or 128 (~5.2 sd) / 15) gets a relative output error
 #   r = sqrt(r_x^2 + r_w^2) with r = D / (sqrt(12) rms): 0.015 for int8, ~0.08 (block 32) / 0.10 (block 128) for int4.
 # - At most all 15 quantized matmuls' errors reach the logits at full strength (sqrt(15) r; the int4 quants keep the
@@ -251,7 +251,7 @@ def test_quantized_embedding_rows_are_the_lm_head_rows(exports, tiny_bpe_llama_d
 # This holds wherever the kernels accumulate the integer products exactly; that is why the int8-dynamic export keeps
 # its weights to 7 bits (onnxruntime's VPMADDUBSW path on x86 without VNNI saturates 8-bit ones, measured 1.5e-4
 # on such a CPU; see test_int8_dynamic_weights_cannot_saturate_a_16_bit_pair_sum). Measured on an AVX512-VNNI host:
-# 3e-6 (int8-dynamic), 2e-6 (int8), 4e-5 to 9e-5 (int4).
+# 5e-6 (int8-dynamic), 2e-6 (int8), 4e-5 to 9e-5 (int4).
 @pytest.mark.parametrize("quant,max_kl", [("int8-dynamic", 1e-4), ("int8", 1e-4), ("int4", 2e-3), ("int4-b128", 2e-3),
                                          ("int4-awq", 2e-3)])
 def test_quantized_logits_stay_close_to_fp32(exports, torch_lm, quant, max_kl):
