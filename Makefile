@@ -28,11 +28,12 @@ $(STAMP): requirements.lock pyproject.toml
 demo: setup
 	$(BIN)/edgekit run recipes/quick.yaml
 
+# --durations: every run ends with its slowest tests, so a slowdown shows where it comes from.
 test: setup
-	$(BIN)/python -m pytest -m "slow or not slow"
+	$(BIN)/python -m pytest -m "slow or not slow" --durations=25
 
 test-fast: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
 
 bench: setup
 	$(BIN)/python benchmarks/plan_accuracy.py

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import fcntl
+import hashlib
+import importlib
+import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
@@ -13,6 +20,26 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("EDGEKIT_QUIET", "1")
 
 from edgekit.arch import Architecture  # noqa: E402
+
+
+# ExecuTorch is an optional extra (pyproject `executorch`): without it, the tests that export or run a .pte are
+# skipped with this reason (shown by -ra), and everything else still runs.
+def _executorch_missing() -> str | None:
+    try:
+        found = importlib.util.find_spec("executorch") is not None
+    except (ImportError, ValueError):
+        found = False
+    return None if found else "the optional ExecuTorch extra is not installed (pip install -e '.[executorch]')"
+
+
+EXECUTORCH_MISSING = _executorch_missing()
+needs_executorch = pytest.mark.skipif(EXECUTORCH_MISSING is not None, reason=EXECUTORCH_MISSING or "")
+
+
+def skip_without_executorch() -> None:
+    """In a fixture: skip every test that uses it when the ExecuTorch extra is missing."""
+    if EXECUTORCH_MISSING:
+        pytest.skip(EXECUTORCH_MISSING)
 
 # SmolLM2-135M-Instruct, as its config.json and GGUF header state it.
 SMOLLM2 = Architecture(layers=30, hidden_size=576, intermediate_size=1536, heads=9, kv_heads=3, head_dim=64,
@@ -133,3 +160,181 @@ def tiny_bpe_llama_dir(tmp_path_factory) -> Path:
                       pad_token_id=tok.pad_token_id)
     LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+# --------------------------------------------------------------------------- the export store
+#
+# Exports of the tiny models are the most repeated setup in the suite: a dozen test files need the same
+# GGUF / ONNX / ExecuTorch folders. The store builds each one once per test session, keyed by content:
+# (the model folder's files, the level, format, quant and options). Two levels:
+#
+# - ``tiny_export(model, fmt, quant, **config)``: an export *artifact* made by the export stage
+#   (``edgekit.export.pipeline.run``) in the store's own EDGEKIT_HOME, with its ``manifest.json``;
+# - ``exporter_output(model, fmt, quant, **options)``: the bare output of the format's exporter function
+#   (``export_gguf`` / ``export_onnx`` / ``export_executorch``) and the summary it returned.
+#
+# While the store runs the export stage, the stage's calls of the exporter functions are answered from the
+# exporter level (the stage still lays out, hashes and renames its own folder), so an export that an exporter
+# test already made is not made again for a stage test.
+#
+# Both return the stored path itself: tests only read it. A test that damages, renames or adds files works on
+# ``writable_copy(path, tmp_path)``. As a safety net the store remembers every file's size and mtime and rebuilds
+# an entry that a test changed anyway. Under pytest-xdist the workers share one store (a file lock
+# per entry), so each export is still built once per run.
+
+
+def _model_key(folder: Path) -> str:
+    """A model folder's content: sha256 of each file (size and mtime for files over 64 MB, e.g. the teacher)."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file():
+            continue
+        st = p.stat()
+        h.update(p.relative_to(folder).as_posix().encode() + b"\0")
+        if st.st_size > 64 << 20:
+            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+        else:
+            h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def _snapshot(path: Path) -> dict[str, tuple[int, int]]:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in files}
+
+
+@contextlib.contextmanager
+def _edgekit_home(home: Path):
+    old = os.environ.get("EDGEKIT_HOME")
+    os.environ["EDGEKIT_HOME"] = str(home)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("EDGEKIT_HOME", None)
+        else:
+            os.environ["EDGEKIT_HOME"] = old
+
+
+# format -> (module, function) of its exporter
+EXPORTERS = {"gguf": ("edgekit.export.gguf", "export_gguf"), "onnx": ("edgekit.export.onnx", "export_onnx"),
+             "executorch": ("edgekit.export.executorch", "export_executorch")}
+
+
+class ExportStore:
+    """Exports built once per session, content-addressed; see the comment above."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.home = root / "edgekit-home"  # EDGEKIT_HOME of the export stage's artifacts
+        self._done: dict[str, tuple[object, dict]] = {}  # key -> (result, snapshot of its files)
+        self._real: dict[str, object] = {}  # format -> the exporter function, while the stage's calls are patched
+        root.mkdir(parents=True, exist_ok=True)
+
+    def _get(self, level: str, model: Path, fmt: str, quant: str | None, options: dict, build):
+        key = hashlib.sha256(json.dumps([level, _model_key(model), fmt, quant, options], sort_keys=True,
+                                        default=str).encode()).hexdigest()[:16]
+        if key in self._done:
+            result, snap = self._done[key]
+            path = result[0] if isinstance(result, tuple) else result
+            if path.exists() and _snapshot(path) == snap:
+                return result
+        with open(self.root / f"{key}.lock", "w") as lock:  # another xdist worker may be building the same entry
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            result = build(self.root / key)
+        path = result[0] if isinstance(result, tuple) else result
+        self._done[key] = (result, _snapshot(path))
+        return result
+
+    def stage(self, model: Path, fmt: str, quant: str | None = None, **config) -> Path:
+        """The export stage's artifact folder for ``ExportConfig(model=model, format=fmt, quant=quant, **config)``."""
+
+        def build(_):
+            from edgekit.export.pipeline import ExportConfig, run
+
+            # the stage reuses an intact artifact (and rebuilds a damaged one)
+            with _edgekit_home(self.home), self._exporters_from_store():
+                return Path(run(ExportConfig(model=str(model), format=fmt, quant=quant, **config))["path"])
+
+        return self._get("stage", model, fmt, quant, config, build)
+
+    def exporter(self, model: Path, fmt: str, quant: str, **options) -> tuple[Path, dict]:
+        """``(path, summary)`` of the format's exporter function run on ``model`` (a folder; a file for gguf)."""
+
+        def build(folder: Path):
+            done = folder / "summary.json"
+            out = folder / (f"model-{quant}.gguf" if fmt == "gguf" else quant)
+            if done.is_file() and out.exists():  # built by another xdist worker
+                return out, json.loads(done.read_text())
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            export = self._real.get(fmt) or getattr(importlib.import_module(EXPORTERS[fmt][0]), EXPORTERS[fmt][1])
+            summary = export(model, out, quant, progress=False, **options)
+            done.write_text(json.dumps(summary, default=str))
+            return out, summary
+
+        options = {k: v for k, v in options.items() if v is not None}  # an omitted option is the same export
+        return self._get("exporter", Path(model), fmt, quant, options, build)
+
+    @contextlib.contextmanager
+    def _exporters_from_store(self):
+        """Answer the export stage's calls of ``export_gguf`` / ``export_onnx`` / ``export_executorch`` from
+        :meth:`exporter` (a copy of the stored output), for as long as the stage runs."""
+        patched = []
+        for fmt, (module, name) in EXPORTERS.items():
+            try:
+                mod = importlib.import_module(module)
+            except ImportError:  # e.g. the executorch extra is missing
+                continue
+            real = getattr(mod, name, None)
+            if real is None or fmt in self._real:
+                continue
+
+            def from_store(model_dir, out, quant, *, progress=True, _fmt=fmt, **options):
+                src, summary = self.exporter(Path(model_dir), _fmt, quant, **options)
+                if src.is_dir():
+                    shutil.copytree(src, out)
+                else:
+                    shutil.copy2(src, out)
+                return copy.deepcopy(summary)
+
+            self._real[fmt] = real
+            setattr(mod, name, from_store)
+            patched.append((fmt, mod, name, real))
+        try:
+            yield
+        finally:
+            for fmt, mod, name, real in patched:
+                setattr(mod, name, real)
+                del self._real[fmt]
+
+
+@pytest.fixture(scope="session")
+def export_store(tmp_path_factory) -> ExportStore:
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker has its own basetemp under one shared parent
+        base = base.parent
+    return ExportStore(base / "export-store")
+
+
+@pytest.fixture(scope="session")
+def tiny_export(export_store):
+    """``tiny_export(model_dir, fmt, quant=None, **config) -> Path``: an export artifact, built once per session."""
+    return export_store.stage
+
+
+@pytest.fixture(scope="session")
+def exporter_output(export_store):
+    """``exporter_output(model_dir, fmt, quant, **options) -> (path, summary)``: an exporter's bare output, once."""
+    return export_store.exporter
+
+
+def writable_copy(src: Path, tmp_path: Path) -> Path:
+    """A private copy of a stored export (file or folder) under ``tmp_path``, for tests that change it."""
+    dst = tmp_path / Path(src).name
+    if Path(src).is_dir():
+        shutil.copytree(src, dst)
+    else:
+        shutil.copy2(src, dst)
+    return dst

@@ -17,17 +17,18 @@ import pytest
 from edgekit import artifact
 from edgekit.errors import ConfigError, RecipeError
 from edgekit.package import LICENSE_NOTE, SCHEMA, package, verify
+from tests.conftest import EXECUTORCH_MISSING, needs_executorch
 
 
 @pytest.fixture(scope="module")
-def exports(tiny_bpe_llama_dir, tmp_path_factory) -> dict[str, Path]:
-    """A tiny GGUF (q8_0), ONNX (fp32) and ExecuTorch (8da4w) export, made once for the module in its own home."""
-    from edgekit.export.pipeline import ExportConfig, run
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EDGEKIT_HOME", str(tmp_path_factory.mktemp("package-home")))
-        return {fmt: Path(run(ExportConfig(model=str(tiny_bpe_llama_dir), format=fmt, quant=q, context=ctx))["path"])
-                for fmt, q, ctx in (("gguf", "q8_0", None), ("onnx", "fp32", None), ("executorch", "8da4w", 64))}
+def exports(tiny_bpe_llama_dir, tiny_export) -> dict[str, Path]:
+    """A tiny GGUF (q8_0), ONNX (fp32) and ExecuTorch (8da4w, if installed) export artifact, from the session's
+    export store."""
+    out = {"gguf": tiny_export(tiny_bpe_llama_dir, "gguf", "q8_0"),
+           "onnx": tiny_export(tiny_bpe_llama_dir, "onnx", "fp32")}
+    if not EXECUTORCH_MISSING:
+        out["executorch"] = tiny_export(tiny_bpe_llama_dir, "executorch", "8da4w", context=64)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,8 @@ COMMON = {"README.md", "manifest.json", "generation.json", "tokenizer.json", "to
 
 @pytest.mark.parametrize("fmt, own", [("gguf", {"model.gguf", "run_llamacpp.py"}),
                                       ("onnx", {"model.onnx", "genai_config.json", "run_genai.py"}),
-                                      ("executorch", {"model.pte", "executorch_config.json", "run_executorch.py"})])
+                                      pytest.param("executorch", {"model.pte", "executorch_config.json",
+                                                                  "run_executorch.py"}, marks=needs_executorch)])
 def test_package_writes_model_tokenizer_loader_card_and_manifest(bundles, exports, fmt, own):
     b = bundles[fmt]
     folder = Path(b["path"])
@@ -145,6 +147,7 @@ def test_genai_loader_runs_standalone(bundles):
     assert r.stdout.endswith("\n") and "tokens in" in r.stderr
 
 
+@needs_executorch
 def test_executorch_loader_runs_standalone(bundles):
     script = Path(bundles["executorch"]["path"]) / "run_executorch.py"
     r = _run_standalone(script, "--max-tokens", "4", "hi")
@@ -152,7 +155,7 @@ def test_executorch_loader_runs_standalone(bundles):
     assert r.stdout.endswith("\n") and "tokens in" in r.stderr
 
 
-@pytest.mark.parametrize("fmt", ["gguf", "onnx", "executorch"])
+@pytest.mark.parametrize("fmt", ["gguf", "onnx", pytest.param("executorch", marks=needs_executorch)])
 def test_bundle_folder_and_tarball_verify(bundles, fmt):
     for where in (bundles[fmt]["path"], bundles[fmt]["tarball"]):
         result = verify(Path(where))

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 from edgekit.cli import main
-from edgekit.export.pipeline import ExportConfig, run
 
 
-def test_bench_then_report(tiny_bpe_llama_dir, home, tmp_path, capsys):
-    gguf = run(ExportConfig(model=str(tiny_bpe_llama_dir), format="gguf", quant="q8_0"))["path"]
-    onnx = run(ExportConfig(model=str(tiny_bpe_llama_dir), format="onnx", quant="fp32"))["path"]
+def test_bench_then_report(tiny_bpe_llama_dir, tiny_export, home, tmp_path, capsys):
+    gguf = str(tiny_export(tiny_bpe_llama_dir, "gguf", "q8_0"))
+    onnx = str(tiny_export(tiny_bpe_llama_dir, "onnx", "fp32"))
     fid = tmp_path / "fidelity.json"
     fid.write_text(json.dumps({"schema": "edgekit.fidelity/1", "rows": [
         {"label": "gguf-q8_0", "format": "gguf", "artifact": gguf.rsplit("/", 1)[-1], "perplexity": 300.0,

@@ -20,6 +20,7 @@ from edgekit.bench.measure import (SCHEMA, plan_rows, run_benchmark, run_worker,
 from edgekit.runtimes import describe, get_runtime as get_runner
 from edgekit.bench.worker import WorkerSpec
 from edgekit.errors import ConfigError
+from tests.conftest import skip_without_executorch
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = {"repeats": 2, "warmup": 1, "threads": 1, "prompt_lengths": (16, 32), "decode_tokens": 8, "progress": False}
@@ -90,15 +91,14 @@ def test_summarize_matches_numpy_percentiles(values):
 
 
 @pytest.fixture(scope="module")
-def real(bench_home, tiny_bpe_llama_dir):
+def real(bench_home, tiny_bpe_llama_dir, tiny_export):
     """The tiny model exported to GGUF q8_0, ONNX fp32 and ExecuTorch 8da4w, benchmarked once on every installed
     runtime."""
-    from edgekit.export.pipeline import ExportConfig, run
-
-    gguf = run(ExportConfig(model=str(tiny_bpe_llama_dir), format="gguf", quant="q8_0"))["path"]
-    onnx = run(ExportConfig(model=str(tiny_bpe_llama_dir), format="onnx", quant="fp32"))["path"]
-    pte = run(ExportConfig(model=str(tiny_bpe_llama_dir), format="executorch", quant="8da4w", context=256))["path"]
-    return run_benchmark([Path(gguf), Path(onnx), Path(pte)], **FAST)
+    skip_without_executorch()
+    gguf = tiny_export(tiny_bpe_llama_dir, "gguf", "q8_0")
+    onnx = tiny_export(tiny_bpe_llama_dir, "onnx", "fp32")
+    pte = tiny_export(tiny_bpe_llama_dir, "executorch", "8da4w", context=256)
+    return run_benchmark([gguf, onnx, pte], **FAST)
 
 
 def test_short_real_benchmark_on_every_installed_runtime(real, tiny_bpe_llama_dir):

@@ -17,12 +17,9 @@ PROMPT = [{"role": "user", "content": "Hello world, how are you today? Tell me a
 
 
 @pytest.fixture(scope="module")
-def fp32_folder(sharp_dir, tmp_path_factory):
-    from edgekit.export.onnx import export_onnx
-
-    out = tmp_path_factory.mktemp("bench-onnx") / "fp32"
-    export_onnx(sharp_dir, out, "fp32", progress=False)
-    return out
+def fp32_folder(sharp_dir, tiny_export):
+    """The sharp tiny model's fp32 ONNX export artifact, from the session's export store (read-only)."""
+    return tiny_export(sharp_dir, "onnx", "fp32")
 
 
 @pytest.fixture(scope="module")

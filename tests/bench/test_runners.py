@@ -28,16 +28,10 @@ def registry(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def exports(sharp_dir, tmp_path_factory):
+def exports(sharp_dir, tiny_export):
     """The tiny BPE Llama with 10x larger weights (so greedy tokens vary), exported to GGUF f32 and ONNX fp32."""
-    from edgekit.export.pipeline import ExportConfig, run
-
-    sharp = sharp_dir
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EDGEKIT_HOME", str(tmp_path_factory.mktemp("runners-home")))
-        gguf = run(ExportConfig(model=str(sharp), format="gguf", quant="f32"))["path"]
-        onnx = run(ExportConfig(model=str(sharp), format="onnx", quant="fp32"))["path"]
-    return {"hf": sharp, "gguf": gguf, "onnx": onnx}
+    return {"hf": sharp_dir, "gguf": str(tiny_export(sharp_dir, "gguf", "f32")),
+            "onnx": str(tiny_export(sharp_dir, "onnx", "fp32"))}
 
 
 def test_builtins_register_their_names_and_formats():

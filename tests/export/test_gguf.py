@@ -47,11 +47,10 @@ def llama_logits(gguf: Path, ids: list[int]) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def f32_gguf(tiny_bpe_llama_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf"
-    export_gguf(tiny_bpe_llama_dir, out, "f32", name="tiny", license="apache-2.0", teacher="tiny-teacher",
-                progress=False)
-    return out
+def f32_gguf(tiny_bpe_llama_dir, exporter_output) -> Path:
+    """An f32 GGUF of the tiny BPE Llama from the session's export store (read-only)."""
+    return exporter_output(tiny_bpe_llama_dir, "gguf", "f32", name="tiny", license="apache-2.0",
+                           teacher="tiny-teacher")[0]
 
 
 def variant(base: Path, dst: Path, sharpen: float = 6.0, **config) -> Path:

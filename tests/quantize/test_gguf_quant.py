@@ -19,10 +19,9 @@ CALIBRATION = ["The quick brown fox jumps over the lazy dog. Hello world, how ar
 
 
 @pytest.fixture(scope="module")
-def f32_gguf(tiny_bpe_llama_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("quant") / "tiny-f32.gguf"
-    export_gguf(tiny_bpe_llama_dir, out, "f32", progress=False)
-    return out
+def f32_gguf(tiny_bpe_llama_dir, exporter_output) -> Path:
+    """An f32 GGUF of the tiny BPE Llama from the session's export store (read-only: quantized copies go to tmp)."""
+    return exporter_output(tiny_bpe_llama_dir, "gguf", "f32")[0]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edgekit.export.pipeline import ExportConfig, run
 from edgekit import metrics
 from edgekit.quantize import report
 
@@ -37,9 +36,9 @@ def test_tally_of_identical_logits_is_zero_kl_full_agreement():
     assert r["kl_mean"] == pytest.approx(0.0, abs=1e-6) and r["top1_agreement"] == 1.0
 
 
-def test_fidelity_of_tiny_exports(tiny_bpe_llama_dir, home):
+def test_fidelity_of_tiny_exports(tiny_bpe_llama_dir, tiny_export, home):
     """f32 GGUF and fp32 ONNX reproduce PyTorch; q4_0 is measurably lossy; greedy parity is counted."""
-    paths = [run(ExportConfig(model=str(tiny_bpe_llama_dir), format=f, quant=q))["path"]
+    paths = [str(tiny_export(tiny_bpe_llama_dir, f, q))
              for f, q in (("gguf", "f32"), ("gguf", "q4_0"), ("onnx", "fp32"))]
     rep = report.run(tiny_bpe_llama_dir, paths, max_tokens=600)
     rows = {r["label"]: r for r in rep["rows"]}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import pickle
 import shutil
 import struct
@@ -30,6 +29,7 @@ import pytest
 from edgekit import integrity
 from edgekit.cli import main
 from edgekit.errors import ModelError
+from tests.conftest import skip_without_executorch
 from tests.export.test_onnx import DAMAGES, damaged_copy
 from tests.robust.clean import assert_clean_failure
 
@@ -40,26 +40,16 @@ PACKAGE = Path(__file__).resolve().parents[2] / "edgekit"
 
 
 @pytest.fixture(scope="session")
-def exports(tiny_bpe_llama_dir, tmp_path_factory) -> dict[str, Path]:
-    """A GGUF (f16) and an ONNX (fp32) export artifact of the tiny BPE Llama, through the export stage, once."""
-    from edgekit.export.pipeline import ExportConfig, run
-
-    store = tmp_path_factory.mktemp("bad-models-store")
-    old = os.environ.get("EDGEKIT_HOME")
-    os.environ["EDGEKIT_HOME"] = str(store)
-    try:
-        return {fmt: Path(run(ExportConfig(model=str(tiny_bpe_llama_dir), format=fmt, quant=quant))["path"])
-                for fmt, quant in (("gguf", "f16"), ("onnx", "fp32"))}
-    finally:
-        if old is None:
-            os.environ.pop("EDGEKIT_HOME", None)
-        else:
-            os.environ["EDGEKIT_HOME"] = old
+def exports(tiny_bpe_llama_dir, tiny_export) -> dict[str, Path]:
+    """A GGUF (f16) and an ONNX (fp32) export artifact of the tiny BPE Llama, through the export stage, once
+    (the session's export store; tests damage copies)."""
+    return {fmt: tiny_export(tiny_bpe_llama_dir, fmt, quant) for fmt, quant in (("gguf", "f16"), ("onnx", "fp32"))}
 
 
 @pytest.fixture(scope="session")
 def pte_bytes() -> bytes:
     """A small program written by ExecuTorch 1.5 itself (one matmul; a fraction of a second to lower)."""
+    skip_without_executorch()
     import torch
     from executorch.exir import to_edge
 
