@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from edgekit import artifact
+from edgekit.distill.batch import collate
 from edgekit.distill.config import CacheConfig
-from edgekit.distill.train import collate
 from edgekit.errors import CacheError
 from edgekit.progress import bar
 

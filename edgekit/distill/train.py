@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 
 from edgekit import artifact
+from edgekit.distill.batch import collate
+from edgekit.distill.cache import LogitCache
 from edgekit.distill.config import TrainConfig
 from edgekit.distill.losses import FeatureProjector, cross_entropy, divergence, feature_loss, sparse_forward_kl
 from edgekit.errors import ConfigError
@@ -58,37 +60,12 @@ def batch_indices(n_examples: int, batch_size: int, seed: int, micro: int) -> li
     return perm[j * batch_size:(j + 1) * batch_size].tolist()
 
 
-def _pad(rows: list, value, width: int) -> torch.Tensor:
-    rows = [torch.as_tensor(r) for r in rows]
-    out = torch.full((len(rows), width, *rows[0].shape[1:]), value, dtype=rows[0].dtype)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = r
-    return out
-
-
-def collate(items: list[dict], sparse_mode: str | None) -> dict:
-    """Right-pad sequences (lists or tensors) into a batch; padded labels are -100, padded sparse targets
-    are harmless zeros. Used for training, the logit cache and evaluation alike."""
-    width = max(len(x["input_ids"]) for x in items)
-    batch = {
-        "input_ids": _pad([x["input_ids"] for x in items], 0, width),
-        "labels": _pad([x["labels"] for x in items], -100, width),
-        "attention_mask": _pad([torch.ones(len(x["input_ids"]), dtype=torch.long) for x in items], 0, width),
-    }
-    if sparse_mode:
-        batch["indices"] = _pad([x["indices"] for x in items], 0, width)
-        batch["values"] = _pad([x["values"] for x in items], 0.0, width)
-    return batch
-
-
 class _Source:
     """Training sequences from a list of {input_ids, labels} or from a logit cache, as tensors."""
 
     def __init__(self, sequences: list[dict] | None, cache_dir: Path | None):
         self.cache = None
         if cache_dir is not None:
-            from edgekit.distill.cache import LogitCache
-
             self.cache = LogitCache(cache_dir)
             self.n = len(self.cache)
         elif sequences:

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from edgekit.arch import DEFAULT_CONTEXT, Architecture
+from edgekit.artifact import atomic_write_bytes, disk_error
 from edgekit.errors import ModelError, RecipeError
 from edgekit.progress import bar
 from edgekit.quantize.schemes import SchemeTable, get_scheme
@@ -119,8 +120,6 @@ def quantize_gguf(src: Path, dst: Path, quant: str, *, imatrix: dict[str, np.nda
             os.fsync(f.fileno())
         os.replace(tmp, dst)
     except OSError as e:
-        from edgekit.artifact import disk_error
-
         raise disk_error(e, dst, src.stat().st_size) from e
     finally:
         tmp.unlink(missing_ok=True)
@@ -381,8 +380,6 @@ def _bar(enabled: bool, total: int, desc: str):
 def save_imatrix(path: Path, imatrix: dict[str, np.ndarray], meta: dict | None = None) -> None:
     """Write an importance matrix as safetensors (atomically); ``meta`` (plus ``imatrix.meta``) goes in the header."""
     from safetensors.numpy import save
-
-    from edgekit.artifact import atomic_write_bytes
 
     info = {**getattr(imatrix, "meta", {}), **(meta or {})}
     header = {"format": "edgekit-imatrix", **{k: json.dumps(v) for k, v in info.items()}}

@@ -9,22 +9,13 @@ import pytest
 from pydantic import ValidationError
 
 from edgekit import artifact
-from edgekit.distill import data
-from edgekit.distill.data import (
-    COT_INSTRUCTION,
-    DataConfig,
-    choose_sample,
-    generate_responses,
-    load_examples,
-    pre_query_prefix,
-    prompt_problem,
-    repeated_ngram_ratio,
-    response_problem,
-    split_heldout,
-    synthesize_prompts,
-    tokenize_example,
-    tokenize_examples,
-)
+from edgekit.distill import data, synth
+from edgekit.distill.config import DataConfig
+from edgekit.distill.data import split_heldout
+from edgekit.distill.filters import choose_sample, prompt_problem, repeated_ngram_ratio, response_problem
+from edgekit.distill.synth import COT_INSTRUCTION, generate_responses, pre_query_prefix, synthesize_prompts
+from edgekit.distill.tokenize import tokenize_example, tokenize_examples
+from edgekit.sources import load_examples
 from edgekit.errors import ConfigError, ModelError
 
 # A ChatML-like template for the tiny WordLevel tokenizer (which has none of its own).
@@ -249,7 +240,7 @@ def _scripted_rounds(monkeypatch, rounds):
         calls.append(n)
         return [list(s) for s in rounds[len(calls) - 1]]
 
-    monkeypatch.setattr(data, "_sample_prompt_round", fake_round)
+    monkeypatch.setattr(synth, "_sample_prompt_round", fake_round)
     return calls
 
 
@@ -275,7 +266,7 @@ def test_synthesize_prompts_filters_dedups_and_stops_at_n(chat_tok, monkeypatch)
 
 def test_synthesize_prompts_gives_up_after_bounded_rounds_with_a_warning(chat_tok, monkeypatch, caplog):
     calls = _scripted_rounds(monkeypatch, [[("no", True)]] * 100)
-    with caplog.at_level(logging.WARNING, logger="edgekit.distill.data"):
+    with caplog.at_level(logging.WARNING, logger="edgekit.distill.synth"):
         assert synthesize_prompts(None, chat_tok, 2, seed=0, batch_size=1) == []
     assert len(calls) == 8 and "only 0 usable prompts" in caplog.text
 
@@ -288,7 +279,7 @@ def test_synthesize_prompts_journal_replays_rounds_instead_of_sampling_again(cha
     def must_not_sample(*a, **kw):
         raise AssertionError("sampled again although the journal holds every round")
 
-    monkeypatch.setattr(data, "_sample_prompt_round", must_not_sample)
+    monkeypatch.setattr(synth, "_sample_prompt_round", must_not_sample)
     assert synthesize_prompts(None, chat_tok, 2, seed=0, batch_size=1, journal=journal) == first
 
 
@@ -298,18 +289,18 @@ def test_synthesize_prompts_journal_replays_rounds_instead_of_sampling_again(cha
 def test_left_padded_batched_greedy_matches_one_prompt_at_a_time(chat_model):
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
     kw = dict(max_new_tokens=6, temperature=0, top_p=1, stop_ids=frozenset({2}), pad_id=2)
-    batched = data._sample(chat_model, prompts, **kw)
-    alone = [data._sample(chat_model, [p], **kw)[0] for p in prompts]
+    batched = synth._sample(chat_model, prompts, **kw)
+    alone = [synth._sample(chat_model, [p], **kw)[0] for p in prompts]
     assert batched == alone
 
 
 def test_sampling_cuts_at_the_first_stop_token_and_reports_it(chat_model):
     kw = dict(max_new_tokens=6, temperature=0, top_p=1, pad_id=2)
-    [(free, stop)] = data._sample(chat_model, [[5, 6, 7]], stop_ids=frozenset({2}), **kw)
+    [(free, stop)] = synth._sample(chat_model, [[5, 6, 7]], stop_ids=frozenset({2}), **kw)
     if stop is None:
         assert len(free) == 6
     token = free[-1]
-    [(cut, stop)] = data._sample(chat_model, [[5, 6, 7]], stop_ids=frozenset({2, token}), **kw)
+    [(cut, stop)] = synth._sample(chat_model, [[5, 6, 7]], stop_ids=frozenset({2, token}), **kw)
     assert stop == token and cut == free[:free.index(token)]
 
 
@@ -317,7 +308,7 @@ def test_score_is_the_unpadded_mean_log_likelihood_of_the_response(chat_model):
     import torch
 
     prompts, responses = [[5, 6, 7, 8, 9], [10, 11], [12], [3, 4, 5, 6, 7, 8]], [[20, 21], [22, 23, 24, 25], [26], []]
-    scores = data._score(chat_model, prompts, responses)
+    scores = synth._score(chat_model, prompts, responses)
     for p, r, s in zip(prompts, responses, scores):
         if not r:
             assert s == float("-inf")
@@ -337,8 +328,8 @@ def test_rejection_sampling_keeps_the_highest_scoring_non_degenerate_sample(chat
     samples = [([], 257), (loop, 257), ([20, 21, 22], 257), ([30, 31, 32], 257),  # prompt "w5"
                ([40, 41, 42], None), ([50, 51, 52], 257), ([], None), ([60, 61, 62], 257)]  # prompt "w6"
     scores = [0.0, -0.1, -2.0, -1.0, -0.2, -3.0, 0.0, -0.5]
-    monkeypatch.setattr(data, "_sample", lambda model, prompt_ids, num_return_sequences, **kw: samples)
-    monkeypatch.setattr(data, "_score", lambda model, p, r: scores)
+    monkeypatch.setattr(synth, "_sample", lambda model, prompt_ids, num_return_sequences, **kw: samples)
+    monkeypatch.setattr(synth, "_score", lambda model, p, r: scores)
     stats = Counter()
     cfg = DataConfig(samples_per_prompt=4, batch_size=8)
     out = generate_responses(None, chat_tok, ["w5", "w6"], cfg, stats=stats)
@@ -360,9 +351,9 @@ def test_choose_sample_prefers_complete_then_highest_score_and_flags_truncation(
 
 
 def test_prompt_whose_samples_are_all_degenerate_is_dropped_and_counted(chat_tok, monkeypatch):
-    monkeypatch.setattr(data, "_sample", lambda model, prompt_ids, num_return_sequences, **kw:
+    monkeypatch.setattr(synth, "_sample", lambda model, prompt_ids, num_return_sequences, **kw:
                         [([], 257)] * len(prompt_ids) * num_return_sequences)
-    monkeypatch.setattr(data, "_score", lambda model, p, r: [0.0] * len(r))
+    monkeypatch.setattr(synth, "_score", lambda model, p, r: [0.0] * len(r))
     stats = Counter()
     assert generate_responses(None, chat_tok, ["w5"], DataConfig(samples_per_prompt=2), stats=stats) == []
     assert stats["prompts_rejected"] == 1 and stats["samples_rejected_empty"] == 2
@@ -370,15 +361,15 @@ def test_prompt_whose_samples_are_all_degenerate_is_dropped_and_counted(chat_tok
 
 def test_chain_of_thought_instruction_reaches_the_teacher_but_not_the_stored_example(chat_tok, monkeypatch):
     rendered = []
-    real_render = data._render
+    real_render = synth.render
 
     def spy(tokenizer, messages, add_generation_prompt=False):
         rendered.append(messages)
         return real_render(tokenizer, messages, add_generation_prompt)
 
-    monkeypatch.setattr(data, "_render", spy)
-    monkeypatch.setattr(data, "_sample", lambda model, prompt_ids, num_return_sequences, **kw: [([30, 31, 32], 257)])
-    monkeypatch.setattr(data, "_score", lambda model, p, r: [-1.0])
+    monkeypatch.setattr(synth, "render", spy)
+    monkeypatch.setattr(synth, "_sample", lambda model, prompt_ids, num_return_sequences, **kw: [([30, 31, 32], 257)])
+    monkeypatch.setattr(synth, "_score", lambda model, p, r: [-1.0])
     out = generate_responses(None, chat_tok, ["w5"], DataConfig(chain_of_thought=True))
     assert [user(f"w5\n\n{COT_INSTRUCTION}")] in rendered
     assert out[0]["messages"] == [user("w5"), assistant("w30 w31 w32")]
@@ -462,7 +453,7 @@ def test_render_text_is_the_chat_rendering_or_the_text_itself(chat_tok):
 def test_long_examples_are_cut_to_max_seq_len_with_one_warning(chat_tok, caplog):
     examples = [{"text": " ".join(f"w{i}" for i in range(3, 40))}, {"text": "w3 w4"},
                 {"messages": [user("w5 w6 w7"), assistant("w8 w9 w10 w11")]}]
-    with caplog.at_level(logging.WARNING, logger="edgekit.distill.data"):
+    with caplog.at_level(logging.WARNING, logger="edgekit.distill.tokenize"):
         out = tokenize_examples(examples, chat_tok, max_seq_len=8)
     assert [len(t["input_ids"]) for t in out] == [8, 2, 8]
     assert all(len(t["labels"]) == len(t["input_ids"]) for t in out)
@@ -523,7 +514,7 @@ def test_run_writes_a_verified_artifact_and_reuses_it(chat_teacher_dir, tmp_path
 def test_run_resumes_an_interrupted_generation_without_redoing_finished_prompts(chat_teacher_dir, tmp_path,
                                                                                 monkeypatch):
     cfg = DataConfig(sources=[_user_data(tmp_path)], max_new_tokens=4, batch_size=3)
-    real_group = data._respond_group
+    real_group = synth._respond_group
     asked = Counter()
 
     def crash_after_two_batches(model, tokenizer, group, *args):
@@ -532,7 +523,7 @@ def test_run_resumes_an_interrupted_generation_without_redoing_finished_prompts(
         asked.update(m[0]["content"] for m in group)
         return real_group(model, tokenizer, group, *args)
 
-    monkeypatch.setattr(data, "_respond_group", crash_after_two_batches)
+    monkeypatch.setattr(synth, "_respond_group", crash_after_two_batches)
     with pytest.raises(KeyboardInterrupt):
         data.run(cfg, chat_teacher_dir, tmp_path / "data")
     journal = tmp_path / "data.inprogress" / "generated.jsonl"
@@ -548,7 +539,7 @@ def test_run_resumes_an_interrupted_generation_without_redoing_finished_prompts(
         asked.update(m[0]["content"] for m in group)
         return real_group(model, tokenizer, group, *args)
 
-    monkeypatch.setattr(data, "_respond_group", refuse_done_prompts)
+    monkeypatch.setattr(synth, "_respond_group", refuse_done_prompts)
     out = data.run(cfg, chat_teacher_dir, tmp_path / "data")
     assert artifact.verify_manifest(out) == []
     assert asked == Counter({f"w{10 + i} w{50 + i}": 1 for i in range(10)})

@@ -94,7 +94,7 @@ def test_distill_refuses_a_hostile_template_before_the_teacher_runs(capsys, home
 def test_a_template_that_only_fails_to_render_is_a_model_error_naming_it(tmp_path, tiny_bpe_llama_dir):
     from transformers import AutoTokenizer
 
-    from edgekit.distill.data import apply_chat_template
+    from edgekit.chat import apply_chat_template
     from edgekit.errors import ModelError
 
     model = hostile_model(tiny_bpe_llama_dir, tmp_path / "model",

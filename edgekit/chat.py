@@ -1,0 +1,109 @@
+"""Chat templates: rendering a conversation with a tokenizer's own template, and what that template says about turns.
+
+Every edgekit caller renders through :func:`apply_chat_template`, which turns a hostile or broken
+template into a :class:`~edgekit.errors.ModelError` naming its file. :func:`chat_format` reads
+the end-of-turn text and the ids that stop generation off a rendered assistant turn.
+
+Nothing here imports transformers: the functions take a loaded tokenizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgekit.errors import ModelError
+
+# Stands in for message content while rendering, to find where content starts and ends.
+SENTINEL = "\u2063EDGEKIT_SENTINEL\u2063"
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """What the tokenizer's chat template says about turns: the end-of-turn text and the ids that stop generation."""
+
+    eot_text: str
+    stop_ids: frozenset[int]
+    pad_id: int
+
+
+def apply_chat_template(tokenizer, messages: list[dict], **kwargs):
+    """``tokenizer.apply_chat_template``, with a hostile or broken template turned into a ModelError naming its file.
+
+    transformers renders chat templates in Jinja's ``ImmutableSandboxedEnvironment``: a template
+    that reaches for Python internals (``__class__``, ``__globals__``, ``list.append`` ...) raises
+    ``SecurityError`` there before anything runs. Every edgekit caller renders through this function.
+    """
+    from jinja2.exceptions import SecurityError, TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, **kwargs)
+    except (SecurityError, OverflowError) as e:
+        raise ModelError(f"the chat template in {chat_template_file(tokenizer)} tried something the Jinja sandbox "
+                         f"forbids ({e}); it was refused and nothing ran. Do not use this model as is: replace that "
+                         "template with a known one (e.g. the base model's) or remove it") from e
+    except TemplateError as e:
+        raise ModelError(f"the chat template in {chat_template_file(tokenizer)} failed to render "
+                         f"({type(e).__name__}: {e}); fix that template or replace it with the base model's") from e
+
+
+def chat_template_file(tokenizer) -> str:
+    """Where a tokenizer's chat template comes from: chat_template.jinja, else tokenizer_config.json, in its folder."""
+    folder = Path(getattr(tokenizer, "name_or_path", "") or ".")
+    for name in ("chat_template.jinja", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            return str(folder / name)
+    return str(folder) if str(folder) != "." else "(the tokenizer in memory)"
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """A conversation as chat text (not tokenized)."""
+    return apply_chat_template(tokenizer, messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def render_text(example: dict, tokenizer) -> str:
+    """An example as the plain text the model reads: the chat template's rendering, or the text itself."""
+    if "text" in example:
+        return example["text"]
+    require_template(tokenizer)
+    return render(tokenizer, example["messages"])
+
+
+def require_template(tokenizer) -> None:
+    """A ModelError unless the tokenizer has a chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelError(f"the tokenizer in {tokenizer.name_or_path or '(in memory)'} has no chat template, so chat "
+                         "prompts cannot be rendered; use an instruct/chat teacher (its tokenizer_config.json or "
+                         "chat_template.jinja defines one), or give data.sources with {\"text\"} records only")
+
+
+def chat_format(tokenizer, model=None) -> ChatFormat:
+    """Find the end-of-turn token by rendering an assistant turn and reading what follows its content.
+
+    ``model`` (optional) adds the eos ids of its generation config to the stop ids.
+    """
+    require_template(tokenizer)
+    text = render(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": SENTINEL}])
+    tail = text[text.index(SENTINEL) + len(SENTINEL):]
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    tail_ids = tokenizer(tail, add_special_tokens=False).input_ids if tail else []
+    stop_ids, eot_text = set(), ""
+    if tail_ids and tail_ids[0] in special:
+        stop_ids.add(tail_ids[0])
+        eot_text = tokenizer.decode([tail_ids[0]])
+        if not tail.startswith(eot_text):
+            eot_text = ""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for extra in (eos if isinstance(eos, list) else [eos]) + [tokenizer.eos_token_id]:
+        if extra is not None:
+            stop_ids.add(int(extra))
+    if not stop_ids:
+        raise ModelError(f"cannot tell where a turn ends for the tokenizer in {tokenizer.name_or_path}: its chat "
+                         "template adds no special token after an assistant turn and it has no eos token")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
+    return ChatFormat(eot_text=eot_text, stop_ids=frozenset(stop_ids), pad_id=pad)
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of chat text. Chat templates put any BOS in the text themselves; the tokenizer must not add another."""
+    return tokenizer(text, add_special_tokens=False).input_ids
