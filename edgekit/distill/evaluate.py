@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from edgekit import metrics
-from edgekit.distill.data import apply_chat_template
+from edgekit.chat import apply_chat_template
 from edgekit.distill.train import collate
 from edgekit.progress import bar
 from edgekit.runtimes.pytorch import load_model

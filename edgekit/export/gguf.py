@@ -42,7 +42,7 @@ from edgekit.export.exporter import Exporter
 from edgekit.integrity import check_safetensors
 from edgekit.models import read_json
 from edgekit.progress import bar
-from edgekit.quantize.gguf import compute_imatrix, quantize_gguf, save_imatrix
+from edgekit.quantize.gguf import compute_imatrix, quantize_gguf, read_gguf, save_imatrix  # noqa: F401 (read_gguf: public here too)
 from edgekit.quantize.schemes import GGUF_FLOATS
 
 log = logging.getLogger(__name__)
@@ -507,54 +507,6 @@ def _add_tokenizer(w, v: dict) -> None:
 
 def _json(path: Path, required: bool = True) -> dict:
     return read_json(path, required, "a model folder needs config.json and tokenizer.json")
-
-
-# --------------------------------------------------------------------------- reading back
-
-
-def read_gguf(path: Path) -> dict:
-    """The tensor table and scalar metadata of a GGUF; a bad file raises one ModelError line naming it.
-
-    Each tensor is ``{name, type, shape, nbytes}`` with ``type`` a lowercase ggml
-    type name (``q4_k``) and ``shape`` in ggml order: ``shape[0]`` is the row length.
-    """
-    from gguf import GGUFReader, GGUFValueType
-
-    from edgekit.integrity import check_gguf
-
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"{path} does not exist; export the model first")
-    check_gguf(path)  # GGUFReader maps the file and trusts the header: check the header against the size first
-    try:
-        reader = GGUFReader(path)
-        size = path.stat().st_size
-        tensors = []
-        for t in reader.tensors:
-            end = int(t.data_offset) + int(t.n_bytes)
-            if end > size:
-                raise ValueError(f"tensor {t.name} ends at byte {end} but the file has {size}")
-            tensors.append({"name": t.name, "type": t.tensor_type.name.lower(),
-                            "shape": [int(s) for s in t.shape], "nbytes": int(t.n_bytes)})
-        metadata, n_vocab = {}, None
-        for key, field in reader.fields.items():
-            if key.startswith("GGUF."):
-                continue
-            if field.types and field.types[0] == GGUFValueType.ARRAY:
-                if key == "tokenizer.ggml.tokens":
-                    n_vocab = len(field.data)
-                continue
-            metadata[key] = field.contents()
-        del reader
-    except ModelError:
-        raise
-    except Exception as e:  # gguf-py raises ValueError/IndexError/... on garbage; numpy on truncation
-        reason = (str(e).splitlines() or [type(e).__name__])[0] or type(e).__name__
-        raise ModelError(f"{path} is not a readable GGUF (truncated or corrupt: {reason}); re-export it") from e
-    arch = metadata.get("general.architecture")
-    return {"path": str(path), "arch": arch, "size_bytes": size, "n_tensors": len(tensors),
-            "params": sum(math.prod(t["shape"]) for t in tensors), "tensors": tensors,
-            "n_vocab": n_vocab, "metadata": metadata}
 
 
 # --------------------------------------------------------------------------- the export stage's exporter

@@ -27,15 +27,16 @@ import time
 from pathlib import Path
 
 from edgekit import artifact
+from edgekit.chat import render_text
 from edgekit.errors import RecipeError
 from edgekit.export.config import DEFAULT_CALIBRATION, ExportConfig, exporter
+from edgekit.sources import check_sources, load_examples
 
 log = logging.getLogger(__name__)
 
 
 def calibration_texts(paths: list[Path], tokenizer, max_tokens: int) -> list[str]:
     """Rendered calibration texts (chat examples through the chat template), up to ``max_tokens`` tokens."""
-    from edgekit.distill.data import load_examples, render_text
 
     examples = load_examples(paths or [DEFAULT_CALIBRATION], key="--calibration")
     texts, total = [], 0
@@ -88,8 +89,6 @@ def run(cfg: ExportConfig) -> artifact.Artifact:
     from edgekit.models import resolve_teacher
 
     if cfg.calibrate and cfg.calibration:  # bad calibration files fail here, before the model is resolved
-        from edgekit.distill.data import check_sources
-
         check_sources(cfg.calibration, key="--calibration")
     model = resolve_teacher(cfg.model, trust_remote_code=cfg.trust_remote_code)
     model_id = artifact.folder_id(model.path)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import math
 import logging
 import os
 import re
@@ -39,6 +40,7 @@ import numpy as np
 from edgekit.arch import DEFAULT_CONTEXT, Architecture
 from edgekit.artifact import atomic_write_bytes, disk_error
 from edgekit.errors import ModelError, RecipeError
+from edgekit.integrity import check_gguf
 from edgekit.progress import bar
 from edgekit.quantize.schemes import SchemeTable, get_scheme
 
@@ -81,7 +83,6 @@ def quantize_gguf(src: Path, dst: Path, quant: str, *, imatrix: dict[str, np.nda
     """
     import llama_cpp
 
-    from edgekit.export.gguf import read_gguf
 
     src, dst = Path(src), Path(dst)
     key = quant.lower()
@@ -411,3 +412,49 @@ def load_imatrix(path: Path) -> Imatrix:
             except json.JSONDecodeError:
                 meta[k] = v
     return Imatrix(entries, meta)
+
+
+# --------------------------------------------------------------------------- reading back
+
+
+def read_gguf(path: Path) -> dict:
+    """The tensor table and scalar metadata of a GGUF; a bad file raises one ModelError line naming it.
+
+    Each tensor is ``{name, type, shape, nbytes}`` with ``type`` a lowercase ggml
+    type name (``q4_k``) and ``shape`` in ggml order: ``shape[0]`` is the row length.
+    """
+    from gguf import GGUFReader, GGUFValueType
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path} does not exist; export the model first")
+    check_gguf(path)  # GGUFReader maps the file and trusts the header: check the header against the size first
+    try:
+        reader = GGUFReader(path)
+        size = path.stat().st_size
+        tensors = []
+        for t in reader.tensors:
+            end = int(t.data_offset) + int(t.n_bytes)
+            if end > size:
+                raise ValueError(f"tensor {t.name} ends at byte {end} but the file has {size}")
+            tensors.append({"name": t.name, "type": t.tensor_type.name.lower(),
+                            "shape": [int(s) for s in t.shape], "nbytes": int(t.n_bytes)})
+        metadata, n_vocab = {}, None
+        for key, field in reader.fields.items():
+            if key.startswith("GGUF."):
+                continue
+            if field.types and field.types[0] == GGUFValueType.ARRAY:
+                if key == "tokenizer.ggml.tokens":
+                    n_vocab = len(field.data)
+                continue
+            metadata[key] = field.contents()
+        del reader
+    except ModelError:
+        raise
+    except Exception as e:  # gguf-py raises ValueError/IndexError/... on garbage; numpy on truncation
+        reason = (str(e).splitlines() or [type(e).__name__])[0] or type(e).__name__
+        raise ModelError(f"{path} is not a readable GGUF (truncated or corrupt: {reason}); re-export it") from e
+    arch = metadata.get("general.architecture")
+    return {"path": str(path), "arch": arch, "size_bytes": size, "n_tensors": len(tensors),
+            "params": sum(math.prod(t["shape"]) for t in tensors), "tensors": tensors,
+            "n_vocab": n_vocab, "metadata": metadata}

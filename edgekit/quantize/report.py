@@ -24,8 +24,10 @@ import time
 from pathlib import Path
 
 from edgekit import artifact, metrics, runtimes
+from edgekit.chat import apply_chat_template, render_text
 from edgekit.errors import ModelError
 from edgekit.progress import bar
+from edgekit.sources import load_examples
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,6 @@ def open_export(folder: Path, n_ctx: int, threads: int | None = None) -> tuple[r
 
 def heldout_sequences(tokenizer, paths: list[Path] | None, max_tokens: int, max_len: int) -> list[list[int]]:
     """Token ids of the held-out texts (chat template applied), each cut to ``max_len``, ``max_tokens`` in all."""
-    from edgekit.distill.data import load_examples, render_text
 
     seqs, total = [], 0
     for e in load_examples(paths or [DEFAULT_HELDOUT]):
@@ -70,7 +71,6 @@ def heldout_sequences(tokenizer, paths: list[Path] | None, max_tokens: int, max_
 
 def greedy_prompt(tokenizer, prompt: str = GREEDY_PROMPT) -> list[int]:
     if getattr(tokenizer, "chat_template", None):
-        from edgekit.distill.data import apply_chat_template  # sandboxed; a hostile template is a ModelError
 
         text = apply_chat_template(tokenizer, [{"role": "user", "content": prompt}], tokenize=False,
                                    add_generation_prompt=True)
