@@ -40,10 +40,10 @@ def test_report_of_a_non_result_is_one_line_error(tmp_path, capsys):
     assert err.startswith("edgekit: error:") and "\n" not in err and "results.json" in err
 
 
-def test_bench_is_a_stored_artifact_listed_by_runs_and_reused(tiny_bpe_llama_dir, home, capsys):
+def test_bench_is_a_stored_artifact_listed_by_runs_and_reused(tiny_bpe_llama_dir, tiny_export, home, capsys):
     from edgekit import artifact
 
-    gguf = run(ExportConfig(model=str(tiny_bpe_llama_dir), format="gguf", quant="q8_0"))["path"]
+    gguf = str(tiny_export(tiny_bpe_llama_dir, "gguf", "q8_0"))
     argv = ["bench", gguf, "--runtimes", "llama.cpp", "--repeats", "1", "--warmup", "0", "--threads", "1",
             "--prompt-lengths", "8", "--decode-tokens", "4", "--device", "pi-5-8gb", "--json", "-q"]
     assert main(argv) == 0
