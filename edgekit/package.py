@@ -284,7 +284,7 @@ def _copy_tokenizer(folder: Path, tmp: Path) -> None:
     if not folder.is_dir():
         log.warning("source model folder %s is gone: the bundle relies on the tokenizer the model file embeds", folder)
         return
-    from edgekit.models import worth_copying
+    from edgekit.hf import worth_copying
 
     for n in TOKENIZER_FILES:
         if (folder / n).is_file() and worth_copying(folder / n):

@@ -6,6 +6,8 @@ so library code never prints. With stderr not a terminal, tqdm stays quiet.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 
 from tqdm.auto import tqdm
@@ -33,3 +35,33 @@ def bar(total: float | None = None, desc: str = "", unit: str = "it"):
         total=total, desc=desc, unit=unit, unit_scale=unit == "B", unit_divisor=1024 if unit == "B" else 1000,
         disable=None if _enabled else True, leave=False, dynamic_ncols=True,
     )
+
+
+class _NoBar:
+    def update(self, n: float = 1) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def steps(progress: bool, total: int, desc: str):
+    """A bar counting the ``total`` steps of one job (``.update(1)`` per step); a no-op bar when ``progress`` is off."""
+    if not progress:
+        yield _NoBar()
+        return
+    with bar(total=total, desc=desc, unit="step") as b:
+        yield b
+
+
+@contextlib.contextmanager
+def quiet(*names: str):
+    """Raise the named loggers ("root" for the root logger) to ERROR for the duration: third-party INFO/WARNING
+    chatter that would bury edgekit's own progress."""
+    loggers = [logging.getLogger() if n == "root" else logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)

@@ -207,8 +207,7 @@ def test_a_gguf_saved_as_tokenizer_model_is_not_copied_along(tiny_bpe_llama_dir,
     """transformers saves a GGUF-loaded tokenizer by copying the whole GGUF to tokenizer.model; exports skip it."""
     import shutil
 
-    from edgekit.export.onnx import copy_hf_files
-    from edgekit.models import worth_copying
+    from edgekit.hf import copy_hf_files, worth_copying
 
     src = tmp_path / "src"
     shutil.copytree(tiny_bpe_llama_dir, src)

@@ -41,7 +41,7 @@ from torch import nn
 from edgekit import artifact
 from edgekit.arch import Architecture
 from edgekit.errors import ModelError, RecipeError
-from edgekit.models import worth_copying
+from edgekit.hf import worth_copying
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +322,7 @@ def run(teacher_dir: Path, target: Architecture, calib_texts: list[str], out_dir
         tmp = st.tmp
         student.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if not worth_copying(tmp / "tokenizer.model"):  # a GGUF copy, not a tokenizer (see models.worth_copying)
+        if not worth_copying(tmp / "tokenizer.model"):  # a GGUF copy, not a tokenizer (see hf.worth_copying)
             (tmp / "tokenizer.model").unlink()
         if importance is not None:
             save_file(importance.tensors(), str(tmp / "importance.safetensors"))

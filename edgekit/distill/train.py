@@ -38,7 +38,7 @@ from edgekit.distill.cache import LogitCache
 from edgekit.distill.config import TrainConfig
 from edgekit.distill.losses import FeatureProjector, cross_entropy, divergence, feature_loss, sparse_forward_kl
 from edgekit.errors import ConfigError
-from edgekit.models import worth_copying
+from edgekit.hf import worth_copying
 from edgekit.progress import bar
 
 log = logging.getLogger(__name__)

@@ -37,6 +37,7 @@ What does each step:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import shutil
@@ -49,10 +50,12 @@ from edgekit import artifact, registry
 from edgekit.arch import DEFAULT_CONTEXT, Architecture
 from edgekit.errors import ModelError, RecipeError
 from edgekit.export.exporter import Exporter
-from edgekit.export.onnx import copy_hf_files, special_token_ids, steps
+from edgekit.hf import copy_hf_files, special_token_ids
+from edgekit.progress import steps
+from edgekit.quantize.awq import awq_scaled_copy
+from edgekit.quantize.schemes import SchemeTable, use_more_bits
 from edgekit.runtimes import package_version
 from edgekit.runtimes.executorch import ET_CONFIG, MODEL_FILE, EtSession
-from edgekit.quantize.schemes import SchemeTable
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +78,6 @@ QUANTS: Mapping[str, EtQuant] = SchemeTable("executorch", lambda ss: {s.name: Et
 
 def runtime_available() -> str | None:
     """None when ExecuTorch can export here, else the reason and the fix."""
-    import importlib.util
-
     try:
         if importlib.util.find_spec("executorch") is None or importlib.util.find_spec("torchao") is None:
             raise ImportError
@@ -130,13 +131,9 @@ def export_executorch(model_dir: Path, out_dir: Path, quant: str = "fp32", *, co
         t = time.perf_counter()
         source = model_dir
         if calibration_texts:
-            from edgekit.export.onnx import awq_scaled_copy
-
             source, awq = awq_scaled_copy(model_dir, calibration_texts, spec.group_size, tmp / ".awq", symmetric=True)
         module, reference = _build(source, spec, context, model_dir)
         if awq is not None:
-            import shutil
-
             shutil.rmtree(tmp / ".awq")
         timings["load_quantize_s"] = time.perf_counter() - t
         bar.update(1)
@@ -242,8 +239,6 @@ def _build(model_dir: Path, spec: EtQuant, context: int, reference_dir: Path):
 
 def more_bits_layers(n: int) -> list[str]:
     """v_proj and down_proj of the layers (of ``n``) that llama.cpp's ``use_more_bits`` gives more bits in ``_M``."""
-    from edgekit.quantize.schemes import use_more_bits
-
     return [f"layers.{i}.{name}" for i in range(n) if use_more_bits(i, n) for name in ("v_proj", "down_proj")]
 
 

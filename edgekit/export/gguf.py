@@ -39,8 +39,8 @@ from edgekit.arch import DEFAULT_CONTEXT
 from edgekit.artifact import fault_point
 from edgekit.errors import ModelError, RecipeError
 from edgekit.export.exporter import Exporter
+from edgekit.hf import read_json
 from edgekit.integrity import check_safetensors
-from edgekit.models import read_json
 from edgekit.progress import bar
 from edgekit.quantize.gguf import compute_imatrix, quantize_gguf, read_gguf, save_imatrix  # noqa: F401 (read_gguf: public here too)
 from edgekit.quantize.schemes import GGUF_FLOATS
@@ -149,11 +149,9 @@ def export_gguf(model_dir: Path, out: Path, dtype: str = "f16", *, name: str | N
             os.fsync(f.fileno())
         os.replace(tmp, out)
     except OSError as e:
-        from edgekit.artifact import disk_error
-
         w.close()
         tmp.unlink(missing_ok=True)
-        raise disk_error(e, out, total_bytes) from e
+        raise artifact.disk_error(e, out, total_bytes) from e
     except BaseException:
         w.close()
         tmp.unlink(missing_ok=True)

@@ -27,31 +27,12 @@ import time
 from pathlib import Path
 
 from edgekit import artifact
-from edgekit.chat import render_text
-from edgekit.errors import RecipeError
+from edgekit.export.calibration import calibration_texts
 from edgekit.export.config import DEFAULT_CALIBRATION, ExportConfig, exporter
-from edgekit.sources import check_sources, load_examples
+from edgekit.models import resolve_teacher
+from edgekit.sources import check_sources
 
 log = logging.getLogger(__name__)
-
-
-def calibration_texts(paths: list[Path], tokenizer, max_tokens: int) -> list[str]:
-    """Rendered calibration texts (chat examples through the chat template), up to ``max_tokens`` tokens."""
-
-    examples = load_examples(paths or [DEFAULT_CALIBRATION], key="--calibration")
-    texts, total = [], 0
-    for e in examples:
-        if "messages" in e and e["messages"][-1]["role"] != "assistant":
-            continue
-        text = render_text(e, tokenizer)
-        texts.append(text)
-        total += len(tokenizer(text, add_special_tokens=False).input_ids)
-        if total >= max_tokens:
-            break
-    if not texts:
-        raise RecipeError(f"no calibration text in {', '.join(map(str, paths))}: give JSONL/txt files with "
-                          "'text' records or finished chats")
-    return texts
 
 
 def _files(path: Path) -> list[Path]:
@@ -86,8 +67,6 @@ def space_needed(cfg: ExportConfig, params: int) -> int:
 
 def run(cfg: ExportConfig) -> artifact.Artifact:
     """Export (reusing an intact earlier export); ``a["path"]``, ``a["reused"]``, ``a["manifest"]`` as before."""
-    from edgekit.models import resolve_teacher
-
     if cfg.calibrate and cfg.calibration:  # bad calibration files fail here, before the model is resolved
         check_sources(cfg.calibration, key="--calibration")
     model = resolve_teacher(cfg.model, trust_remote_code=cfg.trust_remote_code)

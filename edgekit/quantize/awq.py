@@ -35,8 +35,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from edgekit.errors import RecipeError
+from edgekit.hf import copy_hf_files
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +65,8 @@ def fake_quant(weight: torch.Tensor, block: int, bits: int = 4, symmetric: bool 
     block widened to include 0. ``symmetric`` mirrors torchao's symmetric int4 (ExecuTorch's 8da4w):
     no zero point, scale = max|w| / 7.5, codes clamped to [-8, 7].
     """
+    import torch
+
     out_features, in_features = weight.shape
     pad = -in_features % block
     w = torch.nn.functional.pad(weight, (0, pad)).reshape(out_features, -1, block)
@@ -82,6 +90,8 @@ def _search(x: torch.Tensor, weights: list[torch.Tensor], block: int, grid: int,
 
     ``expand`` maps a reduced scale vector to the full input width (GQA: one scale per KV channel).
     """
+    import torch
+
     refs = [x @ w.T for w in weights]
     stat = x.abs().mean(0)
     if expand is not None:
@@ -121,6 +131,8 @@ class _GroupedHeads:
 
 def _capture(model, sequences: list[list[int]], max_tokens: int) -> dict[tuple[int, str], torch.Tensor]:
     """The inputs of q_proj, o_proj, gate_proj and down_proj in every layer, over the first ``max_tokens`` tokens."""
+    import torch
+
     found: dict[tuple[int, str], list[torch.Tensor]] = {}
     hooks = []
     for i, layer in enumerate(model.model.layers):
@@ -155,6 +167,8 @@ def awq_scale(model, sequences: list[list[int]], block_size: int = 32, *, grid: 
     outputs do not change (up to float rounding). ``alphas`` forces the exponents tried (tests).
     ``progress(n)`` is called once per layer. Returns what was chosen per layer and group.
     """
+    import torch
+
     if not sequences or not any(sequences):
         raise ValueError("awq_scale needs calibration token ids")
     cfg = model.config
@@ -198,3 +212,25 @@ def _fold(prev, kind: str, linears, s: torch.Tensor, full: torch.Tensor) -> None
             prev.bias.div_(s.to(dtype))
     for m in linears:
         m.weight.mul_(full.to(m.weight.dtype)[None, :])
+
+
+def awq_scaled_copy(model_dir: Path, texts: list[str], block: int, folder: Path,
+                    symmetric: bool = False) -> tuple[Path, dict]:
+    """An HF folder with the AWQ-scaled float weights of ``model_dir`` (same fp32 function), for an exporter to
+    quantize with its own round-to-nearest grid (``symmetric`` for ExecuTorch's), plus a summary of the scaling."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    sequences = [ids for ids in (tok(t, add_special_tokens=False)["input_ids"][:512] for t in texts) if ids]
+    if not sequences:
+        raise RecipeError("calibration_texts tokenized to nothing; pass a few paragraphs of representative text")
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True).eval()
+    results = awq_scale(model, sequences, block, symmetric=symmetric)
+    model.save_pretrained(folder, safe_serialization=True)
+    copy_hf_files(model_dir, folder, keep=("config.json",))
+    rtn, awq = sum(r.error_rtn for r in results), sum(r.error_awq for r in results)
+    return folder, {"calibration_tokens": min(sum(map(len, sequences)), MAX_TOKENS), "groups": len(results),
+                    "groups_scaled": sum(1 for r in results if r.alpha),
+                    "calibration_error_vs_rtn": round(awq / rtn, 4) if rtn else 1.0,
+                    "alphas": [r.alpha for r in results]}
