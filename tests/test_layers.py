@@ -122,12 +122,6 @@ KNOWN_VIOLATIONS: set[str] = {
     "function-import  edgekit/doctor.py -> edgekit.progress",  # edgekit/doctor.py:359
     "function-import  edgekit/doctor.py -> packaging",  # edgekit/doctor.py:171
     "function-import  edgekit/doctor.py -> psutil",  # edgekit/doctor.py:579
-    "function-import  edgekit/package.py -> edgekit.arch",  # edgekit/package.py:183
-    "function-import  edgekit/package.py -> edgekit.devices",  # edgekit/package.py:201
-    "function-import  edgekit/package.py -> edgekit.hf",  # edgekit/package.py:287
-    "function-import  edgekit/package.py -> edgekit.models",  # edgekit/package.py:262
-    "function-import  edgekit/package.py -> edgekit.plan",  # edgekit/package.py:194
-    "function-import  edgekit/package.py -> edgekit.quantize.schemes",  # edgekit/package.py:195
     "function-import  edgekit/quantize/report.py -> edgekit.integrity",  # edgekit/quantize/report.py:87
     "function-import  edgekit/run.py -> edgekit.bench.stage",  # edgekit/run.py:112
     "function-import  edgekit/run.py -> edgekit.devices",  # edgekit/run.py:113
