@@ -28,17 +28,24 @@ import sys
 import time
 from pathlib import Path
 
+from edgekit.arch import DEFAULT_CONTEXT
+from edgekit.quantize.config import FidelityConfig
+
 ROOT = Path(__file__).resolve().parent.parent
 ET_QUANTS = "fp32,8da8w,8da4w,8da4w-calibrated"
 OTHERS = [("gguf", "q4_k_m"), ("onnx", "int4")]
+# What this comparison measures (longer than `edgekit bench`'s defaults, which a recipe's quick bench uses).
+PROMPT_LENGTHS = (128, 512)
+DECODE_TOKENS = 128
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--max-tokens", type=int, default=16_384, help="held-out tokens scored for fidelity")
-    ap.add_argument("--context", type=int, default=2048, help="ExecuTorch static KV cache positions")
+    ap.add_argument("--max-tokens", type=int, default=FidelityConfig().max_tokens,
+                    help="held-out tokens scored for fidelity")
+    ap.add_argument("--context", type=int, default=DEFAULT_CONTEXT, help="ExecuTorch static KV cache positions")
     ap.add_argument("--et-quants", default=ET_QUANTS, help=f"ExecuTorch exports to make (default {ET_QUANTS})")
     ap.add_argument("--skip-fidelity", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "executorch"))
@@ -80,7 +87,8 @@ def main() -> None:
         (out / "fidelity.md").write_text(fidelity_report.to_markdown(fid))
         print(fidelity_report.to_markdown(fid))
 
-    results = run_benchmark(paths, None, repeats=args.repeats, threads=args.threads)
+    results = run_benchmark(paths, None, repeats=args.repeats, warmup=1, threads=args.threads,
+                            prompt_lengths=PROMPT_LENGTHS, decode_tokens=DECODE_TOKENS)
     written = write_report(results, out, [fid] if fid else [], devices=list_devices(), arch=teacher.arch,
                            title="SmolLM2-135M-Instruct: ExecuTorch beside llama.cpp and onnxruntime")
     print(written["markdown"].read_text())

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from edgekit.quantize.config import FidelityConfig
+
 ROOT = Path(__file__).resolve().parent.parent
 
 GGUF = ["f16", "q8_0", "q4_0", "q4_1", "q5_k_m", "q4_k_m"]
@@ -41,7 +43,7 @@ def _class(row: dict) -> str | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--max-tokens", type=int, default=16_384, help="held-out tokens scored")
+    ap.add_argument("--max-tokens", type=int, default=FidelityConfig().max_tokens, help="held-out tokens scored")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip-onnx", action="store_true")
     ap.add_argument("--model", default="default",

@@ -27,6 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 EXPORTS = [("gguf", "f16"), ("gguf", "q8_0"), ("gguf", "q4_k_m"), ("onnx", "fp32"), ("onnx", "int8"), ("onnx", "int4"),
            ("executorch", "fp32"), ("executorch", "8da4w")]
+# What this comparison measures (longer than `edgekit bench`'s defaults, which a recipe's quick bench uses).
+PROMPT_LENGTHS = (128, 512)
+DECODE_TOKENS = 128
 
 
 def main() -> None:
@@ -53,7 +56,8 @@ def main() -> None:
     t0 = time.perf_counter()
     teacher = resolve_teacher("default")
     paths = [Path(run(ExportConfig(model="default", format=f, quant=q))["path"]) for f, q in EXPORTS]
-    results = run_benchmark(paths, None, repeats=args.repeats, threads=args.threads)
+    results = run_benchmark(paths, None, repeats=args.repeats, warmup=1, threads=args.threads,
+                            prompt_lengths=PROMPT_LENGTHS, decode_tokens=DECODE_TOKENS)
     fidelity = []
     fpath = Path(args.fidelity)
     if fpath.is_file():

@@ -38,24 +38,19 @@ import zlib
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
-from edgekit import __version__, artifact
-from edgekit.arch import DEFAULT_CONTEXT
+from edgekit import __version__, artifact, plan, registry, runtimes
+from edgekit.arch import DEFAULT_CONTEXT, Architecture
+from edgekit.devices import load_device
 from edgekit.errors import ConfigError, EdgekitError
+from edgekit.hf import worth_copying
+from edgekit.models import resolve_teacher
+from edgekit.quantize.schemes import get_scheme
 
 log = logging.getLogger(__name__)
 
 SCHEMA = "edgekit.bundle/1"
 MANIFEST = artifact.MANIFEST
-LOADERS_DIR = Path(__file__).resolve().parent / "resources" / "loaders"
-# What runs each format, oldest version known to work, and which example loader uses it (first = primary).
-RUNTIMES = {
-    "gguf": [{"name": "llama.cpp", "package": "llama-cpp-python", "min_version": "0.3.0", "loader": "run_llamacpp.py"}],
-    "onnx": [{"name": "onnxruntime-genai", "package": "onnxruntime-genai", "min_version": "0.16",
-              "loader": "run_genai.py"},
-             {"name": "onnxruntime", "package": "onnxruntime", "min_version": "1.20", "loader": None}],
-    "executorch": [{"name": "executorch", "package": "executorch", "min_version": "1.5.1",
-                    "loader": "run_executorch.py"}],
-}
+LOADERS_DIR = runtimes.LOADERS  # edgekit's own example loaders (each runtime's Loader names its script)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
 LICENSE_NOTE = ("A distilled or quantized model is derived from its teacher's weights and outputs, so it inherits "
@@ -88,11 +83,12 @@ def package(artifact_dir: Path, *, out_dir: Path | None = None, device: str | No
         log.warning("context %d is beyond %s's maximum %d; sizing for %d", context, src, arch.max_context,
                     arch.max_context)
         context = arch.max_context
-    fixed = (export.get("metrics") or {}).get("context") if fmt == "executorch" else None
-    if fixed and context != fixed:  # an ExecuTorch program's cache size is set at export
-        log.info("the ExecuTorch program holds %d positions; sizing the bundle for %d, not %d", fixed, fixed, context)
+    able = _bundle_runtimes(fmt, src)
+    fixed = (export.get("metrics") or {}).get("context") if _static_context(fmt) else None
+    if fixed and context != fixed:  # e.g. an ExecuTorch program's cache size is set at export
+        log.info("the %s program holds %d positions; sizing the bundle for %d, not %d", fmt, fixed, fixed, context)
         context = fixed
-    memory, device_block, runtime = _memory(arch, fmt, export["quant"], context, device)
+    memory, device_block, runtime = _memory(arch, fmt, export["quant"], context, device, able[0].name)
     model_folder = Path(export.get("config", {}).get("model_path") or "")
     name = f"{_slug(export.get('config', {}).get('model_name') or export['source_model'].get('name') or 'model')}" \
            f"-{label}-{_export_id(src)[:8]}"
@@ -107,8 +103,8 @@ def package(artifact_dir: Path, *, out_dir: Path | None = None, device: str | No
         "calibrated": bool(export.get("calibrated", False)),
         "label": label,
         "model_file": export.get("model_file"),
-        "runtimes": [dict(rt) for rt in RUNTIMES[fmt]],
-        "loader": RUNTIMES[fmt][0]["loader"],
+        "runtimes": [_runtime_entry(rt) for rt in able],
+        "loader": able[0].loader.script.name,
         "context": context,
         "min_ram_bytes": memory.total,
         "memory": {**memory.to_dict(), "runtime": runtime},
@@ -139,11 +135,10 @@ def package(artifact_dir: Path, *, out_dir: Path | None = None, device: str | No
     needed = 2 * sum(p.stat().st_size for p in src.rglob("*") if p.is_file()) + (1 << 20)  # folder + tarball
     artifact.require_space(final, needed, f"the {fmt} bundle of {src.name}")
     with artifact.atomic_dir(final, needed) as tmp:
-        _copy_model(src, fmt, export, tmp)
-        _copy_tokenizer(model_folder if fmt == "gguf" else src, tmp)
+        _copy_model(src, fmt, export, able[0].loader, tmp)
+        _copy_tokenizer(src if _has_tokenizer(src) else model_folder, tmp)
         artifact.atomic_write_text(tmp / "generation.json", _json(_generation(src, model_folder, tmp)))
-        loader = manifest["loader"]
-        shutil.copyfile(LOADERS_DIR / loader, tmp / loader)
+        shutil.copyfile(able[0].loader.script, tmp / manifest["loader"])
         manifest["size_bytes"] = sum(p.stat().st_size for p in tmp.iterdir() if p.name.startswith("model."))
         artifact.atomic_write_text(tmp / "README.md", model_card(manifest))
         manifest["files"] = _hash_files(tmp)
@@ -162,9 +157,10 @@ def _read_export(src: Path) -> dict:
         manifest = artifact.read_manifest(src)
     except EdgekitError as e:
         raise ConfigError(f"{src} is not a readable export artifact ({e})") from e
-    if manifest.get("stage") != "export" or manifest.get("format") not in RUNTIMES:
+    formats = registry.names(registry.FORMAT)
+    if manifest.get("stage") != "export" or manifest.get("format") not in formats:
         raise ConfigError(f"{src / MANIFEST} describes a {manifest.get('stage')!r} artifact of format "
-                          f"{manifest.get('format')!r}, not a {'/'.join(RUNTIMES)} export; pass a folder made by "
+                          f"{manifest.get('format')!r}, not a {'/'.join(formats)} export; pass a folder made by "
                           "`edgekit export`")
     for key in ("quant", "label", "source_model"):
         if key not in manifest:
@@ -179,9 +175,32 @@ def _export_id(src: Path) -> str:
     return src.name.removeprefix("export-") or artifact.content_id(src.name)
 
 
-def _architecture(export: dict, src: Path):
-    from edgekit.arch import Architecture
+def _bundle_runtimes(fmt: str, src: Path) -> list:
+    """The runtimes a bundle of ``fmt`` lists; the first one ships its example loader (see runtimes.Loader)."""
+    able = runtimes.for_bundle(fmt)
+    if not able or not getattr(able[0], "loader", None):
+        names = ", ".join(r.name for r in able) or "none is registered"
+        raise ConfigError(f"cannot bundle {src}: no runtime of the {fmt} format ships an example loader ({names}); "
+                          f"the plugin that adds {fmt} must give its runtime a `loader=edgekit.runtimes.Loader(script=<"
+                          "standalone run script>, files=<export files it loads>)`")
+    return able
 
+
+def _runtime_entry(rt) -> dict:
+    """A runtime as the bundle manifest lists it: what to pip install, from which version, and its loader."""
+    loader = getattr(rt, "loader", None)
+    return {"name": rt.name, "package": rt.package,
+            "min_version": (loader and loader.min_version) or getattr(rt, "min_version", None),
+            "loader": loader.script.name if loader else None}
+
+
+def _static_context(fmt: str) -> bool:
+    """Whether ``fmt``'s exporter fixes the positions at export (its manifest's metrics then say how many)."""
+    exporter = registry.items(registry.EXPORTER).get(fmt)
+    return bool(getattr(exporter, "static_context", False))
+
+
+def _architecture(export: dict, src: Path) -> Architecture:
     try:
         return Architecture.from_dict(export["source_model"].get("architecture") or {})
     except TypeError as e:
@@ -189,20 +208,13 @@ def _architecture(export: dict, src: Path):
             from e
 
 
-def _memory(arch, fmt: str, quant: str, context: int, device: str | None):
-    """(memory model, device block or None, runtime the figure is for)."""
-    from edgekit import plan
-    from edgekit.quantize.schemes import get_scheme
-
+def _memory(arch, fmt: str, quant: str, context: int, device: str | None, runtime: str):
+    """(memory model, device block or None, runtime the figure is for); ``runtime``: the example loader's."""
     scheme = get_scheme(fmt, quant)
     if device is None:
-        runtime = RUNTIMES[fmt][0]["name"]
         return plan.memory_model(arch, scheme, context, runtime), None, runtime
-    from edgekit.devices import load_device
-
     profile = load_device(device)
-    runtime = RUNTIMES[fmt][0]["name"]  # what the example loader uses, if the device has it
-    if runtime not in profile.runtimes:
+    if runtime not in profile.runtimes:  # size for what the example loader uses, if the device has it
         runtime = plan.runtime_for(fmt, profile)  # RecipeError if the device cannot run this format at all
     memory = plan.memory_model(arch, scheme, context, runtime, bare_metal=plan._bare_metal(profile))
     fits = memory.total <= profile.memory_budget
@@ -259,22 +271,19 @@ def _teacher(export: dict) -> dict:
             teacher = {"name": None, "license": None, "origin": None, "distilled": True}
             teacher_dir = (student.get("inputs") or {}).get("teacher")
             if teacher_dir and Path(teacher_dir).is_dir():
-                from edgekit.models import resolve_teacher
-
                 t = resolve_teacher(teacher_dir)
                 teacher.update(name=t.name, license=t.license, origin=t.origin)
     teacher["license_note"] = LICENSE_NOTE
     return teacher
 
 
-def _copy_model(src: Path, fmt: str, export: dict, tmp: Path) -> None:
-    if fmt == "gguf":
-        names = [export.get("model_file") or "model.gguf"]
-    elif fmt == "executorch":
-        names = [export.get("model_file") or "model.pte", "executorch_config.json"]
-    else:
-        names = sorted(p.name for p in src.iterdir() if p.name.startswith("model.onnx")) + ["genai_config.json"]
-    for n in names:
+def _copy_model(src: Path, fmt: str, export: dict, loader: runtimes.Loader, tmp: Path) -> None:
+    """The model file and the other export files the loader's runtime reads (a pattern copies what matches)."""
+    model_file = export.get("model_file") or f"model{registry.get(registry.FORMAT, fmt).file_suffix}"
+    names = [model_file]
+    for pattern in loader.files:
+        names += sorted(p.name for p in src.glob(pattern) if p.is_file()) if _is_pattern(pattern) else [pattern]
+    for n in dict.fromkeys(names):
         if not (src / n).is_file():
             raise ConfigError(f"{src} has no {n}; re-run `edgekit export` to rebuild the artifact")
         shutil.copyfile(src / n, tmp / n)
@@ -284,11 +293,18 @@ def _copy_tokenizer(folder: Path, tmp: Path) -> None:
     if not folder.is_dir():
         log.warning("source model folder %s is gone: the bundle relies on the tokenizer the model file embeds", folder)
         return
-    from edgekit.hf import worth_copying
-
     for n in TOKENIZER_FILES:
         if (folder / n).is_file() and worth_copying(folder / n):
             shutil.copyfile(folder / n, tmp / n)
+
+
+def _is_pattern(name: str) -> bool:
+    return any(c in name for c in "*?[")
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    """Whether an export folder carries its own tokenizer (else the bundle takes the source model's)."""
+    return any((folder / n).is_file() for n in TOKENIZER_FILES)
 
 
 def _generation(src: Path, model_folder: Path, bundle: Path) -> dict:
@@ -362,29 +378,22 @@ def model_card(m: dict) -> str:
     fmt, loader = m["format"], m["loader"]
     rt = m["runtimes"][0]
     teacher = m["teacher"]
-    runtimes = ", ".join(f"{r['package']}>={r['min_version']}" for r in m["runtimes"])
+    requirements = ", ".join(_requirement(r) for r in m["runtimes"])
     lines = [
         f"# {m['name']}", "",
         f"{m['architecture']['model_type'].capitalize()}-family language model, {m['params'] / 1e6:.2f}M parameters, "
         f"exported as **{fmt.upper()}** with **{m['quant']}** quantization"
         f"{' (calibrated)' if m['calibrated'] else ''}, packaged by edgekit {m['edgekit_version']} on {m['created']}.",
         "", "## Run it", "",
-        f"```sh\npip install \"{rt['package']}>={rt['min_version']}\"\npython {loader} \"Hello!\"\n```", "",
+        f"```sh\npip install \"{_requirement(rt)}\"\npython {loader} \"Hello!\"\n```", "",
     ]
-    if fmt == "gguf":
-        lines += ["On Intel AMX CPUs, llama-cpp-python 0.3.36 can crash unless llama.cpp's extra buffer types are "
-                  f"off; `{loader}` turns them off when it sees AMX (force with `--no-extra-buffers` or "
-                  "`NO_EXTRA_BUFFERS=1`).", ""]
-    if fmt == "executorch":
-        lines += [f"`{loader}` also needs `tokenizers` and `jinja2` (`pip install tokenizers jinja2`). The program "
-                  f"holds a static K/V cache of {m['context']} positions and returns the last position's logits; "
-                  "ExecuTorch's C++ LLM runner can drive it on a phone as it is (it carries the runner's metadata). "
-                  "It needs the XNNPACK backend and ExecuTorch's LLM custom ops (`llama::custom_sdpa`, "
-                  "`llama::update_cache`) linked in; see executorch_config.json's `kernels`.", ""]
+    note = _loader_note(rt["name"])
+    if note:
+        lines += [note.replace("{loader}", loader).replace("{context}", str(m["context"])), ""]
     lines += [
         "## Facts", "",
         "| | |", "|---|---|",
-        f"| format | {fmt} ({runtimes}) |",
+        f"| format | {fmt} ({requirements}) |",
         f"| quant | {m['quant']} |",
         f"| model size | {_mb(m['size_bytes'])} |",
         f"| context | {m['context']} tokens |",
@@ -417,6 +426,16 @@ def model_card(m: dict) -> str:
               "manifest.json lists every file's sha256 and size; `edgekit.package.verify(<this folder or its "
               ".tar.gz>)` checks them.", ""]
     return "\n".join(lines)
+
+
+def _requirement(rt: dict) -> str:
+    return f"{rt['package']}>={rt['min_version']}" if rt.get("min_version") else rt["package"]
+
+
+def _loader_note(runtime: str) -> str:
+    """The primary runtime's paragraph for the card (none when that runtime is no longer registered)."""
+    loader = getattr(runtimes.runtimes().get(runtime), "loader", None)
+    return loader.note if loader else ""
 
 
 def _mb(n: int | None) -> str:

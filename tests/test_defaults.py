@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 
 from edgekit.arch import DEFAULT_CONTEXT
 from edgekit.bench.config import BenchConfig
+from edgekit.bench.measure import run_benchmark
 from edgekit.cli import app
 from edgekit.cli.bench import bench_config, fidelity_config
 from edgekit.cli.distill import _distill_config
 from edgekit.cli.export import _export_config
 from edgekit.distill.config import CacheConfig, DistillConfig, StudentSpec, TrainConfig
 from edgekit.export.config import ExportConfig
+from edgekit.package import package
+from edgekit.quantize import report as fidelity_report
 from edgekit.quantize.config import FidelityConfig
 from edgekit.recipe import DistillSection, ExportSpec, Recipe
 
@@ -73,3 +78,24 @@ def test_recipe_distill_words_take_their_default_from_the_stage_fields():
     assert d["cache"].default == CacheConfig.model_fields["mode"].default
     assert ExportSpec.model_fields["calibrate"].default == ExportConfig.model_fields["calibrate"].default
 
+
+
+def _default(fn, name):
+    return inspect.signature(fn).parameters[name].default
+
+
+def test_run_benchmark_measures_what_the_bench_config_says_when_not_told():
+    cfg = BenchConfig()
+    assert _default(run_benchmark, "repeats") == cfg.repeats and _default(run_benchmark, "warmup") == cfg.warmup
+    assert _default(run_benchmark, "threads") == cfg.threads
+    assert list(_default(run_benchmark, "prompt_lengths")) == cfg.prompt_lengths
+    assert _default(run_benchmark, "decode_tokens") == cfg.decode_tokens
+
+
+def test_fidelity_scores_the_fidelity_configs_tokens_when_not_told():
+    assert _default(fidelity_report.run, "max_tokens") == FidelityConfig().max_tokens
+    assert _default(fidelity_report.fidelity, "max_tokens") == FidelityConfig().max_tokens
+
+
+def test_package_sizes_bundles_for_the_one_context_default():
+    assert _default(package, "context") == DEFAULT_CONTEXT

@@ -73,8 +73,6 @@ STANDALONE = ["resources"]
 # means deleting its line. `python tests/test_layers.py` prints the breaches found now, in this form.
 KNOWN_VIOLATIONS: set[str] = {
     "function-import  edgekit/artifact.py -> platformdirs",  # edgekit/artifact.py:40
-    "function-import  edgekit/bench/measure.py -> edgekit.bench.worker",  # edgekit/bench/measure.py:211
-    "function-import  edgekit/bench/measure.py -> edgekit.devices",  # edgekit/bench/measure.py:91
     "function-import  edgekit/bench/worker.py -> importlib",  # edgekit/bench/worker.py:127
     "function-import  edgekit/bench/worker.py -> psutil",  # edgekit/bench/worker.py:101
     "function-import  edgekit/cli/app.py -> edgekit.artifact",  # edgekit/cli/app.py:62
@@ -122,13 +120,6 @@ KNOWN_VIOLATIONS: set[str] = {
     "function-import  edgekit/doctor.py -> edgekit.progress",  # edgekit/doctor.py:359
     "function-import  edgekit/doctor.py -> packaging",  # edgekit/doctor.py:171
     "function-import  edgekit/doctor.py -> psutil",  # edgekit/doctor.py:579
-    "function-import  edgekit/package.py -> edgekit.arch",  # edgekit/package.py:183
-    "function-import  edgekit/package.py -> edgekit.devices",  # edgekit/package.py:201
-    "function-import  edgekit/package.py -> edgekit.hf",  # edgekit/package.py:287
-    "function-import  edgekit/package.py -> edgekit.models",  # edgekit/package.py:262
-    "function-import  edgekit/package.py -> edgekit.plan",  # edgekit/package.py:194
-    "function-import  edgekit/package.py -> edgekit.quantize.schemes",  # edgekit/package.py:195
-    "function-import  edgekit/quantize/report.py -> edgekit.integrity",  # edgekit/quantize/report.py:87
     "function-import  edgekit/run.py -> edgekit.bench.stage",  # edgekit/run.py:112
     "function-import  edgekit/run.py -> edgekit.devices",  # edgekit/run.py:113
     "function-import  edgekit/run.py -> edgekit.distill.pipeline",  # edgekit/run.py:70

@@ -79,6 +79,31 @@ def test_package_writes_model_tokenizer_loader_card_and_manifest(bundles, export
     assert gen["eos_token_ids"] == [2] and gen["stop"] == ["<|im_end|>"] and gen["max_new_tokens"] > 0
 
 
+# What each built-in format's bundle lists (each runtime's descriptor says it; package.py keeps no table).
+BUNDLE_RUNTIMES = {
+    "gguf": [{"name": "llama.cpp", "package": "llama-cpp-python", "min_version": "0.3.0", "loader": "run_llamacpp.py"}],
+    "onnx": [{"name": "onnxruntime-genai", "package": "onnxruntime-genai", "min_version": "0.16",
+              "loader": "run_genai.py"},
+             {"name": "onnxruntime", "package": "onnxruntime", "min_version": "1.20", "loader": None}],
+    "executorch": [{"name": "executorch", "package": "executorch", "min_version": "1.5.1",
+                    "loader": "run_executorch.py"}],
+}
+CARD_NOTES = {"gguf": "`run_llamacpp.py` turns them off when it sees AMX",
+              "executorch": "The program holds a static K/V cache of 64 positions"}
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "onnx", pytest.param("executorch", marks=needs_executorch)])
+def test_bundle_lists_the_runtimes_of_its_format_from_their_descriptors(bundles, fmt):
+    m = bundles[fmt]["manifest"]
+    assert m["runtimes"] == BUNDLE_RUNTIMES[fmt] and m["loader"] == BUNDLE_RUNTIMES[fmt][0]["loader"]
+    assert m["memory"]["runtime"] == BUNDLE_RUNTIMES[fmt][0]["name"]
+    card = (Path(bundles[fmt]["path"]) / "README.md").read_text()
+    for other, note in CARD_NOTES.items():
+        assert (note in card) == (other == fmt), (other, fmt)
+    first = BUNDLE_RUNTIMES[fmt][0]
+    assert f'pip install "{first["package"]}>={first["min_version"]}"' in card
+
+
 def test_min_ram_grows_with_context_and_context_is_capped_at_the_model_maximum(exports, tmp_path):
     small = package(exports["gguf"], out_dir=tmp_path / "a", context=128)["manifest"]
     capped = package(exports["gguf"], out_dir=tmp_path / "b", context=100_000)["manifest"]

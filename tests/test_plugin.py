@@ -40,9 +40,11 @@ PLUGIN = '''\
 
 import importlib.metadata
 import json
+from pathlib import Path
 
 from edgekit.export.exporter import Exporter
 from edgekit.quantize.schemes import Format, Scheme, Tensor
+from edgekit.runtimes import Loader
 
 TOY = Format("toy", ".toy", 2, "toy format: int8 weights in one file")
 
@@ -70,6 +72,10 @@ class ToyRuntime:
     package = "edgekit-toy-plugin"
     gpu_variant = False
     description = "runs .toy files"
+    min_version = "0.1"
+    # what an app bundle ships to run a .toy file: the plugin's own example script, and toy.json beside the model
+    loader = Loader(Path(__file__).resolve().parent / "run_toy.py", files=("toy.json",),
+                    note="`{loader}` reads model.toy and toy.json ({context} positions).")
 
     def available(self):
         return None
@@ -89,6 +95,17 @@ def register(reg):
 '''
 
 
+LOADER = '''\
+"""Run a toy bundle: python run_toy.py PROMPT (needs only the toy runtime)."""
+import json
+import sys
+from pathlib import Path
+
+here = Path(__file__).resolve().parent
+print(json.loads((here / "toy.json").read_text())["quant"], (here / "model.toy").stat().st_size, sys.argv[1:])
+'''
+
+
 @pytest.fixture(scope="module")
 def plugin_env(tmp_path_factory) -> dict[str, str]:
     """The plugin built and installed into a private folder; the environment that puts it on sys.path."""
@@ -97,6 +114,7 @@ def plugin_env(tmp_path_factory) -> dict[str, str]:
     (src / "edgekit_toy").mkdir(parents=True)
     (src / "pyproject.toml").write_text(PYPROJECT)
     (src / "edgekit_toy" / "__init__.py").write_text(PLUGIN)
+    (src / "edgekit_toy" / "run_toy.py").write_text(LOADER)
     target = root / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                     "--no-index", "--target", str(target), str(src)], check=True, capture_output=True, text=True)
@@ -181,3 +199,53 @@ def test_a_device_listing_the_plugin_runtime_is_refused_without_it(tmp_path):
     device.write_text(yaml.safe_dump(raw))
     with pytest.raises(DeviceError, match="unknown runtime 'toyrt'"):
         load_profile_file(device)
+
+
+@pytest.fixture(scope="module")
+def toy_export(plugin_env, tiny_bpe_llama_dir) -> Path:
+    r = _edgekit(plugin_env, "export", str(tiny_bpe_llama_dir), "--format", "toy", "--json")
+    assert r.returncode == 0, r.stderr
+    return Path(json.loads(r.stdout)["path"])
+
+
+def test_package_bundles_the_plugin_format_with_its_runtimes_loader(plugin_env, toy_export):
+    r = _edgekit(plugin_env, "package", str(toy_export), "--context", "256", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    folder, m = Path(out["path"]), out["manifest"]
+    assert (m["format"], m["quant"], m["loader"], m["memory"]["runtime"]) == ("toy", "int8", "run_toy.py", "toyrt")
+    assert m["runtimes"] == [{"name": "toyrt", "package": "edgekit-toy-plugin", "min_version": "0.1",
+                              "loader": "run_toy.py"}]
+    names = {p.name for p in folder.iterdir()}
+    assert {"model.toy", "toy.json", "run_toy.py", "tokenizer.json", "generation.json", "README.md",
+            "manifest.json"} <= names
+    assert set(m["files"]) == names - {"manifest.json"}
+    card = (folder / "README.md").read_text()
+    assert 'pip install "edgekit-toy-plugin>=0.1"' in card and "`run_toy.py` reads model.toy and toy.json (256" in card
+    assert _edgekit(plugin_env, "verify", out["tarball"]).returncode == 0
+    run = subprocess.run([sys.executable, str(folder / "run_toy.py"), "hi"], capture_output=True, text=True,
+                         cwd=folder.parent, check=True)
+    assert run.stdout.split()[0] == "int8"
+
+
+def test_package_refuses_a_plugin_runtime_without_a_loader_naming_what_it_must_provide(plugin_env, toy_export,
+                                                                                      tmp_path):
+    code = textwrap.dedent("""
+        import sys
+        from pathlib import Path
+        from edgekit import runtimes
+        from edgekit.errors import ConfigError
+        from edgekit.package import package
+
+        runtimes.get_runtime("toyrt").loader = None  # a plugin runtime that ships no example loader
+        try:
+            package(Path(sys.argv[1]), out_dir=Path(sys.argv[2]))
+        except ConfigError as e:
+            print(e)
+    """)
+    out = subprocess.run([sys.executable, "-c", code, str(toy_export), str(tmp_path / "out")], env=plugin_env,
+                         capture_output=True, text=True, check=True)
+    message = out.stdout.strip()
+    assert message and "\n" not in message
+    assert "toy format" in message and "toyrt" in message and "loader=edgekit.runtimes.Loader(" in message
+    assert not (tmp_path / "out").exists()

@@ -33,7 +33,9 @@ import sys
 import time
 from pathlib import Path
 
-from edgekit import __version__, artifact, registry
+from edgekit import __version__, artifact, devices, registry
+from edgekit.bench.config import BenchConfig
+from edgekit.bench.worker import THREAD_ENV
 from edgekit.errors import ConfigError, EdgekitError
 from edgekit.integrity import check_model_path
 from edgekit.progress import bar as progress_bar
@@ -55,6 +57,7 @@ def version_packages() -> dict[str, str]:
     return {p.replace("-", "_"): p for p in dict.fromkeys(packages)}
 
 
+DEFAULTS = BenchConfig()  # every setting run_benchmark is not given comes from the one bench config
 STAT_KEYS = ("median", "min", "max", "q1", "q3", "iqr", "mean", "n", "values")
 DECODE_PROMPT_TOKENS = 128  # decode speed is measured after a prompt of this many tokens
 
@@ -77,19 +80,19 @@ def summarize(values: list[float]) -> dict:
             "iqr": q3 - q1, "mean": statistics.fmean(values), "n": len(values), "values": values}
 
 
-def run_benchmark(artifacts: list[Path], runtimes: list[str] | None = None, *, repeats: int = 5, warmup: int = 1,
-                  threads: int | None = None, prompt_lengths: tuple[int, ...] = (128, 512), decode_tokens: int = 128,
-                  timeout_s: float = 600, progress: bool = True, remote: str | None = None,
-                  remote_python: str = "python", journal: Path | None = None) -> dict:
+def run_benchmark(artifacts: list[Path], runtimes: list[str] | None = None, *, repeats: int = DEFAULTS.repeats,
+                  warmup: int = DEFAULTS.warmup, threads: int | None = DEFAULTS.threads,
+                  prompt_lengths: tuple[int, ...] = tuple(DEFAULTS.prompt_lengths),
+                  decode_tokens: int = DEFAULTS.decode_tokens, timeout_s: float = 600, progress: bool = True,
+                  remote: str | None = None, remote_python: str = "python", journal: Path | None = None) -> dict:
     """Benchmark ``artifacts`` (export folders, or HF folders for PyTorch) on ``runtimes`` (default: all registered).
 
-    ``threads`` defaults to this host's physical cores; ``progress`` draws a bar on stderr
+    The settings default to :class:`edgekit.bench.config.BenchConfig`'s (what `edgekit bench` and a
+    recipe's ``bench:`` measure). ``threads`` defaults to this host's physical cores; ``progress`` draws a bar on stderr
     (when edgekit.progress allows). Returns the :data:`SCHEMA` dict. ``journal`` (a JSONL file)
     makes a long benchmark resumable: each finished row is appended to it, and a re-run with the
     same settings on the same host takes those rows from it instead of measuring them again.
     """
-    from edgekit.devices import detect_host
-
     _check_settings(repeats, warmup, threads, prompt_lengths, decode_tokens)
     selected = [get_runtime(name) for name in runtimes] if runtimes else list(registry.items(registry.RUNTIME).values())
     sources = [describe(Path(a)) for a in artifacts]  # a path that is no artifact raises ConfigError here
@@ -97,7 +100,7 @@ def run_benchmark(artifacts: list[Path], runtimes: list[str] | None = None, *, r
         if src.model.exists():  # a missing one is the worker's to report, as a failed row
             check_model_path(src.model)
     _check_context(sources, prompt_lengths, decode_tokens)
-    profile = detect_host()
+    profile = devices.detect_host()
     threads = threads or profile.cpu.cores
     settings = {"repeats": repeats, "warmup": warmup, "threads": threads,
                 "prompt_lengths": [int(n) for n in prompt_lengths], "decode_tokens": decode_tokens}
@@ -174,7 +177,7 @@ def worker_command(remote: str | None = None, python: str = "python", threads: i
     """The argv that runs one worker reading its spec from stdin: locally, or ``ssh <remote> ...``."""
     if remote is None:
         return [sys.executable, "-m", "edgekit.bench.worker", "--spec", "-"]
-    env = [f"{name}={threads}" for name in _thread_env()] if threads else []
+    env = [f"{name}={threads}" for name in THREAD_ENV] if threads else []
     remote_cmd = ["env", *env, python, "-m", "edgekit.bench.worker", "--spec", "-"] if env else \
         [python, "-m", "edgekit.bench.worker", "--spec", "-"]
     return ["ssh", "-o", "BatchMode=yes", remote, shlex.join(remote_cmd)]
@@ -183,7 +186,7 @@ def worker_command(remote: str | None = None, python: str = "python", threads: i
 def run_worker(spec: dict, timeout_s: float, remote: str | None = None, python: str = "python") -> dict:
     """Run one worker; its JSON, or ``{"status": "failed", "reason": ...}`` for a crash, a timeout or bad output."""
     cmd = worker_command(remote, python, spec.get("threads"))
-    env = {**os.environ, **{name: str(spec["threads"]) for name in _thread_env()}}
+    env = {**os.environ, **{name: str(spec["threads"]) for name in THREAD_ENV}}
     try:
         proc = subprocess.run(cmd, input=json.dumps(spec), capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired as e:
@@ -205,12 +208,6 @@ def run_worker(spec: dict, timeout_s: float, remote: str | None = None, python: 
         except ValueError:
             pass
     return {"status": "failed", "reason": f"worker {how}; last stderr: {_last_line(proc.stderr)}"}
-
-
-def _thread_env() -> tuple[str, ...]:
-    from edgekit.bench.worker import THREAD_ENV
-
-    return THREAD_ENV
 
 
 def _measure_row(row: dict, runner: Runtime, spec: dict, settings: dict, timeout_s: float, remote: str | None,

@@ -26,7 +26,9 @@ from pathlib import Path
 from edgekit import artifact, metrics, runtimes
 from edgekit.chat import apply_chat_template, render_text
 from edgekit.errors import ModelError
+from edgekit.integrity import check_model_path
 from edgekit.progress import bar
+from edgekit.quantize.config import FidelityConfig
 from edgekit.sources import load_examples
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,7 @@ RESOURCES = Path(__file__).resolve().parent.parent / "resources"
 DEFAULT_HELDOUT = RESOURCES / "heldout.jsonl"
 GREEDY_PROMPT = "Explain in a few sentences why the sky is blue."
 GREEDY_TOKENS = 64
+MAX_TOKENS = FidelityConfig().max_tokens  # held-out tokens scored when not given: the fidelity config's default
 
 
 def open_export(folder: Path, n_ctx: int, threads: int | None = None) -> tuple[runtimes.Session, dict]:
@@ -79,12 +82,10 @@ def greedy_prompt(tokenizer, prompt: str = GREEDY_PROMPT) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def fidelity(reference: Path, exports: list[Path], *, texts: list[Path] | None = None, max_tokens: int = 16_384,
+def fidelity(reference: Path, exports: list[Path], *, texts: list[Path] | None = None, max_tokens: int = MAX_TOKENS,
              max_len: int = 512, greedy_tokens: int = GREEDY_TOKENS, threads: int | None = None) -> dict:
     """Score every export against the PyTorch fp32 ``reference`` HF folder on the same held-out tokens."""
     from transformers import AutoTokenizer
-
-    from edgekit.integrity import check_model_path
 
     for p in exports:  # headers only: a corrupt or hostile export is refused before the reference model loads
         for f in sorted(Path(p).iterdir()) if Path(p).is_dir() else []:
@@ -154,7 +155,7 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(reference: Path, exports: list[Path], *, texts: list[Path] | None = None, max_tokens: int = 16_384,
+def run(reference: Path, exports: list[Path], *, texts: list[Path] | None = None, max_tokens: int = MAX_TOKENS,
         threads: int | None = None) -> artifact.Artifact:
     """The fidelity stage: reuse or write ``fidelity-<id>/`` with report.json and report.md; the report is
     the artifact's ``result``."""

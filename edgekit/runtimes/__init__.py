@@ -2,7 +2,8 @@
 
 A :class:`Runtime` describes one runtime (``llama.cpp``, ``onnxruntime``, ``onnxruntime-genai``,
 ``executorch``, ``pytorch``): the formats it runs, the module to import, the pip package and the
-minimum version, whether it can use a GPU here, and how to open a session on an artifact. Each
+minimum version, whether it can use a GPU here, how to open a session on an artifact, and what an
+app bundle ships to run its formats (a :class:`Loader`: example script, export files, notes). Each
 runtime module defines ONE session type and registers its descriptor through its own entry
 point in the ``edgekit`` group, exactly as a third-party runtime would (see :mod:`edgekit.registry`).
 
@@ -44,6 +45,7 @@ from edgekit.arch import DEFAULT_CONTEXT, Architecture
 from edgekit.errors import ConfigError, ModelError, one_line
 
 NO_GPU = "not available on this host"
+LOADERS = Path(__file__).resolve().parent.parent / "resources" / "loaders"  # edgekit's standalone example loaders
 
 
 class Session(Protocol):
@@ -79,6 +81,24 @@ class Source:
 
 
 @dataclass(frozen=True)
+class Loader:
+    """What an app bundle (:mod:`edgekit.package`) ships to run an export on this runtime.
+
+    ``script`` is a standalone example loader (it needs only the runtime, never edgekit), copied into
+    the bundle under its own name; a plugin points it at a file of its own package. ``files`` are the
+    export's files the runtime loads besides the manifest's ``model_file`` (a name must be there; a
+    glob pattern copies whatever matches). ``min_version`` is the oldest runtime version the script
+    works with (default: the runtime's ``min_version``). ``note`` is a paragraph for the bundle's
+    README; ``{loader}`` and ``{context}`` are filled in.
+    """
+
+    script: Path
+    files: tuple[str, ...] = ()
+    min_version: str | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
 class Runtime:
     """One runtime: what it runs, what it needs installed, and how to open a :class:`Session`."""
 
@@ -92,6 +112,7 @@ class Runtime:
     description: str = ""
     min_version: str | None = None  # oldest ``package`` version edgekit works with
     full_logits: bool = True  # its sessions give every position's logits (fidelity needs them)
+    loader: Loader | None = None  # what an app bundle ships to run its formats on it; None: bundles only list it
 
     def available(self) -> str | None:
         """None when the runtime can be imported (at ``min_version`` or later), else why not and the fix."""
@@ -174,6 +195,16 @@ def for_format(fmt: str, *, full_logits: bool = False) -> Runtime:
         raise ModelError(f"no installed runtime runs {fmt}: {'; '.join(r.available() for r in able)}")
     what = "gives every position's logits for" if full_logits else "runs"
     raise ModelError(f"no registered runtime {what} the {fmt} format; install a plugin package that adds one")
+
+
+def for_bundle(fmt: str) -> list[Runtime]:
+    """Every registered runtime that runs ``fmt``, those with a :class:`Loader` first (registration order within).
+
+    Installed or not: a bundle runs on another machine. The first one with a loader is the bundle's
+    primary runtime; an empty list, or one without a loader, means ``fmt`` cannot be bundled.
+    """
+    able = [r for r in runtimes().values() if fmt in r.formats]
+    return [r for r in able if getattr(r, "loader", None)] + [r for r in able if not getattr(r, "loader", None)]
 
 
 def describe(path: Path) -> Source:

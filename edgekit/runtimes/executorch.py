@@ -14,7 +14,7 @@ from pathlib import Path
 
 from edgekit import integrity, registry
 from edgekit.errors import ModelError, one_line
-from edgekit.runtimes import NO_GPU, GenerationStats, Runtime, hf_tokenizer
+from edgekit.runtimes import LOADERS, NO_GPU, GenerationStats, Loader, Runtime, hf_tokenizer
 
 MODEL_FILE = "model.pte"
 ET_CONFIG = "executorch_config.json"
@@ -154,9 +154,16 @@ def _gpu() -> str | None:
     return f"{NO_GPU}: edgekit lowers ExecuTorch programs to XNNPACK, a CPU backend"
 
 
+# An app bundle's example loader, and the program's config it reads beside model.pte.
+LOADER = Loader(LOADERS / "run_executorch.py", files=("executorch_config.json",),
+                note="`{loader}` also needs `tokenizers` and `jinja2` (`pip install tokenizers jinja2`). The program "
+                     "holds a static K/V cache of {context} positions and returns the last position's logits; "
+                     "ExecuTorch's C++ LLM runner can drive it on a phone as it is (it carries the runner's "
+                     "metadata). It needs the XNNPACK backend and ExecuTorch's LLM custom ops (`llama::custom_sdpa`, "
+                     "`llama::update_cache`) linked in; see executorch_config.json's `kernels`.")
 RUNTIME = Runtime("executorch", ("executorch",), "executorch", "executorch", EtSession, _gpu,
                   description="ExecuTorch's Python runtime (XNNPACK delegate, portable + LLM kernels)",
-                  min_version="1.5.1")
+                  min_version="1.5.1", loader=LOADER)
 
 
 def register(reg: registry.Registry) -> None:

@@ -17,7 +17,7 @@ from edgekit import registry
 from edgekit.errors import ModelError
 from edgekit.integrity import check_gguf
 from edgekit.arch import DEFAULT_CONTEXT
-from edgekit.runtimes import NO_GPU, Runtime, greedy
+from edgekit.runtimes import LOADERS, NO_GPU, Loader, Runtime, greedy
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +142,13 @@ def _gpu() -> str | None:
     return f"{NO_GPU}: this llama-cpp-python build has no GPU offload (rebuild with CMAKE_ARGS=-DGGML_CUDA=on)"
 
 
+# An app bundle's example loader: it asks only for what the bundled script uses (older than edgekit's own minimum).
+LOADER = Loader(LOADERS / "run_llamacpp.py", min_version="0.3.0",
+                note="On Intel AMX CPUs, llama-cpp-python 0.3.36 can crash unless llama.cpp's extra buffer types "
+                     "are off; `{loader}` turns them off when it sees AMX (force with `--no-extra-buffers` or "
+                     "`NO_EXTRA_BUFFERS=1`).")
 RUNTIME = Runtime("llama.cpp", ("gguf",), "llama_cpp", "llama-cpp-python", LlamaSession, _gpu, gpu_variant=True,
-                  description="llama.cpp through llama-cpp-python", min_version="0.3.16")
+                  description="llama.cpp through llama-cpp-python", min_version="0.3.16", loader=LOADER)
 
 
 def register(reg: registry.Registry) -> None:

@@ -16,7 +16,7 @@ from edgekit import registry
 from edgekit.errors import ModelError, one_line
 from edgekit.integrity import check_model_path
 from edgekit.arch import DEFAULT_CONTEXT
-from edgekit.runtimes import NO_GPU, Runtime, hf_tokenizer
+from edgekit.runtimes import LOADERS, NO_GPU, Loader, Runtime, hf_tokenizer
 from edgekit.runtimes.onnxruntime import read_genai_config
 
 
@@ -134,7 +134,8 @@ def _gpu() -> str | None:
 
 
 RUNTIME = Runtime("onnxruntime-genai", ("onnx",), "onnxruntime_genai", "onnxruntime-genai", GenaiSession, _gpu,
-                  description="onnxruntime-genai's generator", min_version="0.16", full_logits=False)
+                  description="onnxruntime-genai's generator", min_version="0.16", full_logits=False,
+                  loader=Loader(LOADERS / "run_genai.py", files=("model.onnx*", "genai_config.json")))
 
 
 def register(reg: registry.Registry) -> None:
