@@ -43,10 +43,11 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     from edgekit import artifact
-    from edgekit.distill import data as data_stage
     from edgekit.distill import train as train_stage
     from edgekit.distill.evaluate import to_markdown
-    from edgekit.distill.pipeline import DistillConfig, _stage_dir, run
+    from edgekit.distill.config import DistillConfig
+    from edgekit.distill.pipeline import run
+    from edgekit.distill.tokenize import tokenize_examples
 
     cfg = DistillConfig.model_validate({
         "teacher": "default",
@@ -69,10 +70,10 @@ def main() -> None:
     data_dir = Path(summary["artifacts"]["data"])
     tok = AutoTokenizer.from_pretrained(summary["teacher"]["path"])
     examples = [json.loads(x) for x in (data_dir / "train.jsonl").read_text().splitlines() if x.strip()]
-    seqs = data_stage.tokenize_examples(examples, tok, cfg.data.max_seq_len)
+    seqs = tokenize_examples(examples, tok, cfg.data.max_seq_len)
     online_cfg = cfg.train.model_copy(update={"steps": args.online_steps, "time_budget_s": None})
     online_dir = train_stage.train(online_cfg, Path(summary["artifacts"]["init"]),
-                                   _stage_dir("distill-online-throughput", online_cfg.model_dump(), data_dir.name),
+                                   artifact.store_path("distill-online-throughput", online_cfg.model_dump(), data_dir.name),
                                    sequences=seqs, teacher_dir=Path(summary["teacher"]["path"]))
     online = artifact.read_manifest(online_dir)["metrics"]
     ce_dir = Path(summary["artifacts"]["model:student (CE only)"])
