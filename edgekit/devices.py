@@ -9,6 +9,7 @@ throughput once, caching the result per machine under ``EDGEKIT_HOME``.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
@@ -18,12 +19,13 @@ import time
 from pathlib import Path
 from typing import Literal
 
+import psutil
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgekit import artifact, registry
 from edgekit.errors import DeviceError, validation_problem, yaml_problem
-from edgekit.units import Bandwidth, Bytes, Flops, Frequency, format_bytes
+from edgekit.units import Bandwidth, Bytes, Flops, Frequency, format_bytes, parse_bytes
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +89,6 @@ class Accelerator(_Strict):
     @classmethod
     def _memory(cls, v: str) -> str:
         if v != "shared":
-            from edgekit.units import parse_bytes
-
             parse_bytes(v)  # a dedicated size must be readable
         return v
 
@@ -144,8 +144,6 @@ def _keys_at(loc: tuple) -> list[str]:
 
 
 def _format_validation(err: ValidationError, source: str) -> str:
-    import difflib
-
     typos = {}  # unknown key -> the allowed key it is a misspelling of (reported once, not also as missing)
     for e in err.errors():
         if e["type"] == "extra_forbidden":
@@ -225,8 +223,6 @@ def load_device(name: str, directory: Path | None = None) -> DeviceProfile:
 
 
 def _closest(name: str, options: list[str]) -> str | None:
-    import difflib
-
     match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
     return match[0] if match else None
 
@@ -272,8 +268,6 @@ def cpu_flags() -> list[str]:
 
 
 def _physical_cores() -> int:
-    import psutil
-
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
@@ -322,8 +316,6 @@ def installed_runtimes() -> list[str]:
 
 def detect_host(refresh: bool = False) -> DeviceProfile:
     """Profile this machine; bandwidth and compute are measured once and cached per machine."""
-    import psutil
-
     cpu_name, isa = _cpuinfo()
     threads = os.cpu_count() or 1
     try:
@@ -384,8 +376,6 @@ def detect_host(refresh: bool = False) -> DeviceProfile:
 
 def _has_battery() -> bool:
     try:
-        import psutil
-
         return psutil.sensors_battery() is not None
     except (AttributeError, NotImplementedError, OSError):
         return False

@@ -25,8 +25,14 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edgekit import __version__, artifact, registry
+import psutil
+from packaging.markers import Marker
+from packaging.version import Version
+
+import edgekit
+from edgekit import __version__, artifact, models, registry
 from edgekit.errors import CacheError, ModelError, one_line
+from edgekit.progress import bar
 from edgekit.registry import PluginError
 from edgekit.runtimes import NO_GPU, Runtime, package_version, runtimes
 from edgekit.units import format_bytes
@@ -143,8 +149,6 @@ def check_python() -> Check:
 
 
 def check_edgekit() -> Check:
-    import edgekit
-
     where = Path(edgekit.__file__).parent
     kind = "repo checkout" if lock_path().is_file() else "installed package"
     return Check("edgekit", "ok", f"{__version__} ({kind}, {where})")
@@ -152,8 +156,6 @@ def check_edgekit() -> Check:
 
 def lock_path() -> Path:
     """``requirements.lock`` of a repo checkout (next to the ``edgekit`` package); absent for a plain install."""
-    import edgekit
-
     return Path(edgekit.__file__).resolve().parents[1] / "requirements.lock"
 
 
@@ -167,10 +169,6 @@ def read_lock(path: Path) -> dict[str, str] | None:
         text = path.read_text(encoding="utf-8")
     except OSError:
         return None
-    try:
-        from packaging.markers import Marker
-    except ImportError:  # without packaging, lines with an environment marker are skipped
-        Marker = None
     pins = {}
     for raw in text.splitlines():
         line = raw.split("#", 1)[0].strip()
@@ -178,8 +176,6 @@ def read_lock(path: Path) -> dict[str, str] | None:
         if "==" not in req:
             continue
         if marker.strip():
-            if Marker is None:
-                continue
             try:
                 if not Marker(marker.strip()).evaluate():
                     continue
@@ -194,10 +190,8 @@ def same_version(installed: str, pinned: str) -> bool:
     """Equal ignoring a local suffix (``2.13.0+cpu`` == ``2.13.0``)."""
     a, b = installed.split("+")[0], pinned.split("+")[0]
     try:
-        from packaging.version import Version
-
         return Version(a) == Version(b)
-    except Exception:  # noqa: BLE001 - packaging missing or a non-PEP 440 version
+    except Exception:  # noqa: BLE001 - a non-PEP 440 version
         return a == b
 
 
@@ -331,8 +325,6 @@ def check_lock(lock: dict[str, str] | None) -> Check:
 
 
 def check_teacher_package() -> Check:
-    from edgekit import models
-
     try:
         gguf = models.embedded_gguf_path()
     except ModelError as e:
@@ -356,8 +348,6 @@ def _manifest_problems(folder: Path, deep: bool) -> list[str]:
     except CacheError as e:
         return [_unreadable(folder, e)]
     if deep:
-        from edgekit.progress import bar
-
         total = sum(v.get("size", 0) for v in manifest["files"].values() if isinstance(v, dict))
         with bar(total=total, desc=f"verifying {folder.name}", unit="B") as b:
             return artifact.verify_manifest(folder, progress=b.update)
@@ -365,8 +355,6 @@ def _manifest_problems(folder: Path, deep: bool) -> list[str]:
 
 
 def check_teacher_cache(deep: bool = False) -> Check:
-    from edgekit import models
-
     name = "teacher cache"
     try:
         gguf = models.embedded_gguf_path()
@@ -559,8 +547,6 @@ def check_hub() -> Check:
 
 
 def check_trust_remote_code() -> Check:
-    from edgekit import models
-
     default = inspect.signature(models.resolve_teacher).parameters["trust_remote_code"].default
     if default is False:
         return Check("trust_remote_code", "ok", "off by default: a model's own Python code runs only with "
@@ -575,16 +561,11 @@ def check_cpu() -> Check:
         usable = len(os.sched_getaffinity(0))
         if usable != os.cpu_count():
             parts.append(f"{usable} usable by this process")
-    try:
-        import psutil
-
-        physical = psutil.cpu_count(logical=False)
-        if physical:
-            parts.append(f"{physical} physical core(s)")
-        mem = psutil.virtual_memory()
-        parts.append(f"RAM {format_bytes(mem.available)} available of {format_bytes(mem.total)}")
-    except ImportError:
-        parts.append("psutil not installed: physical cores unknown")
+    physical = psutil.cpu_count(logical=False)
+    if physical:
+        parts.append(f"{physical} physical core(s)")
+    mem = psutil.virtual_memory()
+    parts.append(f"RAM {format_bytes(mem.available)} available of {format_bytes(mem.total)}")
     threads = [f"{v}={os.environ[v]}" for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if os.environ.get(v)]
     if threads:
         parts.append(", ".join(threads))

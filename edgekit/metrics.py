@@ -5,19 +5,24 @@ reference's log-probabilities, the model's logits and the target tokens. Both th
 eval (student against teacher) and fidelity (export against PyTorch fp32) use it, so the numbers
 mean the same in both tables -- the measures llama.cpp's ``--kl-divergence`` tool reports.
 
-numpy only (torch tensors on the CPU are accepted and converted), so importing it loads no torch.
+numpy only (torch tensors on the CPU are accepted and converted), imported when a function runs, so
+importing this module loads neither torch nor numpy.
 Sums are accumulated in float64.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def log_softmax(logits) -> np.ndarray:
     """log_softmax over the last axis, float32 (computed stably: x - max - log(sum(exp(x - max))))."""
+    import numpy as np
+
     x = np.asarray(logits, dtype=np.float32)
     z = x - x.max(axis=-1, keepdims=True)
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
@@ -25,6 +30,8 @@ def log_softmax(logits) -> np.ndarray:
 
 def kl_divergence(ref_logp, logp) -> np.ndarray:
     """KL(reference || model) per position from log-probabilities, clamped at 0 (rounding can dip below)."""
+    import numpy as np
+
     ref_logp, logp = np.asarray(ref_logp, dtype=np.float32), np.asarray(logp, dtype=np.float32)
     return np.maximum((np.exp(ref_logp) * (ref_logp - logp)).sum(-1, dtype=np.float64), 0.0)
 
@@ -40,6 +47,8 @@ class Tally:
 
     def add(self, ref_logp, logits, targets) -> None:
         """Score positions ``0..len(targets)-1``: ``ref_logp`` [T, V] log-probs, ``logits`` [>=T, V], ``targets`` [T]."""
+        import numpy as np
+
         targets = np.asarray(targets, dtype=np.int64).reshape(-1)
         ref_logp = np.asarray(ref_logp, dtype=np.float32)[: len(targets)]
         logp = log_softmax(np.asarray(logits)[: len(targets)])
@@ -49,6 +58,8 @@ class Tally:
         self.n += len(targets)
 
     def result(self) -> dict:
+        import numpy as np
+
         if self.n == 0:
             raise ValueError("no target tokens to score")
         kl = np.concatenate(self.kls)

@@ -10,8 +10,6 @@ import contextlib
 import logging
 import os
 
-from tqdm.auto import tqdm
-
 _enabled = os.environ.get("EDGEKIT_QUIET", "") in ("", "0")
 
 
@@ -31,6 +29,8 @@ def set_enabled(on: bool) -> None:
 
 def bar(total: float | None = None, desc: str = "", unit: str = "it"):
     """A tqdm bar (a context manager with ``.update(n)``), disabled when progress is off or stderr is not a TTY."""
+    from tqdm.auto import tqdm
+
     return tqdm(
         total=total, desc=desc, unit=unit, unit_scale=unit == "B", unit_divisor=1024 if unit == "B" else 1000,
         disable=None if _enabled else True, leave=False, dynamic_ncols=True,

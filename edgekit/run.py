@@ -19,17 +19,22 @@ import logging
 import time
 from pathlib import Path
 
-from edgekit import artifact
+from edgekit import artifact, models
+from edgekit.bench import stage as bench_stage
+from edgekit.devices import load_device
+from edgekit.distill import pipeline as distill_stage
 from edgekit.errors import RecipeError
+from edgekit.export import pipeline as export_stage
+from edgekit.package import package
+from edgekit.quantize import report as fidelity_stage
+from edgekit.recipe import load_recipe
+from edgekit.validate import validate_recipe
 
 log = logging.getLogger(__name__)
 
 
 def run(recipe_path: Path, *, trust_remote_code: bool = False) -> dict:
     """Run every stage of the recipe at ``recipe_path``; returns the run record."""
-    from edgekit.recipe import load_recipe
-    from edgekit.validate import validate_recipe
-
     recipe_path = Path(recipe_path)
     problems = validate_recipe(recipe_path)
     if problems:
@@ -62,14 +67,10 @@ def _distill(recipe, record: dict, trust_remote_code: bool) -> str:
     """The model later stages use: the distilled student's folder, or the teacher when distill is null."""
     t0 = time.perf_counter()
     if recipe.distill is None:
-        from edgekit.models import resolve_teacher
-
-        teacher = resolve_teacher(recipe.teacher, trust_remote_code=trust_remote_code)
+        teacher = models.resolve_teacher(recipe.teacher, trust_remote_code=trust_remote_code)
         _stage(record, "teacher", teacher.path, not teacher.converted, t0)
         return str(teacher.path)
-    from edgekit.distill.pipeline import run as distill
-
-    a = distill(recipe.distill_config(), trust_remote_code=trust_remote_code)
+    a = distill_stage.run(recipe.distill_config(), trust_remote_code=trust_remote_code)
     ev = a.result.get("evaluation", {}).get("models", {})
     quality = {k: {m: round(v[m], 4) for m in ("perplexity", "kl_to_teacher", "top1_agreement") if m in v}
                for k, v in ev.items()}
@@ -78,12 +79,10 @@ def _distill(recipe, record: dict, trust_remote_code: bool) -> str:
 
 
 def _exports(recipe, model: str, record: dict) -> list[Path]:
-    from edgekit.export.pipeline import run as export
-
     paths = []
     for cfg in recipe.export_configs(model):
         t0 = time.perf_counter()
-        a = export(cfg)
+        a = export_stage.run(cfg)
         m = a.manifest
         _stage(record, f"export {cfg.label}", a.path, a.reused, t0,
                size_bytes=m["metrics"].get("size_bytes"), bits_per_weight=m["metrics"].get("bits_per_weight"))
@@ -95,10 +94,8 @@ def _fidelity(recipe, model: str, exports: list[Path], record: dict) -> dict | N
     """The fidelity report (an ``edgekit.fidelity/1`` dict), or None when the recipe has no fidelity."""
     if recipe.fidelity is None:
         return None
-    from edgekit.quantize.report import run as fidelity
-
     t0 = time.perf_counter()
-    a = fidelity(Path(model), exports, texts=recipe.fidelity.texts or None, max_tokens=recipe.fidelity.max_tokens)
+    a = fidelity_stage.run(Path(model), exports, texts=recipe.fidelity.texts or None, max_tokens=recipe.fidelity.max_tokens)
     rows = {r["label"]: {k: r[k] for k in ("kl_mean", "top1_agreement", "perplexity", "greedy_match")}
             for r in a.result["rows"]}
     _stage(record, "fidelity", a.path, a.reused, t0, rows=rows)
@@ -109,13 +106,10 @@ def _bench(recipe, exports: list[Path], fidelity: dict | None, record: dict) -> 
     """Benchmark every export (the same stage as `edgekit bench`); returns its results."""
     if recipe.bench is None:
         return None
-    from edgekit.bench.stage import run as bench
-    from edgekit.devices import load_device
-
     t0 = time.perf_counter()
     source = artifact.read_manifest(exports[0]).get("source_model", {})
-    a = bench(recipe.bench, exports, devices=[load_device(recipe.device)], fidelity=[fidelity] if fidelity else [],
-              title=f"{recipe.name}: {source.get('name', '')} for {recipe.device}")
+    a = bench_stage.run(recipe.bench, exports, devices=[load_device(recipe.device)],
+                        fidelity=[fidelity] if fidelity else [], title=f"{recipe.name}: {source.get('name', '')} for {recipe.device}")
     extra = {}
     if not a.reused:
         extra = {"decode_tok_s": {f"{r['label']} / {r['runtime']}": r["metrics"]["decode_tok_s"]["median"]
@@ -128,8 +122,6 @@ def _bench(recipe, exports: list[Path], fidelity: dict | None, record: dict) -> 
 def _package(recipe, exports: list[Path], fidelity: dict | None, bench: dict | None, record: dict) -> None:
     if recipe.package is None:
         return
-    from edgekit.package import package
-
     formats = recipe.package.formats
     for path in exports:
         fmt = artifact.read_manifest(path)["format"]

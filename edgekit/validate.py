@@ -11,23 +11,29 @@ from __future__ import annotations
 
 import difflib
 import functools
+import json
 import re
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from edgekit.errors import EdgekitError, RecipeError
+from edgekit import models
+from edgekit.arch import Architecture
 from edgekit.bench.config import BenchConfig
+from edgekit.devices import load_device
+from edgekit.errors import EdgekitError, ModelError, RecipeError
 from edgekit.export.config import ExportConfig
+from edgekit.integrity import check_gguf
+from edgekit.plan import _bare_metal, memory_model, plan, runtime_for
+from edgekit.quantize.schemes import formats, get_format, get_scheme
 from edgekit.recipe import ExportSpec, Recipe, exporter_formats, format_errors, no_exporter, parse_recipe
+from edgekit.runtimes import runtimes as runners
+from edgekit.units import format_bytes
 
 
 @functools.lru_cache(maxsize=16)
 def _gguf_arch(path: str, mtime: float):
     import gguf
-
-    from edgekit.arch import Architecture
-    from edgekit.integrity import check_gguf
 
     check_gguf(path)  # GGUFReader maps the file and trusts its header: refuse a corrupt or hostile one first
     reader = gguf.GGUFReader(path)
@@ -52,15 +58,9 @@ def teacher_architecture(spec: str):
     """(Architecture, name) of a teacher, read from its config or GGUF header without converting or downloading.
 
     Raises ModelError when it cannot be read cheaply (a hub id not in the local cache)."""
-    import json
-
-    from edgekit.arch import Architecture
-    from edgekit.errors import ModelError
-    from edgekit.models import DEFAULT_TEACHER, EMBEDDED, embedded_gguf_path
-
-    if spec == DEFAULT_TEACHER:
-        g = embedded_gguf_path()
-        return _gguf_arch(str(g), g.stat().st_mtime), EMBEDDED["name"]
+    if spec == models.DEFAULT_TEACHER:
+        g = models.embedded_gguf_path()
+        return _gguf_arch(str(g), g.stat().st_mtime), models.EMBEDDED["name"]
     p = Path(spec).expanduser()
     if p.is_dir() and not (p / "config.json").is_file():
         ggufs = sorted(p.glob("*.gguf"))
@@ -125,8 +125,6 @@ def _partial_checks(merged: dict, where: str) -> list[str]:
 
 
 def _device(name: str):
-    from edgekit.devices import load_device
-
     try:
         return load_device(name), None
     except EdgekitError as e:
@@ -134,8 +132,6 @@ def _device(name: str):
 
 
 def _export_problems(e: ExportSpec) -> list[tuple[str, str]]:
-    from edgekit.quantize.schemes import get_format, get_scheme
-
     try:
         get_format(e.format)
     except RecipeError as err:
@@ -155,9 +151,7 @@ def _export_problems(e: ExportSpec) -> list[tuple[str, str]]:
     return []
 
 
-def _runtime_problems(names: list[str], formats: set[str] | None) -> list[str]:
-    from edgekit.runtimes import runtimes as runners
-
+def _runtime_problems(names: list[str], exported: set[str] | None) -> list[str]:
     registry = runners()
     out = []
     for rt in names:
@@ -171,17 +165,13 @@ def _runtime_problems(names: list[str], formats: set[str] | None) -> list[str]:
         missing = runner.available()
         if missing:
             out.append(f"{missing}, or remove it from bench.runtimes")
-        elif formats is not None and "pytorch" not in runner.formats and not set(runner.formats) & formats:
+        elif exported is not None and "pytorch" not in runner.formats and not set(runner.formats) & exported:
             out.append(f"runtime {rt} runs {', '.join(runner.formats)} but this recipe exports only "
-                       f"{', '.join(sorted(formats))}; remove it or add an export it can run")
+                       f"{', '.join(sorted(exported))}; remove it or add an export it can run")
     return out
 
 
 def _checks(r: Recipe, where: str) -> list[str]:
-    from edgekit.plan import _bare_metal, memory_model, plan, runtime_for
-    from edgekit.quantize.schemes import formats, get_scheme
-    from edgekit.units import format_bytes
-
     problems: list[str] = []
 
     def add(key: str, msg: str) -> None:

@@ -22,6 +22,15 @@ def test_version(capsys):
     assert e.value.code == 0 and __version__ in capsys.readouterr().out
 
 
+def test_the_command_starts_without_torch_transformers_numpy_or_tqdm():
+    """Every command module (and through them every stage) is imported at start-up, so each must defer its heavy
+    libraries: `edgekit --help` or a typo should not wait for torch."""
+    code = ("import sys, edgekit.cli.app\n"
+            "print(' '.join(m for m in ('torch', 'transformers', 'numpy', 'tqdm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == []
+
+
 def test_devices_json_lists_every_profile(capsys):
     rc, out, _ = run(capsys, "devices", "--json", "--no-host")
     names = [d["name"] for d in json.loads(out)]

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import os
 import platform
@@ -37,6 +38,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+
+import psutil
 
 from edgekit.errors import ConfigError, ModelError, one_line
 from edgekit.runtimes import get_runtime
@@ -98,8 +101,6 @@ def prompt_ids(session, length: int) -> list[int]:
 
 
 def rss_bytes() -> int:
-    import psutil
-
     return psutil.Process().memory_info().rss
 
 
@@ -124,8 +125,6 @@ def peak_rss_bytes() -> int:
 
 def measure(spec: WorkerSpec) -> dict:
     """Run the measurements of the module docstring; raises on any problem."""
-    import importlib
-
     if spec.module != "__main__":
         importlib.import_module(spec.module)
     runner = get_runtime(spec.runtime)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import warnings
 from pathlib import Path
 
-from edgekit import __version__
+from edgekit import __version__, artifact, progress
 from edgekit.cli import bench, distill, doctor, export, package, plan, run
 from edgekit.errors import EdgekitError
 
@@ -42,25 +44,17 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     if not args.debug:
-        import os
-
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read by transformers at import
         for noisy in ("transformers", "huggingface_hub", "urllib3", "filelock", "gguf", "optimum", "onnxruntime",
                       "torchao", "executorch", "torch", "torch.utils._pytree"):  # torch resets its root logger
             logging.getLogger(noisy).setLevel(logging.ERROR)
-        import warnings
-
         warnings.filterwarnings("ignore")
-    from edgekit import progress
-
     progress.set_enabled(not args.quiet)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
     try:
         if args.command in WRITERS:  # one writer per artifact store; the second waits and says for whom
-            from edgekit import artifact
-
             with artifact.locked(artifact.STORE_LOCK):
                 return args.func(args)
         return args.func(args)
@@ -70,8 +64,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edgekit: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk inside a library's own writer (safetensors, onnx, llama.cpp ...)
-        from edgekit import artifact
-
         if args.debug or e.errno not in artifact.DISK_FULL:
             raise
         print(f"edgekit: error: {artifact.disk_error(e, Path(e.filename or artifact.home()))}", file=sys.stderr)
@@ -80,7 +72,5 @@ def main(argv: list[str] | None = None) -> int:
         print("edgekit: interrupted; finished artifacts are kept, re-run to resume", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `edgekit plan | head`
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

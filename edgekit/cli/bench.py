@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+from edgekit import models
+from edgekit.arch import Architecture
+from edgekit.artifact import read_manifest
+from edgekit.bench import stage as bench_stage
 from edgekit.bench.config import BenchConfig
+from edgekit.bench.report import write_report
 from edgekit.cli.options import config_from, default
 from edgekit.cli.output import emit_json
+from edgekit.devices import list_devices, load_device
+from edgekit.errors import ConfigError
+from edgekit.quantize import report as fidelity_stage
 from edgekit.quantize.config import FidelityConfig
 
 
@@ -51,21 +60,17 @@ def add_commands(sub, common) -> None:
 
 
 def cmd_fidelity(args) -> int:
-    from edgekit.models import resolve_teacher
-    from edgekit.quantize.report import run, to_markdown
-
     reference = args.reference
     if reference is None:  # the model the first export was made from
-        from edgekit.artifact import read_manifest
-
         reference = read_manifest(args.artifacts[0])["config"]["model_path"]
     cfg = fidelity_config(args)
-    ref = resolve_teacher(reference, trust_remote_code=args.trust_remote_code)
-    report = run(ref.path, args.artifacts, texts=cfg.texts or None, max_tokens=cfg.max_tokens, threads=args.threads)
+    ref = models.resolve_teacher(reference, trust_remote_code=args.trust_remote_code)
+    report = fidelity_stage.run(ref.path, args.artifacts, texts=cfg.texts or None, max_tokens=cfg.max_tokens,
+                                threads=args.threads)
     if args.json:
         emit_json(report)
         return 0
-    print(to_markdown(report))
+    print(fidelity_stage.to_markdown(report))
     print(f"report   {report['path']}/report.md")
     return 0
 
@@ -81,8 +86,6 @@ def bench_config(args) -> BenchConfig:
 
 
 def fidelity_reports(paths: list[Path] | None) -> list[dict]:
-    from edgekit.errors import ConfigError
-
     reports = []
     for p in paths or []:
         p = Path(p) / "report.json" if Path(p).is_dir() else Path(p)
@@ -96,9 +99,6 @@ def fidelity_reports(paths: list[Path] | None) -> list[dict]:
 
 def _report_inputs(args, results: dict):
     """Devices to project onto and the architecture of the benchmarked model (from its source config)."""
-    from edgekit.arch import Architecture
-    from edgekit.devices import list_devices, load_device
-
     devices = [load_device(d) for d in args.device] if args.device else list_devices()
     arch = None
     for run in results["runs"]:
@@ -108,8 +108,6 @@ def _report_inputs(args, results: dict):
         src = Path(src)
         cfg = src / "config.json"
         if not cfg.is_file() and (src / "manifest.json").is_file():
-            from edgekit.artifact import read_manifest
-
             cfg = Path(read_manifest(src).get("config", {}).get("model_path", "")) / "config.json"
         if cfg.is_file():
             arch = Architecture.from_hf_config(json.loads(cfg.read_text()), str(cfg))
@@ -118,12 +116,9 @@ def _report_inputs(args, results: dict):
 
 
 def cmd_bench(args) -> int:
-    from edgekit.bench.stage import run as bench
-    from edgekit.devices import list_devices, load_device
-
-    a = bench(bench_config(args), args.artifacts, remote=args.remote,
-              devices=[load_device(d) for d in args.device] if args.device else list_devices(),
-              fidelity=fidelity_reports(args.fidelity), out=args.out)
+    a = bench_stage.run(bench_config(args), args.artifacts, remote=args.remote,
+                        devices=[load_device(d) for d in args.device] if args.device else list_devices(),
+                        fidelity=fidelity_reports(args.fidelity), out=args.out)
     if args.json:
         emit_json(a.result)
         return 0
@@ -134,9 +129,6 @@ def cmd_bench(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from edgekit.bench.report import write_report
-    from edgekit.errors import ConfigError
-
     try:
         results = json.loads(Path(args.results).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -149,8 +141,6 @@ def cmd_report(args) -> int:
     except (ValueError, KeyError) as e:
         raise ConfigError(f"{args.results} is not an edgekit benchmark result: {e}") from e
     if args.html:
-        import shutil
-
         shutil.copyfile(paths["html"], args.html)
         paths["html"] = args.html
     for kind, p in paths.items():

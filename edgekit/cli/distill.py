@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import typing
 from pathlib import Path
 
-import typing
+import yaml
+from pydantic import ValidationError
 
+from edgekit import models
 from edgekit.cli.options import default
 from edgekit.cli.output import emit_json, params
-from edgekit.distill.config import LOSSES, CacheConfig, DataConfig, EvalSpec, StudentSpec
+from edgekit.distill import evaluate, pipeline
+from edgekit.distill.config import LOSSES, CacheConfig, DataConfig, DistillConfig, EvalSpec, StudentSpec
+from edgekit.distill.tokenize import tokenize_examples
 from edgekit.errors import ConfigError
+from edgekit.sources import check_sources
 from edgekit.units import UnitError, format_bytes, parse_duration
 
 
@@ -58,11 +65,6 @@ def _time_budget(text: str) -> float:
 
 
 def _distill_config(args):
-    import yaml
-    from pydantic import ValidationError
-
-    from edgekit.distill.config import DistillConfig
-
     raw: dict = {}
     if args.config:
         try:
@@ -106,10 +108,7 @@ def _distill_config(args):
 
 
 def cmd_distill(args) -> int:
-    from edgekit.distill.evaluate import to_markdown
-    from edgekit.distill.pipeline import run
-
-    summary = run(_distill_config(args), trust_remote_code=args.trust_remote_code)
+    summary = pipeline.run(_distill_config(args), trust_remote_code=args.trust_remote_code)
     if args.json:
         emit_json(summary)
         return 0
@@ -124,7 +123,7 @@ def cmd_distill(args) -> int:
         c = summary["cache"]
         print(f"cache    {c['mode']} k={c['k']}: {format_bytes(c['bytes'])}, {c['bytes_per_token']:.0f} bytes/token")
     print()
-    print(to_markdown(summary["evaluation"]))
+    print(evaluate.to_markdown(summary["evaluation"]))
     print()
     for k, v in summary["artifacts"].items():
         if v:
@@ -133,27 +132,21 @@ def cmd_distill(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import json as _json
-
     from transformers import AutoTokenizer
 
-    from edgekit.distill import data as data_stage
-    from edgekit.distill.evaluate import evaluate, to_markdown
-    from edgekit.models import resolve_teacher
-
-    examples = data_stage.check_sources([Path(args.data)], key="--data")  # before any model is resolved
-    model = resolve_teacher(args.model, trust_remote_code=args.trust_remote_code)
-    teacher = resolve_teacher(args.against, trust_remote_code=args.trust_remote_code)
+    examples = check_sources([Path(args.data)], key="--data")  # before any model is resolved
+    model = models.resolve_teacher(args.model, trust_remote_code=args.trust_remote_code)
+    teacher = models.resolve_teacher(args.against, trust_remote_code=args.trust_remote_code)
     for m in (model, teacher):
         if args.max_seq_len > m.arch.max_context:
             raise ConfigError(f"--max-seq-len {args.max_seq_len} is longer than {m.name} was trained for "
                               f"({m.arch.max_context} positions, max_position_embeddings in {m.path / 'config.json'}); "
                               f"pass --max-seq-len {m.arch.max_context} or less")
     tok = AutoTokenizer.from_pretrained(str(teacher.path))
-    seqs = data_stage.tokenize_examples(examples, tok, args.max_seq_len)[:args.max_sequences]
-    report = evaluate({model.name: model.path}, teacher.path, seqs, args.prompt or [], args.max_new_tokens)
+    seqs = tokenize_examples(examples, tok, args.max_seq_len)[:args.max_sequences]
+    report = evaluate.evaluate({model.name: model.path}, teacher.path, seqs, args.prompt or [], args.max_new_tokens)
     if args.json:
-        print(_json.dumps(report, indent=2))
+        print(json.dumps(report, indent=2))
     else:
-        print(to_markdown(report))
+        print(evaluate.to_markdown(report))
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from edgekit.cli.output import emit_json, table
+from edgekit.doctor import run_checks
 
 
 def add_commands(sub, common) -> None:
@@ -19,8 +20,6 @@ def add_commands(sub, common) -> None:
 
 
 def cmd_doctor(args) -> int:
-    from edgekit.doctor import run_checks
-
     checks = run_checks(deep=args.deep)
     failed = any(c.status == "fail" for c in checks)
     if args.json:

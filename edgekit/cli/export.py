@@ -8,6 +8,7 @@ from edgekit.arch import DEFAULT_CONTEXT
 from edgekit.cli.options import config_from, default
 from edgekit.cli.output import emit_json
 from edgekit.errors import RecipeError
+from edgekit.export import pipeline
 from edgekit.export.config import ExportConfig
 from edgekit.units import format_bytes
 
@@ -67,9 +68,7 @@ def _print_export(result: dict) -> None:
 
 
 def cmd_export(args, require_quant: bool = False) -> int:
-    from edgekit.export.pipeline import run
-
-    result = run(_export_config(args, require_quant))
+    result = pipeline.run(_export_config(args, require_quant))
     if args.json:
         emit_json({"path": result["path"], "reused": result["reused"], **{k: result["manifest"].get(k) for k in (
             "label", "format", "quant", "calibrated", "model_file", "metrics", "config", "inputs")}})

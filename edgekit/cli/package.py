@@ -6,8 +6,13 @@ import json
 from pathlib import Path
 
 from edgekit.arch import DEFAULT_CONTEXT
+from edgekit.artifact import read_manifest
 from edgekit.cli.bench import fidelity_reports
 from edgekit.cli.output import emit_json
+from edgekit.errors import ConfigError
+from edgekit.package import package, verify
+from edgekit.run import find_artifact
+from edgekit.units import parse_bytes
 
 
 def add_commands(sub, common) -> None:
@@ -30,12 +35,6 @@ def add_commands(sub, common) -> None:
 
 
 def cmd_package(args) -> int:
-    from edgekit.package import package
-    from edgekit.run import find_artifact
-
-    from edgekit.artifact import read_manifest
-    from edgekit.errors import ConfigError
-
     folder = find_artifact(args.artifact)
     fmt = read_manifest(folder).get("format")
     if args.format and fmt != args.format:
@@ -55,10 +54,6 @@ def cmd_package(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from edgekit.package import verify
-
-    from edgekit.units import parse_bytes
-
     report = verify(Path(args.bundle), max_bytes=parse_bytes(args.max_size))
     if args.json:
         emit_json(report)

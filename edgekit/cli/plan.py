@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from edgekit import models
 from edgekit.cli.options import default
 from edgekit.cli.output import emit_json, params, table
+from edgekit.devices import list_devices, load_device
 from edgekit.distill.config import StudentSpec
 from edgekit.errors import EdgekitError
+from edgekit.plan import plan
+from edgekit.quantize.schemes import get_scheme
 from edgekit.units import format_bandwidth, format_bytes, format_flops
 
 
@@ -42,8 +46,6 @@ def add_commands(sub, common) -> None:
 
 
 def cmd_devices(args) -> int:
-    from edgekit.devices import list_devices
-
     profiles = list_devices(include_host=not args.no_host)
     if args.json:
         emit_json([p.summary() for p in profiles])
@@ -60,9 +62,7 @@ def cmd_devices(args) -> int:
 
 
 def cmd_teacher(args) -> int:
-    from edgekit.models import resolve_teacher
-
-    teacher = resolve_teacher(args.teacher, trust_remote_code=args.trust_remote_code)
+    teacher = models.resolve_teacher(args.teacher, trust_remote_code=args.trust_remote_code)
     info = teacher.describe()
     if args.json:
         emit_json(info)
@@ -83,15 +83,10 @@ def cmd_teacher(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from edgekit.devices import list_devices, load_device
-    from edgekit.models import resolve_teacher
-    from edgekit.plan import plan
-    from edgekit.quantize.schemes import get_scheme
-
     # Fail fast on bad names before resolving (and maybe converting) the teacher.
     get_scheme(args.format, args.quant)
     devices = [load_device(d) for d in args.device] if args.device else list_devices(include_host=True)
-    teacher = resolve_teacher(args.teacher, trust_remote_code=args.trust_remote_code)
+    teacher = models.resolve_teacher(args.teacher, trust_remote_code=args.trust_remote_code)
     single = len(devices) == 1
     results = []
     for dev in devices:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edgekit import run as runner
+from edgekit.artifact import read_manifest
 from edgekit.cli.output import emit_json, table
 from edgekit.units import format_bytes
+from edgekit.validate import validate_recipe
 
 
 def add_commands(sub, common) -> None:
@@ -30,8 +33,6 @@ def add_commands(sub, common) -> None:
 
 
 def cmd_validate(args) -> int:
-    from edgekit.validate import validate_recipe
-
     results = {str(path): validate_recipe(Path(path)) for path in args.recipes}
     if args.json:
         emit_json(results)
@@ -44,9 +45,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from edgekit.run import run
-
-    record = run(Path(args.recipe), trust_remote_code=args.trust_remote_code)
+    record = runner.run(Path(args.recipe), trust_remote_code=args.trust_remote_code)
     if args.json:
         emit_json(record)
         return 0
@@ -65,9 +64,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_runs(args) -> int:
-    from edgekit.run import list_artifacts
-
-    rows = list_artifacts()
+    rows = runner.list_artifacts()
     if args.json:
         emit_json(rows)
         return 0
@@ -77,8 +74,5 @@ def cmd_runs(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from edgekit.artifact import read_manifest
-    from edgekit.run import find_artifact
-
-    emit_json(read_manifest(find_artifact(args.id)))
+    emit_json(read_manifest(runner.find_artifact(args.id)))
     return 0

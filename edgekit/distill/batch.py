@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _pad(rows: list, value, width: int) -> torch.Tensor:
+    import torch
+
     rows = [torch.as_tensor(r) for r in rows]
     out = torch.full((len(rows), width, *rows[0].shape[1:]), value, dtype=rows[0].dtype)
     for i, r in enumerate(rows):
@@ -16,6 +21,8 @@ def _pad(rows: list, value, width: int) -> torch.Tensor:
 def collate(items: list[dict], sparse_mode: str | None) -> dict:
     """Right-pad sequences (lists or tensors) into a batch; padded labels are -100, padded sparse targets
     are harmless zeros. Used for training, the logit cache and evaluation alike."""
+    import torch
+
     width = max(len(x["input_ids"]) for x in items)
     batch = {
         "input_ids": _pad([x["input_ids"] for x in items], 0, width),

@@ -22,9 +22,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from edgekit import artifact
 from edgekit.distill.batch import collate
@@ -32,11 +30,17 @@ from edgekit.distill.config import CacheConfig
 from edgekit.errors import CacheError
 from edgekit.progress import bar
 
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
 log = logging.getLogger(__name__)
 
 
 def _sparse_targets(logits: torch.Tensor, cfg: CacheConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """[n, vocab] logits -> ([n, k] indices, [n, k] float16 values) per the cache mode."""
+    import torch
+
     if cfg.mode == "topk":
         values, indices = logits.float().topk(cfg.k, dim=-1)
         return indices, values.half()
@@ -55,6 +59,7 @@ def _sparse_targets(logits: torch.Tensor, cfg: CacheConfig, gen: torch.Generator
 
 
 def _write_shard(path: Path, seqs: list[dict], indices: list[np.ndarray], values: list[np.ndarray], vocab: int) -> None:
+    import numpy as np
     from safetensors.numpy import save_file
 
     idx_dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max else np.int32
@@ -77,6 +82,8 @@ def _write_shard(path: Path, seqs: list[dict], indices: list[np.ndarray], values
 
 def build(cfg: CacheConfig, teacher, sequences: list[dict], out_dir: Path) -> Path:
     """Run ``teacher`` (a causal LM) over ``sequences`` ({input_ids, labels}) and write the cache folder."""
+    import torch
+
     out_dir = Path(out_dir)
     config = {"cache": cfg.model_dump(), "sequences": artifact.content_id([s["input_ids"] for s in sequences])}
     with artifact.stage("logit-cache", config, at=out_dir) as st:
@@ -155,6 +162,9 @@ class LogitCache:
         return len(self._where)
 
     def __getitem__(self, n: int) -> CachedSequence:
+        import numpy as np
+        import torch
+
         s, i = self._where[n]
         f, off = self._shards[s], self._offsets[s]
         a, b = int(off[i]), int(off[i + 1])

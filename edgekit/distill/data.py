@@ -35,16 +35,12 @@ from collections import Counter
 from pathlib import Path
 
 from edgekit import artifact
-from edgekit.chat import apply_chat_template, chat_format, render_text  # noqa: F401  (re-exported, see below)
+from edgekit.chat import chat_format
 from edgekit.distill.config import DataConfig
 from edgekit.distill.synth import generate_responses, prompt_key, synthesize_prompts
 from edgekit.distill.tokenize import tokenize_examples
 from edgekit.errors import CacheError, ModelError
-from edgekit.sources import check_sources, load_examples, needs_response  # noqa: F401  (re-exported, see below)
-
-# apply_chat_template, render_text, load_examples and tokenize_examples are still reached through this
-# module by callers written before they moved; new code imports them from edgekit.chat, edgekit.sources
-# and edgekit.distill.tokenize.
+from edgekit.sources import check_sources, needs_response
 
 log = logging.getLogger(__name__)
 

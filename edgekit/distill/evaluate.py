@@ -12,11 +12,9 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-
 from edgekit import metrics
 from edgekit.chat import apply_chat_template
-from edgekit.distill.train import collate
+from edgekit.distill.batch import collate
 from edgekit.progress import bar
 from edgekit.runtimes.pytorch import load_model
 
@@ -42,6 +40,8 @@ def _batches(sequences: list[dict], batch_size: int):
 
 def score(model, teacher, sequences: list[dict], batch_size: int = 8) -> dict:
     """Held-out perplexity of ``model``, and its KL to / top-1 agreement with ``teacher`` (:mod:`edgekit.metrics`)."""
+    import torch
+
     tally = metrics.Tally()
     with torch.no_grad(), bar(total=len(sequences), desc="evaluating", unit="seq") as progress:
         for ids, labels, mask in _batches(sequences, batch_size):
@@ -61,6 +61,8 @@ def score(model, teacher, sequences: list[dict], batch_size: int = 8) -> dict:
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48) -> list[str]:
     """Greedy answers to ``prompts`` (through the chat template when the tokenizer has one)."""
+    import torch
+
     outs = []
     for p in prompts:
         if tokenizer.chat_template:

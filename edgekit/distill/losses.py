@@ -27,12 +27,15 @@ token-level divergences with masking, temperature and sparse targets together.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+import functools
+from typing import TYPE_CHECKING
 
 from edgekit.distill.config import LOSSES
 from edgekit.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 KINDS = LOSSES
 
@@ -55,6 +58,8 @@ def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
 
 def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, w: float) -> torch.Tensor:
     """log(w a + (1-w) b), computed stably in log space."""
+    import torch
+
     if w <= 0:
         return log_b
     if w >= 1:
@@ -67,6 +72,8 @@ def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind:
                temperature: float = 1.0, mask: torch.Tensor | None = None, beta: float = 0.5,
                skew: float = 0.1) -> torch.Tensor:
     """Mean divergence between teacher and student over masked positions, times T^2."""
+    import torch.nn.functional as F
+
     if kind not in KINDS:
         raise ConfigError(f"unknown distillation loss {kind!r}: choose one of {', '.join(KINDS)}")
     if temperature <= 0:
@@ -92,30 +99,38 @@ def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind:
     return _masked_mean(per, mask) * temperature**2
 
 
-class _SparseForwardKL(torch.autograd.Function):
-    """sum_rows w_row * sum_k p_k (log p_k - log q_k), with log q = s - logsumexp(s), on [rows, vocab] logits.
+@functools.cache
+def _sparse_forward_kl_function():
+    """The autograd function behind :func:`sparse_forward_kl`, defined on first use (importing this module stays
+    torch-free)."""
+    import torch
 
-    Hand-written backward: d/ds = w * (softmax(s) * sum_k p_k - scatter(p)). Autograd's version
-    goes through logsumexp and a gather (two more full-vocabulary passes and a zero-filled
-    scatter buffer) and made this loss ~1.7x as costly as fused cross-entropy.
-    """
+    class _SparseForwardKL(torch.autograd.Function):
+        """sum_rows w_row * sum_k p_k (log p_k - log q_k), with log q = s - logsumexp(s), on [rows, vocab] logits.
 
-    @staticmethod
-    def forward(ctx, s, indices, p, log_p, w):
-        lse = torch.logsumexp(s, dim=-1, keepdim=True)
-        log_q = s.gather(-1, indices) - lse
-        per = (p * (log_p - log_q)).sum(-1)
-        ctx.save_for_backward(s, lse, indices, p, w)
-        return (per * w).sum()
+        Hand-written backward: d/ds = w * (softmax(s) * sum_k p_k - scatter(p)). Autograd's version
+        goes through logsumexp and a gather (two more full-vocabulary passes and a zero-filled
+        scatter buffer) and made this loss ~1.7x as costly as fused cross-entropy.
+        """
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        s, lse, indices, p, w = ctx.saved_tensors
-        grad = torch.exp(s - lse)
-        grad.mul_(p.sum(-1, keepdim=True))
-        grad.scatter_add_(-1, indices, -p)
-        grad.mul_((w * grad_out)[:, None])
-        return grad, None, None, None, None
+        @staticmethod
+        def forward(ctx, s, indices, p, log_p, w):
+            lse = torch.logsumexp(s, dim=-1, keepdim=True)
+            log_q = s.gather(-1, indices) - lse
+            per = (p * (log_p - log_q)).sum(-1)
+            ctx.save_for_backward(s, lse, indices, p, w)
+            return (per * w).sum()
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            s, lse, indices, p, w = ctx.saved_tensors
+            grad = torch.exp(s - lse)
+            grad.mul_(p.sum(-1, keepdim=True))
+            grad.scatter_add_(-1, indices, -p)
+            grad.mul_((w * grad_out)[:, None])
+            return grad, None, None, None, None
+
+    return _SparseForwardKL
 
 
 def sparse_forward_kl(student_logits: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
@@ -128,6 +143,9 @@ def sparse_forward_kl(student_logits: torch.Tensor, indices: torch.Tensor, value
     used as p directly, so T only softens the student side and must match the cache.
     Padding entries use index 0 with value -inf (topk) or weight 0 (sampled).
     """
+    import torch
+    import torch.nn.functional as F
+
     vocab = student_logits.shape[-1]
     s = student_logits.float().reshape(-1, vocab)
     if temperature != 1.0:
@@ -146,27 +164,41 @@ def sparse_forward_kl(student_logits: torch.Tensor, indices: torch.Tensor, value
     else:
         m = mask.reshape(-1).to(torch.float32)
         w = m / m.sum().clamp_min(1.0)
-    return _SparseForwardKL.apply(s, idx, p, log_p, w) * temperature**2
+    return _sparse_forward_kl_function().apply(s, idx, p, log_p, w) * temperature**2
 
 
 def cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Next-token cross-entropy; ``labels`` are aligned with ``student_logits`` (already shifted)."""
+    import torch.nn.functional as F
+
     return F.cross_entropy(student_logits.float().reshape(-1, student_logits.shape[-1]), labels.reshape(-1),
                            ignore_index=ignore_index)
 
 
-class FeatureProjector(nn.Module):
-    """Learned linear maps from student hidden states to the teacher's width, one per matched layer."""
+@functools.cache
+def _feature_projector_class():
+    from torch import nn
 
-    def __init__(self, student_width: int, teacher_width: int, n_layers: int):
-        super().__init__()
-        self.maps = nn.ModuleList(nn.Linear(student_width, teacher_width, bias=False) for _ in range(n_layers))
-        if student_width == teacher_width:
-            for m in self.maps:
-                nn.init.eye_(m.weight)
+    class FeatureProjector(nn.Module):
+        """Learned linear maps from student hidden states to the teacher's width, one per matched layer."""
 
-    def forward(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
-        return self.maps[i](hidden)
+        def __init__(self, student_width: int, teacher_width: int, n_layers: int):
+            super().__init__()
+            self.maps = nn.ModuleList(nn.Linear(student_width, teacher_width, bias=False) for _ in range(n_layers))
+            if student_width == teacher_width:
+                for m in self.maps:
+                    nn.init.eye_(m.weight)
+
+        def forward(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
+            return self.maps[i](hidden)
+
+    return FeatureProjector
+
+
+def FeatureProjector(student_width: int, teacher_width: int, n_layers: int) -> nn.Module:
+    """Learned linear maps from student hidden states to the teacher's width, one per matched layer: an
+    ``nn.Module`` whose class is defined on first use, so importing this module stays torch-free."""
+    return _feature_projector_class()(student_width, teacher_width, n_layers)
 
 
 def layer_map(student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
@@ -175,7 +207,7 @@ def layer_map(student_layers: int, teacher_layers: int) -> list[tuple[int, int]]
 
 
 def feature_loss(student_hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[torch.Tensor, ...],
-                 projector: FeatureProjector, mask: torch.Tensor | None = None) -> torch.Tensor:
+                 projector: nn.Module, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error between projected student and teacher hidden states over matched layers.
 
     ``*_hidden`` are ``output_hidden_states`` tuples (embeddings first, then each layer).

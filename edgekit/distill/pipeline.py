@@ -14,11 +14,20 @@ import logging
 import time
 from pathlib import Path
 
-
-from edgekit import artifact
+from edgekit import artifact, models
 from edgekit.arch import Architecture
+from edgekit.chat import render_text
+from edgekit.devices import load_device
+from edgekit.distill import cache as cache_stage
+from edgekit.distill import data as data_stage
+from edgekit.distill import evaluate as eval_stage
+from edgekit.distill import prune as prune_stage
+from edgekit.distill import train as train_stage
 from edgekit.distill.config import DistillConfig, StudentSpec
+from edgekit.distill.tokenize import tokenize_examples
 from edgekit.errors import ConfigError
+from edgekit.plan import plan
+from edgekit.sources import check_sources
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +38,6 @@ def _jsonl(path: Path) -> list[dict]:
 
 def student_shape(spec: StudentSpec, teacher_arch: Architecture, teacher_name: str) -> tuple[Architecture, dict | None]:
     if spec.device:
-        from edgekit.devices import load_device
-        from edgekit.plan import plan
-
         p = plan(teacher_arch, load_device(spec.device), spec.format, spec.quant, spec.context,
                  spec.target_decode_tok_s, teacher_name)
         s = p["student"]
@@ -48,23 +54,16 @@ def run(cfg: DistillConfig, trust_remote_code: bool = False) -> artifact.Artifac
     had finished it); its ``result`` is a summary with every artifact path and the evaluation."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edgekit.distill import cache as cache_stage
-    from edgekit.distill import data as data_stage
-    from edgekit.distill import evaluate as eval_stage
-    from edgekit.distill import prune as prune_stage
-    from edgekit.distill import train as train_stage
-    from edgekit.models import resolve_teacher
-
     t0 = time.perf_counter()
     if cfg.data.sources:  # bad user data fails here, before the teacher is resolved (converting it takes minutes)
-        data_stage.check_sources(cfg.data.sources)
-    teacher = resolve_teacher(cfg.teacher, trust_remote_code=trust_remote_code)
+        check_sources(cfg.data.sources)
+    teacher = models.resolve_teacher(cfg.teacher, trust_remote_code=trust_remote_code)
     if cfg.data.max_seq_len > teacher.arch.max_context:
         raise ConfigError(f"data.max_seq_len {cfg.data.max_seq_len} is longer than the teacher {teacher.name} was "
                           f"trained for ({teacher.arch.max_context} positions), so its logits past that point are "
                           f"not meaningful; set data.max_seq_len to {teacher.arch.max_context} or less")
     teacher_id = artifact.content_id(str(teacher.path), teacher.files)
-    shape, plan = student_shape(cfg.student, teacher.arch, teacher.name)
+    shape, student_plan = student_shape(cfg.student, teacher.arch, teacher.name)
     log.info("student: %d layers, hidden %d, mlp %d, %d/%d heads (%.1fM params, %.0f%% of the teacher)",
              shape.layers, shape.hidden_size, shape.intermediate_size, shape.heads, shape.kv_heads,
              shape.params / 1e6, 100 * shape.params / teacher.arch.params)
@@ -80,13 +79,13 @@ def run(cfg: DistillConfig, trust_remote_code: bool = False) -> artifact.Artifac
     heldout_examples = _jsonl(data_dir / "heldout.jsonl")
 
     tokenizer = AutoTokenizer.from_pretrained(str(teacher.path))
-    calib = [data_stage.render_text(e, tokenizer) for e in train_examples[:cfg.calibration_sequences]]
+    calib = [render_text(e, tokenizer) for e in train_examples[:cfg.calibration_sequences]]
     init_dir = prune_stage.run(teacher.path, shape, calib, artifact.store_path(
         "prune", shape.to_dict(), cfg.student.init, cfg.calibration_sequences, teacher_id, data_id),
         method=cfg.student.init, seed=cfg.train.seed)
 
-    train_seqs = data_stage.tokenize_examples(train_examples, tokenizer, cfg.data.max_seq_len)
-    heldout_seqs = data_stage.tokenize_examples(heldout_examples, tokenizer, cfg.data.max_seq_len)
+    train_seqs = tokenize_examples(train_examples, tokenizer, cfg.data.max_seq_len)
+    heldout_seqs = tokenize_examples(heldout_examples, tokenizer, cfg.data.max_seq_len)
     cache_dir = None
     if cfg.cache is not None and cfg.train.kd_weight > 0:
         teacher_model = AutoModelForCausalLM.from_pretrained(str(teacher.path), use_safetensors=True)
@@ -115,20 +114,20 @@ def run(cfg: DistillConfig, trust_remote_code: bool = False) -> artifact.Artifac
         train_cfg, init_dir, student_dir,
         sequences=None if cache_dir else train_seqs, cache_dir=cache_dir,
         teacher_dir=teacher.path if online else None, assistant_dir=assistant_dir)
-    models = {"student (KD)" if cfg.train.kd_weight > 0 else "student": student_dir}
+    students = {"student (KD)" if cfg.train.kd_weight > 0 else "student": student_dir}
     if "ce" in cfg.eval.baselines and cfg.train.kd_weight > 0:
         ce_cfg = cfg.train.model_copy(update={"kd_weight": 0.0, "ce_weight": 1.0, "feature_weight": 0.0,
                                               "on_policy_fraction": 0.0, "assistant_fraction": 0.0})
-        models["student (CE only)"] = train_stage.train(
+        students["student (CE only)"] = train_stage.train(
             ce_cfg, init_dir, artifact.store_path("distill", ce_cfg.model_dump(), init_dir.name, data_id),
             sequences=train_seqs)
 
-    with artifact.stage("eval", cfg.eval.model_dump(), {k: str(v) for k, v in models.items()},
-                        key=(cfg.eval.model_dump(), {k: v.name for k, v in models.items()}, data_id, teacher_id)) as ev:
+    with artifact.stage("eval", cfg.eval.model_dump(), {k: str(v) for k, v in students.items()},
+                        key=(cfg.eval.model_dump(), {k: v.name for k, v in students.items()}, data_id, teacher_id)) as ev:
         if ev.reused:
             report = json.loads((ev.path / "report.json").read_text())
         else:
-            report = eval_stage.evaluate(models, teacher.path, heldout_seqs[:cfg.eval.max_sequences],
+            report = eval_stage.evaluate(students, teacher.path, heldout_seqs[:cfg.eval.max_sequences],
                                          cfg.eval.prompts, cfg.eval.max_new_tokens)
             artifact.atomic_write_text(ev.tmp / "report.json", json.dumps(report, indent=2))
             artifact.atomic_write_text(ev.tmp / "report.md", eval_stage.to_markdown(report) + "\n")
@@ -138,11 +137,11 @@ def run(cfg: DistillConfig, trust_remote_code: bool = False) -> artifact.Artifac
         "teacher": {"name": teacher.name, "params": teacher.arch.params, "path": str(teacher.path)},
         "student": {**shape.to_dict(), "fraction_of_teacher": shape.params / teacher.arch.params,
                     "init": cfg.student.init, "path": str(student_dir)},
-        "plan": plan,
+        "plan": student_plan,
         "artifacts": {"data": str(data_dir), "init": str(init_dir), "cache": str(cache_dir) if cache_dir else None,
                       "assistant": str(assistant_dir) if assistant_dir else None,
                       "student": str(student_dir), "eval": str(eval_dir),
-                      **{f"model:{k}": str(v) for k, v in models.items()}},
+                      **{f"model:{k}": str(v) for k, v in students.items()}},
         "data": artifact.read_manifest(data_dir)["metrics"],
         "cache": artifact.read_manifest(cache_dir)["metrics"] if cache_dir else None,
         "training": manifest["metrics"],

@@ -32,16 +32,16 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-import torch.nn.functional as F
-from safetensors.torch import save_file
-from torch import nn
+from typing import TYPE_CHECKING
 
 from edgekit import artifact
 from edgekit.arch import Architecture
 from edgekit.errors import ModelError, RecipeError
 from edgekit.hf import worth_copying
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -67,61 +67,64 @@ class Importance:
 # --------------------------------------------------------------------------- importance
 
 
-@torch.no_grad()
 def measure_importance(model: nn.Module, batches: list[torch.Tensor]) -> Importance:
     """Score layers, MLP channels, heads and hidden channels of a Llama model on token batches [batch, seq]."""
-    cfg = model.config
-    layers = model.model.layers
-    head_dim = _head_dim(cfg)
-    dev = model.device
-    block = torch.zeros(len(layers), device=dev)
-    mlp = torch.zeros(len(layers), cfg.intermediate_size, device=dev)
-    head = torch.zeros(len(layers), cfg.num_attention_heads, device=dev)
-    hidden = torch.zeros(cfg.hidden_size, device=dev)
+    import torch
+    import torch.nn.functional as F
 
-    def on_block(i):
-        def hook(module, args, kwargs, output):
-            x_in = args[0] if args else kwargs["hidden_states"]
-            x_out = output[0] if isinstance(output, tuple) else output
-            block[i] += (1 - F.cosine_similarity(x_in.float(), x_out.float(), dim=-1)).sum()
-        return hook
+    with torch.no_grad():  # scores only: no graph
+        cfg = model.config
+        layers = model.model.layers
+        head_dim = _head_dim(cfg)
+        dev = model.device
+        block = torch.zeros(len(layers), device=dev)
+        mlp = torch.zeros(len(layers), cfg.intermediate_size, device=dev)
+        head = torch.zeros(len(layers), cfg.num_attention_heads, device=dev)
+        hidden = torch.zeros(cfg.hidden_size, device=dev)
 
-    def on_down_proj(i):
-        def hook(module, args):
-            mlp[i] += args[0].float().abs().sum(dim=(0, 1))
-        return hook
+        def on_block(i):
+            def hook(module, args, kwargs, output):
+                x_in = args[0] if args else kwargs["hidden_states"]
+                x_out = output[0] if isinstance(output, tuple) else output
+                block[i] += (1 - F.cosine_similarity(x_in.float(), x_out.float(), dim=-1)).sum()
+            return hook
 
-    def on_o_proj(i):
-        def hook(module, args):
-            x = args[0].float()
-            head[i] += x.reshape(*x.shape[:-1], -1, head_dim).norm(dim=-1).sum(dim=(0, 1))
-        return hook
+        def on_down_proj(i):
+            def hook(module, args):
+                mlp[i] += args[0].float().abs().sum(dim=(0, 1))
+            return hook
 
-    def on_norm(module, args, output):
-        hidden.add_(output.float().abs().sum(dim=(0, 1)))
+        def on_o_proj(i):
+            def hook(module, args):
+                x = args[0].float()
+                head[i] += x.reshape(*x.shape[:-1], -1, head_dim).norm(dim=-1).sum(dim=(0, 1))
+            return hook
 
-    handles = [model.model.norm.register_forward_hook(on_norm)]
-    for i, layer in enumerate(layers):
-        handles += [
-            layer.register_forward_hook(on_block(i), with_kwargs=True),
-            layer.mlp.down_proj.register_forward_pre_hook(on_down_proj(i)),
-            layer.self_attn.o_proj.register_forward_pre_hook(on_o_proj(i)),
-            layer.input_layernorm.register_forward_hook(on_norm),
-            layer.post_attention_layernorm.register_forward_hook(on_norm),
-        ]
-    model.eval()
-    tokens = 0
-    try:
-        for ids in batches:
-            model(input_ids=ids.to(dev), use_cache=False)
-            tokens += ids.numel()
-    finally:
-        for h in handles:
-            h.remove()
-    if tokens == 0:
-        raise RecipeError("no calibration tokens to measure importance on; give at least one non-empty text")
-    return Importance((block / tokens).cpu(), (mlp / tokens).cpu(), (head / tokens).cpu(), (hidden / tokens).cpu(),
-                      tokens)
+        def on_norm(module, args, output):
+            hidden.add_(output.float().abs().sum(dim=(0, 1)))
+
+        handles = [model.model.norm.register_forward_hook(on_norm)]
+        for i, layer in enumerate(layers):
+            handles += [
+                layer.register_forward_hook(on_block(i), with_kwargs=True),
+                layer.mlp.down_proj.register_forward_pre_hook(on_down_proj(i)),
+                layer.self_attn.o_proj.register_forward_pre_hook(on_o_proj(i)),
+                layer.input_layernorm.register_forward_hook(on_norm),
+                layer.post_attention_layernorm.register_forward_hook(on_norm),
+            ]
+        model.eval()
+        tokens = 0
+        try:
+            for ids in batches:
+                model(input_ids=ids.to(dev), use_cache=False)
+                tokens += ids.numel()
+        finally:
+            for h in handles:
+                h.remove()
+        if tokens == 0:
+            raise RecipeError("no calibration tokens to measure importance on; give at least one non-empty text")
+        return Importance((block / tokens).cpu(), (mlp / tokens).cpu(), (head / tokens).cpu(), (hidden / tokens).cpu(),
+                          tokens)
 
 
 # --------------------------------------------------------------------------- pruning
@@ -162,6 +165,8 @@ def check_carvable(teacher: Architecture, target: Architecture) -> None:
 def prune(model: nn.Module, target: Architecture, importance: Importance | None, method: str = "minitron",
           seed: int = 0) -> nn.Module:
     """A new model of exactly the ``target`` shape, its weights selected from ``model`` (or random, seeded)."""
+    import torch
+
     if method not in METHODS:
         raise RecipeError(f"unknown pruning method {method!r}; choose one of {', '.join(METHODS)}")
     teacher = teacher_architecture(model)
@@ -224,6 +229,8 @@ def student_config(teacher_cfg, target: Architecture):
 
 def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` highest scores, in their original (ascending) order."""
+    import torch
+
     return torch.topk(scores.float(), k, sorted=False).indices.sort().values
 
 
@@ -233,6 +240,8 @@ def _head_rows(head_scores: torch.Tensor, teacher: Architecture, target: Archite
     Query head h uses kv head h // group. Each kv group is scored by the sum of its query
     heads; the best ``target.kv_heads`` groups stay, each with its best ``heads // kv_heads`` heads.
     """
+    import torch
+
     group = teacher.heads // teacher.kv_heads
     per_group = head_scores.view(teacher.kv_heads, group)
     kept_groups = top_indices(per_group.sum(dim=1), target.kv_heads)
@@ -276,6 +285,8 @@ def _head_dim(cfg) -> int:
 def calibration_batches(tokenizer, texts: list[str], max_tokens: int, seq_len: int = CALIB_SEQ_LEN,
                         batch_size: int = CALIB_BATCH) -> list[torch.Tensor]:
     """Texts joined by EOS into one token stream (at most ``max_tokens``), cut into [batch, seq_len] batches."""
+    import torch
+
     stream: list[int] = []
     for text in texts:
         stream += tokenizer(text, add_special_tokens=True)["input_ids"]
@@ -295,6 +306,7 @@ def calibration_batches(tokenizer, texts: list[str], max_tokens: int, seq_len: i
 def run(teacher_dir: Path, target: Architecture, calib_texts: list[str], out_dir: Path, method: str = "minitron",
         seed: int = 0, max_tokens: int = 16384) -> Path:
     """Prune the teacher in ``teacher_dir`` to ``target`` and write the student artifact to ``out_dir``."""
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)

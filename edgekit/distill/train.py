@@ -30,8 +30,6 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import torch
-
 from edgekit import artifact
 from edgekit.distill.batch import collate
 from edgekit.distill.cache import LogitCache
@@ -52,6 +50,8 @@ TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def batch_indices(n_examples: int, batch_size: int, seed: int, micro: int) -> list[int]:
     """Example indices of global micro-batch ``micro``: epochs are seeded permutations, last partial batch dropped."""
+    import torch
+
     per_epoch = n_examples // batch_size
     if per_epoch == 0:
         raise ConfigError(f"batch_size {batch_size} is larger than the {n_examples} training sequences; lower it")
@@ -64,6 +64,8 @@ class _Source:
     """Training sequences from a list of {input_ids, labels} or from a logit cache, as tensors."""
 
     def __init__(self, sequences: list[dict] | None, cache_dir: Path | None):
+        import torch
+
         self.cache = None
         if cache_dir is not None:
             self.cache = LogitCache(cache_dir)
@@ -98,6 +100,8 @@ def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
 
 
 def _use_bf16(cfg: TrainConfig) -> bool:
+    import torch
+
     if cfg.precision != "auto":
         return cfg.precision == "bf16"
     if torch.cuda.is_available():
@@ -107,6 +111,7 @@ def _use_bf16(cfg: TrainConfig) -> bool:
 
 
 def _load(folder: Path):
+    import torch
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True)
@@ -130,6 +135,8 @@ def _step_of(line: str) -> int | None:
 
 def _on_policy(student, batch: dict, cfg: TrainConfig, seed: int) -> dict:
     """Replace each response with the student's own sample (GKD): prompt tokens are those with label -100."""
+    import torch
+
     rows, labels = [], []
     for ids, lab in zip(batch["input_ids"], batch["labels"]):
         keep = int((lab != -100).nonzero()[0]) if (lab != -100).any() else len(ids)
@@ -149,6 +156,7 @@ def _on_policy(student, batch: dict, cfg: TrainConfig, seed: int) -> dict:
 def train(cfg: TrainConfig, student_dir: Path, out_dir: Path, sequences: list[dict] | None = None,
           cache_dir: Path | None = None, teacher_dir: Path | None = None, assistant_dir: Path | None = None) -> Path:
     """Train the student; returns ``out_dir``, an HF folder with metrics.jsonl and manifest.json."""
+    import torch
     from accelerate import Accelerator
     from safetensors.torch import load_model, save_model
 

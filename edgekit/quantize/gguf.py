@@ -34,8 +34,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from edgekit.arch import DEFAULT_CONTEXT, Architecture
 from edgekit.artifact import atomic_write_bytes, disk_error
@@ -43,6 +42,9 @@ from edgekit.errors import ModelError, RecipeError
 from edgekit.integrity import check_gguf
 from edgekit.progress import bar
 from edgekit.quantize.schemes import SchemeTable, get_scheme
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +225,8 @@ def _fallbacks(rows: list[dict]) -> list[dict]:
 
 def _check_imatrix(imatrix: dict[str, np.ndarray], shapes: dict[str, list[int]], src: Path) -> dict[str, np.ndarray]:
     """The entries that match ``src``'s tensors, as contiguous float32; mismatched sizes raise with the fix."""
+    import numpy as np
+
     used = {}
     unknown = [k for k in imatrix if k not in shapes]
     if unknown:
@@ -380,6 +384,7 @@ def _bar(enabled: bool, total: int, desc: str):
 
 def save_imatrix(path: Path, imatrix: dict[str, np.ndarray], meta: dict | None = None) -> None:
     """Write an importance matrix as safetensors (atomically); ``meta`` (plus ``imatrix.meta``) goes in the header."""
+    import numpy as np
     from safetensors.numpy import save
 
     info = {**getattr(imatrix, "meta", {}), **(meta or {})}
@@ -390,6 +395,7 @@ def save_imatrix(path: Path, imatrix: dict[str, np.ndarray], meta: dict | None =
 
 def load_imatrix(path: Path) -> Imatrix:
     """Read :func:`save_imatrix`'s file back (``.meta`` restored); a bad file raises ModelError naming it."""
+    import numpy as np
     from safetensors import safe_open
 
     path = Path(path)

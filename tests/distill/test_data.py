@@ -9,13 +9,14 @@ import pytest
 from pydantic import ValidationError
 
 from edgekit import artifact
+from edgekit.chat import render_text
 from edgekit.distill import data, synth
 from edgekit.distill.config import DataConfig
 from edgekit.distill.data import split_heldout
 from edgekit.distill.filters import choose_sample, prompt_problem, repeated_ngram_ratio, response_problem
 from edgekit.distill.synth import COT_INSTRUCTION, generate_responses, pre_query_prefix, synthesize_prompts
 from edgekit.distill.tokenize import tokenize_example, tokenize_examples
-from edgekit.sources import load_examples
+from edgekit.sources import load_examples, needs_response
 from edgekit.errors import ConfigError, ModelError
 
 # A ChatML-like template for the tiny WordLevel tokenizer (which has none of its own).
@@ -95,7 +96,7 @@ def test_jsonl_records_of_every_shape_are_normalised(tmp_path):
         {"messages": [{"role": "system", "content": "Be brief."}, user("Q"), assistant("A")]},
         {"text": "Plain text for language modelling."},
     ]
-    assert [data.needs_response(e) for e in examples] == [True, False, False, False]
+    assert [needs_response(e) for e in examples] == [True, False, False, False]
 
 
 def test_text_and_markdown_files_become_one_example_per_paragraph(tmp_path):
@@ -445,8 +446,8 @@ def test_text_example_labels_equal_input_ids(chat_tok):
 
 
 def test_render_text_is_the_chat_rendering_or_the_text_itself(chat_tok):
-    assert data.render_text({"text": "w7 w8"}, chat_tok) == "w7 w8"
-    rendered = data.render_text({"messages": [user("w5"), assistant("w6")]}, chat_tok)
+    assert render_text({"text": "w7 w8"}, chat_tok) == "w7 w8"
+    rendered = render_text({"messages": [user("w5"), assistant("w6")]}, chat_tok)
     assert rendered == "<|im_start|>user\nw5<|im_end|>\n<|im_start|>assistant\nw6<|im_end|>\n"
 
 
@@ -571,7 +572,7 @@ def test_run_without_generation_keeps_prompt_only_examples(chat_teacher_dir, tmp
     cfg = DataConfig(sources=[_user_data(tmp_path, n_prompts=3)], generate_responses=False)
     out = data.run(cfg, chat_teacher_dir, tmp_path / "data")
     examples = _read_jsonl(out / "train.jsonl") + _read_jsonl(out / "heldout.jsonl")
-    assert sum(data.needs_response(e) for e in examples) == 3 and len(examples) == 5
+    assert sum(needs_response(e) for e in examples) == 3 and len(examples) == 5
 
 
 # --------------------------------------------------------------------------- the real teacher
