@@ -161,8 +161,8 @@ def main() -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"| quant | context | file | predicted RSS | measured peak RSS | error | predicted decode | "
-          f"measured decode | error | predicted prefill | measured prefill (128 tok) | error |")
+    print("| quant | context | file | predicted RSS | measured peak RSS | error | predicted decode | "
+          "measured decode | error | predicted prefill | measured prefill (128 tok) | error |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         p, m = r["predicted"], r["measured"]

@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import platformdirs
+
 from edgekit import __version__
 from edgekit.errors import CacheError, ModelError
 
@@ -37,8 +39,6 @@ def home() -> Path:
     env = os.environ.get("EDGEKIT_HOME")
     if env:
         return Path(env).expanduser()
-    import platformdirs
-
     return Path(platformdirs.user_cache_dir("edgekit"))
 
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from edgekit.errors import RecipeError
-from edgekit.recipe import Recipe, load_recipe
+from edgekit.recipe import load_recipe
 from edgekit.units import parse_duration
 from edgekit.validate import validate_recipe
 

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edgekit import artifact, registry
-from edgekit.arch import DEFAULT_CONTEXT, Architecture
+from edgekit.arch import Architecture
 from edgekit.errors import ConfigError, ModelError, one_line
 
 NO_GPU = "not available on this host"
