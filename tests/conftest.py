@@ -36,6 +36,12 @@ EXECUTORCH_MISSING = _executorch_missing()
 needs_executorch = pytest.mark.skipif(EXECUTORCH_MISSING is not None, reason=EXECUTORCH_MISSING or "")
 
 
+# Tests that build a .pte: ExecuTorch's lowering passes take ~30-40 s even for the tiny model (2-core machine), so
+# these run in the full suite (`make test`) and stay out of the fast one: `pytest.param(..., marks=EXECUTORCH_EXPORT)`
+# or `@pytest.mark.slow` next to the module's `needs_executorch`.
+EXECUTORCH_EXPORT = [needs_executorch, pytest.mark.slow]
+
+
 def skip_without_executorch() -> None:
     """In a fixture: skip every test that uses it when the ExecuTorch extra is missing."""
     if EXECUTORCH_MISSING:

@@ -17,24 +17,35 @@ import pytest
 from edgekit import artifact
 from edgekit.errors import ConfigError, RecipeError
 from edgekit.package import LICENSE_NOTE, SCHEMA, package, verify
-from tests.conftest import EXECUTORCH_MISSING, needs_executorch
+from tests.conftest import EXECUTORCH_EXPORT, needs_executorch
+
+
+class _OnFirstUse(dict):
+    """A dict whose values are built when first read, so a test that reads only "gguf" builds no ExecuTorch export."""
+
+    def __init__(self, build):
+        super().__init__()
+        self._build = build
+
+    def __missing__(self, key):
+        self[key] = value = self._build(key)
+        return value
+
+
+EXPORTED = {"gguf": ("q8_0", {}), "onnx": ("fp32", {}), "executorch": ("8da4w", {"context": 64})}
 
 
 @pytest.fixture(scope="module")
 def exports(tiny_bpe_llama_dir, tiny_export) -> dict[str, Path]:
-    """A tiny GGUF (q8_0), ONNX (fp32) and ExecuTorch (8da4w, if installed) export artifact, from the session's
-    export store."""
-    out = {"gguf": tiny_export(tiny_bpe_llama_dir, "gguf", "q8_0"),
-           "onnx": tiny_export(tiny_bpe_llama_dir, "onnx", "fp32")}
-    if not EXECUTORCH_MISSING:
-        out["executorch"] = tiny_export(tiny_bpe_llama_dir, "executorch", "8da4w", context=64)
-    return out
+    """A tiny GGUF (q8_0), ONNX (fp32) and ExecuTorch (8da4w) export artifact, from the session's export store,
+    each made when a test first reads it."""
+    return _OnFirstUse(lambda fmt: tiny_export(tiny_bpe_llama_dir, fmt, EXPORTED[fmt][0], **EXPORTED[fmt][1]))
 
 
 @pytest.fixture(scope="module")
 def bundles(exports, tmp_path_factory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("bundles")
-    return {fmt: package(path, out_dir=out, context=256) for fmt, path in exports.items()}
+    return _OnFirstUse(lambda fmt: package(exports[fmt], out_dir=out, context=256))
 
 
 def _copy(bundle: dict, tmp_path: Path) -> Path:
@@ -50,7 +61,7 @@ COMMON = {"README.md", "manifest.json", "generation.json", "tokenizer.json", "to
 @pytest.mark.parametrize("fmt, own", [("gguf", {"model.gguf", "run_llamacpp.py"}),
                                       ("onnx", {"model.onnx", "genai_config.json", "run_genai.py"}),
                                       pytest.param("executorch", {"model.pte", "executorch_config.json",
-                                                                  "run_executorch.py"}, marks=needs_executorch)])
+                                                                  "run_executorch.py"}, marks=EXECUTORCH_EXPORT)])
 def test_package_writes_model_tokenizer_loader_card_and_manifest(bundles, exports, fmt, own):
     b = bundles[fmt]
     folder = Path(b["path"])
@@ -92,7 +103,7 @@ CARD_NOTES = {"gguf": "`run_llamacpp.py` turns them off when it sees AMX",
               "executorch": "The program holds a static K/V cache of 64 positions"}
 
 
-@pytest.mark.parametrize("fmt", ["gguf", "onnx", pytest.param("executorch", marks=needs_executorch)])
+@pytest.mark.parametrize("fmt", ["gguf", "onnx", pytest.param("executorch", marks=EXECUTORCH_EXPORT)])
 def test_bundle_lists_the_runtimes_of_its_format_from_their_descriptors(bundles, fmt):
     m = bundles[fmt]["manifest"]
     assert m["runtimes"] == BUNDLE_RUNTIMES[fmt] and m["loader"] == BUNDLE_RUNTIMES[fmt][0]["loader"]
@@ -172,6 +183,7 @@ def test_genai_loader_runs_standalone(bundles):
     assert r.stdout.endswith("\n") and "tokens in" in r.stderr
 
 
+@pytest.mark.slow
 @needs_executorch
 def test_executorch_loader_runs_standalone(bundles):
     script = Path(bundles["executorch"]["path"]) / "run_executorch.py"
@@ -180,7 +192,7 @@ def test_executorch_loader_runs_standalone(bundles):
     assert r.stdout.endswith("\n") and "tokens in" in r.stderr
 
 
-@pytest.mark.parametrize("fmt", ["gguf", "onnx", pytest.param("executorch", marks=needs_executorch)])
+@pytest.mark.parametrize("fmt", ["gguf", "onnx", pytest.param("executorch", marks=EXECUTORCH_EXPORT)])
 def test_bundle_folder_and_tarball_verify(bundles, fmt):
     for where in (bundles[fmt]["path"], bundles[fmt]["tarball"]):
         result = verify(Path(where))

@@ -92,16 +92,27 @@ def test_summarize_matches_numpy_percentiles(values):
 
 @pytest.fixture(scope="module")
 def real(bench_home, tiny_bpe_llama_dir, tiny_export):
+    """The tiny model exported to GGUF q8_0 and ONNX fp32, benchmarked once on every installed runtime for them
+    (a real result, without the ExecuTorch build that keeps ``real_every_runtime`` out of the fast suite)."""
+    gguf = tiny_export(tiny_bpe_llama_dir, "gguf", "q8_0")
+    onnx = tiny_export(tiny_bpe_llama_dir, "onnx", "fp32")
+    return run_benchmark([gguf, onnx], **FAST)
+
+
+@pytest.fixture(scope="module")
+def real_every_runtime(bench_home, tiny_bpe_llama_dir, tiny_export):
     """The tiny model exported to GGUF q8_0, ONNX fp32 and ExecuTorch 8da4w, benchmarked once on every installed
     runtime."""
     skip_without_executorch()
     gguf = tiny_export(tiny_bpe_llama_dir, "gguf", "q8_0")
     onnx = tiny_export(tiny_bpe_llama_dir, "onnx", "fp32")
-    pte = tiny_export(tiny_bpe_llama_dir, "executorch", "8da4w", context=256)
+    pte = tiny_export(tiny_bpe_llama_dir, "executorch", "8da4w", context=64)  # the store's shared one
     return run_benchmark([gguf, onnx, pte], **FAST)
 
 
-def test_short_real_benchmark_on_every_installed_runtime(real, tiny_bpe_llama_dir):
+@pytest.mark.slow  # it builds an ExecuTorch export (see conftest.EXECUTORCH_EXPORT)
+def test_short_real_benchmark_on_every_installed_runtime(real_every_runtime, tiny_bpe_llama_dir):
+    real = real_every_runtime
     validate_results(real)
     rows = {r["runtime"]: r for r in real["runs"]}
     assert [r["runtime"] for r in real["runs"]] == ["llama.cpp", "llama.cpp-gpu", "onnxruntime", "onnxruntime-gpu",

@@ -1,7 +1,7 @@
 """ExecuTorch export: .pte round trips through ExecuTorch's runtime against PyTorch, quantized variants, bad files.
 
-Fast tests export the tiny BPE Llama once per quant (module fixture, ~10 s each); the slow one
-exports the real embedded teacher at 8da4w.
+The tests that export (the tiny BPE Llama once per quant from the session's store, ~30-40 s each on 2 cores,
+and the real embedded teacher at 8da4w) are marked slow; the checks that refuse before any lowering stay fast.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def _et(folder: Path):
     return EtLM(folder, threads=1)
 
 
+@pytest.mark.slow
 def test_fp32_export_folder_has_program_config_and_tokenizer(exports, tiny_bpe_llama_dir):
     folder, summary = exports["fp32"]
     names = {p.name for p in folder.iterdir()}
@@ -60,6 +61,7 @@ def test_fp32_export_folder_has_program_config_and_tokenizer(exports, tiny_bpe_l
     assert summary["check"]["argmax_agrees"] and summary["check"]["max_abs_logit_diff"] < 1e-4
 
 
+@pytest.mark.slow
 def test_program_carries_the_llm_runner_metadata(exports):
     from edgekit.runtimes.executorch import _constant, _runtime
 
@@ -70,6 +72,7 @@ def test_program_carries_the_llm_runner_metadata(exports):
     assert _constant(program, "use_kv_cache") is True
 
 
+@pytest.mark.slow
 def test_fp32_logits_match_pytorch_at_every_position(exports, torch_lm):
     model, tok = torch_lm
     ids = tok(TEXT)["input_ids"]
@@ -79,6 +82,7 @@ def test_fp32_logits_match_pytorch_at_every_position(exports, torch_lm):
     assert np.abs(got - ref).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_prefill_then_decode_equals_full_recompute(exports, torch_lm):
     model, tok = torch_lm
     ids = tok(TEXT)["input_ids"]
@@ -93,6 +97,7 @@ def test_prefill_then_decode_equals_full_recompute(exports, torch_lm):
     assert np.abs(again - _torch_logits(model, ids[:5])[-1]).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_greedy_generation_matches_pytorch(exports, torch_lm):
     import torch
 
@@ -110,6 +115,7 @@ def test_greedy_generation_matches_pytorch(exports, torch_lm):
 # activations per token and weights per channel to 8 bits (<= 4e-5), 8da4w weights to 4 bits in groups of 32
 # (<= 9e-4), and XNNPACK accumulates the integer products exactly on x86 and ARM. Measured on an AVX512-VNNI host:
 # 2e-6 (8da8w), 9e-5 (8da4w).
+@pytest.mark.slow
 @pytest.mark.parametrize("quant,max_kl", [("8da8w", 1e-4), ("8da4w", 2e-3), ("8da4w-awq", 2e-3)])
 def test_quantized_logits_stay_close_to_fp32(exports, torch_lm, quant, max_kl):
     _, tok = torch_lm
@@ -121,6 +127,7 @@ def test_quantized_logits_stay_close_to_fp32(exports, torch_lm, quant, max_kl):
     assert kl <= max_kl and top1 >= 0.85, (kl, top1)
 
 
+@pytest.mark.slow
 def test_8da4w_keeps_the_m_mix_at_8_bits_and_calibration_scales_groups(exports):
     from edgekit.export.executorch import more_bits_layers
 
@@ -140,11 +147,13 @@ def test_calibration_is_for_8da4w_only(tiny_bpe_llama_dir, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_quantized_programs_are_smaller(exports):
     fp32, w8, w4 = (exports[q][1]["model_bytes"] for q in ("fp32", "8da8w", "8da4w"))
     assert w4 < w8 < fp32
 
 
+@pytest.mark.slow
 def test_context_is_enforced_with_a_clear_error(exports):
     lm = _et(exports["fp32"][0])
     with pytest.raises(ModelError, match=f"context of {CONTEXT}"):
@@ -163,6 +172,7 @@ def test_unknown_quant_lists_the_valid_names(tiny_bpe_llama_dir, tmp_path):
     assert set(QUANTS) == {"fp32", "8da8w", "8da4w"}
 
 
+@pytest.mark.slow
 def test_failed_export_leaves_no_folder(tiny_bpe_llama_dir, tmp_path, monkeypatch):
     import edgekit.export.executorch as et_export
 
@@ -186,6 +196,7 @@ def test_unsupported_architecture_is_refused_before_work(tiny_bpe_llama_dir, tmp
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", DAMAGES)
 def test_damaged_pte_is_one_line_model_error_naming_the_file(exports, tmp_path, damage):
     _, path = damaged_copy(exports["fp32"][0], "model.pte", damage, tmp_path)

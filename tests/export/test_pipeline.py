@@ -10,6 +10,7 @@ from edgekit import artifact
 from edgekit.cli import main
 from edgekit.errors import RecipeError
 from edgekit.export.pipeline import ExportConfig, run
+from tests.conftest import needs_executorch
 
 
 def test_config_defaults_and_validation():
@@ -123,6 +124,8 @@ def test_executorch_config_context_and_calibrate_rules():
         artifact_dir(ExportConfig(format="executorch", context=128), "m")
 
 
+@pytest.mark.slow  # a real ExecuTorch export through the CLI (see conftest.EXECUTORCH_EXPORT)
+@needs_executorch
 def test_cli_executorch_export_writes_an_artifact_and_reuses_it(tiny_bpe_llama_dir, home, capsys):
     args = ["export", str(tiny_bpe_llama_dir), "--format", "executorch", "--quant", "8da4w", "--context", "64",
             "--json", "-q"]
