@@ -106,7 +106,7 @@ def real_every_runtime(bench_home, tiny_bpe_llama_dir, tiny_export):
     skip_without_executorch()
     gguf = tiny_export(tiny_bpe_llama_dir, "gguf", "q8_0")
     onnx = tiny_export(tiny_bpe_llama_dir, "onnx", "fp32")
-    pte = tiny_export(tiny_bpe_llama_dir, "executorch", "8da4w", context=64)  # the store's shared one
+    pte = tiny_export(tiny_bpe_llama_dir, "executorch", "8da4w", context=256)  # the run needs 136 positions
     return run_benchmark([gguf, onnx, pte], **FAST)
 
 
