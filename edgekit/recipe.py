@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -293,9 +294,21 @@ def format_errors(err: ValidationError, path: Path | None, origins: dict) -> str
     return "; ".join(_error_lines(err, path, origins))
 
 
+def _is_tag(part: object) -> bool:
+    """A segment pydantic adds to an error's location (``function-after[_check(), Recipe]``, ``<lambda>``)."""
+    return isinstance(part, str) and (part.startswith("<") or re.fullmatch(r"[\w-]+\[.*\]", part) is not None)
+
+
+def _user_loc(e: dict) -> tuple:
+    """The keys of the recipe an error is about. The last segment of an unknown-key error is the user's own key,
+    kept whatever characters it holds (a key ``a[b`` is not one of pydantic's tags)."""
+    loc = tuple(e["loc"])
+    last = loc[-1:] if e["type"] == "extra_forbidden" else ()
+    return tuple(p for p in loc[:len(loc) - len(last)] if not _is_tag(p)) + last
+
+
 def _error_lines(err: ValidationError, path: Path | None, origins: dict) -> list[str]:
-    errors = [(tuple(p for p in e["loc"] if not (isinstance(p, str) and (p.startswith("<") or "[" in p))), e)
-              for e in err.errors()]
+    errors = [(_user_loc(e), e) for e in err.errors()]
     suggested = set()  # a typo is one problem: `quantt` (unknown) does not also report `quant` as missing
     for loc, e in errors:
         if e["type"] == "extra_forbidden":
