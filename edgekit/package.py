@@ -50,7 +50,6 @@ log = logging.getLogger(__name__)
 
 SCHEMA = "edgekit.bundle/1"
 MANIFEST = artifact.MANIFEST
-LOADERS_DIR = runtimes.LOADERS  # edgekit's own example loaders (each runtime's Loader names its script)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
 LICENSE_NOTE = ("A distilled or quantized model is derived from its teacher's weights and outputs, so it inherits "

@@ -12,7 +12,7 @@ from pathlib import Path
 def gguf_bundle(model_dir: Path, folder: Path) -> Path:
     """A folder laid out like a gguf bundle: model.gguf (f16), the tokenizer files, run_llamacpp.py. No packaging."""
     from edgekit.export.gguf import export_gguf
-    from edgekit.package import LOADERS_DIR
+    from edgekit.runtimes import LOADERS as LOADERS_DIR
 
     folder.mkdir(parents=True, exist_ok=True)
     export_gguf(model_dir, folder / "model.gguf", "f16", name="tiny", license=None, teacher="tiny")

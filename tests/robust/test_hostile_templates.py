@@ -110,7 +110,7 @@ def test_a_template_that_only_fails_to_render_is_a_model_error_naming_it(tmp_pat
 
 def load_loader(name: str, here: Path):
     """Import a loader script as a module, with its bundle folder (HERE) pointed at ``here``."""
-    from edgekit.package import LOADERS_DIR
+    from edgekit.runtimes import LOADERS as LOADERS_DIR
 
     spec = importlib.util.spec_from_file_location(f"loader_{name}", LOADERS_DIR / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
