@@ -168,6 +168,21 @@ def tiny_bpe_llama_dir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def family_dir(tmp_path_factory):
+    """``family_dir(family)``: a tiny random model of ``family`` (see tests/families.py), built once per session."""
+    from tests.families import build_tiny
+
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = build_tiny(family, tmp_path_factory.mktemp(f"tiny-{family}"))
+        return built[family]
+
+    return get
+
+
 # --------------------------------------------------------------------------- the export store
 #
 # Exports of the tiny models are the most repeated setup in the suite: a dozen test files need the same
