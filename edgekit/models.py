@@ -14,6 +14,7 @@ Only safetensors and GGUF weights are read -- never pickles -- and
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from edgekit import artifact
-from edgekit.arch import Architecture
+from edgekit.arch import FAMILIES, Architecture
 from edgekit.errors import CacheError, ModelError
 from edgekit.hf import read_json, worth_copying
 from edgekit.integrity import check_gguf, check_safetensors, check_weights_folder  # noqa: F401  (re-exported)
@@ -43,6 +44,9 @@ EMBEDDED = {
 }
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# llama.cpp architecture name -> the family whose HF layout transformers' GGUF loader rebuilds from it
+# (Mistral GGUFs are written as ``llama``, so ``llama`` maps to the llama family).
+GGUF_ARCHS = {f.gguf_arch: f for f in reversed(FAMILIES.values())}
 
 
 @dataclass
@@ -116,6 +120,102 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+# --------------------------------------------------------------------------- the architecture, cheaply
+
+
+@functools.lru_cache(maxsize=16)
+def _gguf_config(path: str, mtime: float) -> dict:
+    """An HF-style config dict built from a GGUF's header (llama.cpp's keys), without reading tensors."""
+    import gguf
+
+    check_gguf(path)  # GGUFReader maps the file and trusts its header: refuse a corrupt or hostile one first
+    reader = gguf.GGUFReader(path)
+    f = reader.fields
+
+    def value(key, default=None):
+        return f[key].contents() if key in f else default
+
+    a = value("general.architecture", "?")
+    fam = GGUF_ARCHS.get(a)
+    if fam is None:
+        raise ModelError(
+            f"{path}: GGUF architecture {a!r} is not supported (edgekit converts and exports "
+            f"{', '.join(sorted(GGUF_ARCHS))} GGUFs); nothing was converted"
+        )
+    heads = value(f"{a}.attention.head_count")
+    cfg = {"model_type": fam.model_types[0], "num_hidden_layers": value(f"{a}.block_count"),
+           "hidden_size": value(f"{a}.embedding_length"), "intermediate_size": value(f"{a}.feed_forward_length"),
+           "num_attention_heads": heads, "num_key_value_heads": value(f"{a}.attention.head_count_kv", heads),
+           "head_dim": value(f"{a}.attention.key_length"),
+           "vocab_size": value(f"{a}.vocab_size") or len(value("tokenizer.ggml.tokens", [])),
+           "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
+           "max_position_embeddings": value(f"{a}.context_length"),
+           "sliding_window": value(f"{a}.attention.sliding_window")}
+    if a == "gemma3":
+        cfg["sliding_window_pattern"] = 6  # llama.cpp's gemma3 graph: every 6th layer is global
+    return cfg
+
+
+def teacher_architecture(spec: str, fetch: bool = True) -> tuple[Architecture, str]:
+    """(Architecture, name) of a teacher from its config or GGUF header: nothing converted, no weights read.
+
+    A folder needs only ``config.json``. A hub id reads the cached ``config.json``, or with ``fetch``
+    downloads that one file (a few kB), so a plan can be made before downloading gigabytes. Without
+    ``fetch`` a hub id not in the local cache is one ModelError line.
+    """
+    if spec == DEFAULT_TEACHER:
+        g = embedded_gguf_path()
+        return Architecture.from_hf_config(_gguf_config(str(g), g.stat().st_mtime), f"{g} (GGUF header)"), \
+            EMBEDDED["name"]
+    p = Path(spec).expanduser()
+    if p.is_dir() and not (p / "config.json").is_file():
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            p = ggufs[0]
+    if p.is_file() and p.suffix == ".gguf":
+        return Architecture.from_hf_config(_gguf_config(str(p), p.stat().st_mtime), f"{p} (GGUF header)"), p.stem
+    if p.is_dir():
+        cfg = p / "config.json"
+        if not cfg.is_file():
+            raise ModelError(f"teacher folder {p} has no config.json; point teacher at an HF model folder or a .gguf")
+        return Architecture.from_hf_config(read_json(cfg), str(cfg)), p.name
+    if p.exists():
+        raise ModelError(f"teacher {spec!r} is a file but not a .gguf; pass a GGUF file, an HF folder or a hub id")
+    if not _HUB_ID.match(spec):
+        raise ModelError(f"teacher {spec!r} not found: it is not 'default', an existing folder, a .gguf file, "
+                         "or an 'org/name' hub id")
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(spec, "config.json")
+    if isinstance(cached, str):
+        return Architecture.from_hf_config(read_json(Path(cached)), cached), spec
+    if not fetch:
+        raise ModelError(f"teacher {spec!r} is not on this machine (validate never downloads), so its size is "
+                         f"unknown and the memory budget was not checked; run `edgekit plan --teacher {spec}` "
+                         "(fetches its config.json only) or `edgekit teacher {spec}`, then validate again")
+    path = _hub_file(spec, "config.json")
+    return Architecture.from_hf_config(read_json(path), f"{spec}/config.json"), spec
+
+
+def _hub_file(repo_id: str, filename: str, revision: str | None = None) -> Path:
+    """One file of a hub repo (cached by huggingface_hub), or one ModelError line."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=offline))
+    except LocalEntryNotFoundError as e:
+        raise ModelError(
+            f"{filename} of hub model {repo_id!r} is not in the local Hugging Face cache and the hub is unreachable"
+            f"{' (HF_HUB_OFFLINE=1)' if offline else ''}; run `huggingface-cli download {repo_id} {filename}` where "
+            "there is network, or pass a local folder"
+        ) from e
+    except (HfHubHTTPError, OSError) as e:
+        raise ModelError(f"cannot fetch {filename} of hub model {repo_id!r}: {e}; check the id and your network, "
+                         "or pass a local folder") from e
+
+
 # --------------------------------------------------------------------------- GGUF sources
 
 
@@ -125,6 +225,8 @@ def _cache_root() -> Path:
 
 def _from_gguf(spec: str, gguf: Path, source: str, name: str, license: str | None, origin: str) -> Teacher:
     check_gguf(gguf)  # header only: a truncated or hostile file is refused before hashing or converting it
+    # an unsupported family is refused from the header, before minutes of hashing and converting
+    Architecture.from_hf_config(_gguf_config(str(gguf), gguf.stat().st_mtime), f"{gguf} (GGUF header)")
     size = gguf.stat().st_size
     with bar(total=size, desc=f"hashing {gguf.name}", unit="B") as b:
         digest = artifact.sha256_file(gguf, progress=b.update)
@@ -268,8 +370,8 @@ def _from_folder(spec: str, folder: Path, source: str, trust_remote_code: bool, 
         log.warning("WARNING: --trust-remote-code: the Python code in %s (auto_map: %s) will run with your "
                     "permissions when this model loads", folder,
                     ", ".join(sorted(map(str, auto.values()))) if isinstance(auto, dict) else auto)
+    arch = Architecture.from_hf_config(cfg, str(folder / "config.json"))  # an unsupported family: refused first
     check_weights_folder(folder)  # safetensors headers only; a pickle-only folder is refused, never unpickled
-    arch = Architecture.from_hf_config(cfg, str(folder / "config.json"))
     if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer.model").is_file():
         raise ModelError(f"{folder} has no tokenizer (tokenizer.json or tokenizer.model); copy it from the model's source")
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
@@ -291,6 +393,8 @@ def _from_hub(repo_id: str, trust_remote_code: bool, revision: str | None) -> Te
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    # the config first (a few kB): an unsupported family is refused before gigabytes are downloaded
+    Architecture.from_hf_config(read_json(_hub_file(repo_id, "config.json", revision)), f"{repo_id}/config.json")
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     try:
         folder = snapshot_download(

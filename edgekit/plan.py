@@ -21,10 +21,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edgekit import registry
 from edgekit.arch import DEFAULT_CONTEXT, Architecture
 from edgekit.devices import DeviceProfile
 from edgekit.errors import BudgetError, RecipeError
-from edgekit import registry
 from edgekit.quantize.schemes import Scheme, formats, get_format, get_scheme, runtimes, schemes
 from edgekit.units import format_bytes
 
@@ -47,6 +47,9 @@ class RuntimeModel:
     source: str
     embedded_overhead_bytes: int = 512_000  # bare-metal build (microcontrollers): no OS process, no Python
     kv_cells_multiple: int = 1  # the KV cache is allocated in multiples of this many positions
+    # Whether sliding-window layers cache only their window (plus one micro-batch, as llama.cpp's
+    # iSWA cache does with swa_full off) or the whole context like a global layer.
+    window_kv: bool = False
 
 
 RUNTIME_MODELS = {
@@ -57,7 +60,7 @@ RUNTIME_MODELS = {
     # app without Python is ~12 MiB smaller.
     "llama.cpp": RuntimeModel("llama.cpp", 512, 50_000_000, 450, 0.5, 0.35, 25e-6, False,
                               "calibrated: llama-cpp-python 0.3.36 on x86-64 (benchmarks/plan_accuracy.py)",
-                              kv_cells_multiple=256),  # llama.cpp pads the cache to 256 cells
+                              kv_cells_multiple=256, window_kv=True),  # llama.cpp pads the cache to 256 cells
     # Estimates until the ONNX and ExecuTorch exporters exist to measure them against.
     "onnxruntime": RuntimeModel("onnxruntime", 512, 80_000_000, 300, 0.4, 0.4, 40e-6, True,
                                 "estimate (not yet measured)"),
@@ -115,9 +118,13 @@ class Memory:
 
 
 def kv_cache_bytes(arch: Architecture, context: int, bytes_per_value: int, runtime: str = "llama.cpp") -> int:
-    cells = runtime_model(runtime).kv_cells_multiple
-    context = -(-context // cells) * cells
-    return 2 * arch.layers * context * arch.kv_dim * bytes_per_value
+    """K and V for every cached position of every layer; sliding-window layers count at their window
+    where the runtime caches only the window (llama.cpp: window + one micro-batch, padded)."""
+    rt = runtime_model(runtime)
+    cells = rt.kv_cells_multiple
+    pad = lambda n: -(-n // cells) * cells  # noqa: E731
+    window = pad(arch.sliding_window + rt.micro_batch) if rt.window_kv else context
+    return 2 * arch.kv_positions(pad(context), min(pad(context), window)) * arch.kv_dim * bytes_per_value
 
 
 def compute_buffer_bytes(arch: Architecture, context: int, rt: RuntimeModel) -> int:
@@ -161,7 +168,7 @@ def bytes_read_per_token(arch: Architecture, scheme: Scheme, position: int, kv_b
     """Bytes decode reads for one token: weights touched (the embedding table only if it is also the
     head) + the KV cache so far; returned plain and weighted by KERNEL_COST."""
     read = [t for t in scheme.tensors(arch) if t.role != "embedding"]
-    kv = 2 * arch.layers * position * arch.kv_dim * kv_bytes
+    kv = 2 * arch.kv_positions(position) * arch.kv_dim * kv_bytes  # sliding layers attend to the window only
     return (sum(t.nbytes for t in read) + kv,
             sum(t.nbytes * KERNEL_COST.get(t.dtype, 1.0) for t in read) + kv)
 
@@ -171,11 +178,11 @@ def predict_speed(arch: Architecture, scheme: Scheme, device: DeviceProfile, run
     fmt = get_format(scheme.format)
     position = min(context, DECODE_POSITION)
     nbytes, weighted = bytes_read_per_token(arch, scheme, position, fmt.kv_dtype_bytes)
-    flops_token = 2 * (arch.params_non_embedding + arch.params_embedding) + 4 * arch.layers * position * arch.q_dim
+    flops_token = 2 * (arch.params_non_embedding + arch.params_embedding) + 4 * arch.kv_positions(position) * arch.q_dim
     t_mem = weighted / (device.memory_bandwidth * rt.decode_bandwidth_eff)
     t_cmp = flops_token / (device.cpu.peak_fp32 * rt.prefill_compute_eff)
     t_decode = max(t_mem, t_cmp) + rt.per_layer_overhead_s * arch.layers
-    prefill_flops = 2 * arch.params_non_embedding + 4 * arch.layers * (min(context, 512) // 2) * arch.q_dim
+    prefill_flops = 2 * arch.params_non_embedding + 4 * arch.kv_positions(min(context, 512) // 2) * arch.q_dim
     return {
         "predicted_decode_tok_s": 1.0 / t_decode,
         "predicted_prefill_tok_s": device.cpu.peak_fp32 * rt.prefill_compute_eff / prefill_flops,
@@ -364,6 +371,8 @@ def plan(teacher: Architecture, device: DeviceProfile, fmt: str = "gguf", quant:
         "vocab_size": student.vocab_size, "tie_embeddings": student.tie_embeddings,
         "params": student.params, "params_non_embedding": student.params_non_embedding,
         "fraction_of_teacher": student.params / teacher.params,
+        "family": student.family.name, "embedding_share": student.embedding_share,
+        "sliding_window": student.sliding_window, "sliding_layers": student.sliding_layers,
     }
     return {
         "teacher": {"name": teacher_name, "params": teacher.params, "architecture": teacher.to_dict(),

@@ -10,76 +10,20 @@ key and saying the fix.
 from __future__ import annotations
 
 import difflib
-import functools
-import json
-import re
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from edgekit import models
-from edgekit.arch import Architecture
 from edgekit.bench.config import BenchConfig
 from edgekit.devices import load_device
-from edgekit.errors import EdgekitError, ModelError, RecipeError
+from edgekit.errors import EdgekitError, RecipeError
 from edgekit.export.config import ExportConfig
-from edgekit.integrity import check_gguf
 from edgekit.plan import _bare_metal, memory_model, plan, runtime_for
 from edgekit.quantize.schemes import formats, get_format, get_scheme
 from edgekit.recipe import ExportSpec, Recipe, exporter_formats, format_errors, no_exporter, parse_recipe
 from edgekit.runtimes import runtimes as runners
 from edgekit.units import format_bytes
-
-
-@functools.lru_cache(maxsize=16)
-def _gguf_arch(path: str, mtime: float):
-    import gguf
-
-    check_gguf(path)  # GGUFReader maps the file and trusts its header: refuse a corrupt or hostile one first
-    reader = gguf.GGUFReader(path)
-    f = reader.fields
-
-    def value(key, default=None):
-        return f[key].contents() if key in f else default
-
-    a = value("general.architecture", "?")
-    vocab = value(f"{a}.vocab_size") or len(value("tokenizer.ggml.tokens", []))
-    heads = value(f"{a}.attention.head_count")
-    cfg = {"model_type": a, "num_hidden_layers": value(f"{a}.block_count"),
-           "hidden_size": value(f"{a}.embedding_length"), "intermediate_size": value(f"{a}.feed_forward_length"),
-           "num_attention_heads": heads, "num_key_value_heads": value(f"{a}.attention.head_count_kv", heads),
-           "head_dim": value(f"{a}.attention.key_length"), "vocab_size": vocab,
-           "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
-           "max_position_embeddings": value(f"{a}.context_length")}
-    return Architecture.from_hf_config(cfg, f"{path} (GGUF header)")
-
-
-def teacher_architecture(spec: str):
-    """(Architecture, name) of a teacher, read from its config or GGUF header without converting or downloading.
-
-    Raises ModelError when it cannot be read cheaply (a hub id not in the local cache)."""
-    if spec == models.DEFAULT_TEACHER:
-        g = models.embedded_gguf_path()
-        return _gguf_arch(str(g), g.stat().st_mtime), models.EMBEDDED["name"]
-    p = Path(spec).expanduser()
-    if p.is_dir() and not (p / "config.json").is_file():
-        ggufs = sorted(p.glob("*.gguf"))
-        if len(ggufs) == 1:
-            p = ggufs[0]
-    if p.is_file() and p.suffix == ".gguf":
-        return _gguf_arch(str(p), p.stat().st_mtime), p.stem
-    if p.is_dir():
-        cfg = p / "config.json"
-        if not cfg.is_file():
-            raise ModelError(f"teacher folder {p} has no config.json; point teacher at an HF model folder or a .gguf")
-        return Architecture.from_hf_config(json.loads(cfg.read_text(encoding="utf-8")), str(cfg)), p.name
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(spec, "config.json") if re.match(r"^[\w.-]+/[\w.-]+$", spec) else None
-    if isinstance(cached, str):
-        return Architecture.from_hf_config(json.loads(Path(cached).read_text(encoding="utf-8")), cached), spec
-    raise ModelError(f"teacher {spec!r} is not on this machine (validate never downloads), so its size is unknown "
-                     f"and the memory budget was not checked; run `edgekit teacher {spec}` once, then validate again")
 
 
 def validate_recipe(path: str | Path) -> list[str]:
@@ -199,7 +143,7 @@ def _checks(r: Recipe, where: str) -> list[str]:
 
     arch = None
     try:
-        arch, teacher_name = teacher_architecture(r.teacher)
+        arch, teacher_name = models.teacher_architecture(r.teacher, fetch=False)
     except EdgekitError as terr:
         add("teacher", str(terr))
 

@@ -86,13 +86,13 @@ def cmd_plan(args) -> int:
     # Fail fast on bad names before resolving (and maybe converting) the teacher.
     get_scheme(args.format, args.quant)
     devices = [load_device(d) for d in args.device] if args.device else list_devices(include_host=True)
-    teacher = models.resolve_teacher(args.teacher, trust_remote_code=args.trust_remote_code)
+    # The architecture from the config or GGUF header only: no conversion, no weights downloaded.
+    arch, name = models.teacher_architecture(args.teacher, fetch=True)
     single = len(devices) == 1
     results = []
     for dev in devices:
         try:
-            results.append(plan(teacher.arch, dev, args.format, args.quant, args.context, args.target_decode_tok_s,
-                                teacher.name))
+            results.append(plan(arch, dev, args.format, args.quant, args.context, args.target_decode_tok_s, name))
         except EdgekitError as e:
             if single:
                 raise
@@ -101,9 +101,12 @@ def cmd_plan(args) -> int:
     if args.json:
         emit_json(results[0] if single else results)
         return 0
-    a = teacher.arch
-    print(f"teacher  {teacher.name}: {params(a.params)} params, {a.layers} layers, hidden {a.hidden_size}  |  "
-          f"{args.format} {args.quant}  |  context {args.context}"
+    a = arch
+    print(f"teacher  {name}: {a.family.name} family, {params(a.params)} params ({a.embedding_share:.0%} in the "
+          f"embedding{'' if a.tie_embeddings else ' and head'}), {a.layers} layers, hidden {a.hidden_size}"
+          + (f", {a.sliding_layers} sliding-window layers ({a.sliding_window})" if a.sliding_layers else "")
+          + "\n        "
+          f" {args.format} {args.quant}  |  context {args.context}"
           + (f"  |  target {args.target_decode_tok_s:g} tok/s" if args.target_decode_tok_s else ""))
     print()
     if single:

@@ -192,6 +192,8 @@ def _gguf_type(ftype: str, base: str, role: str, kind: str, i: int, n: int, row:
             want = "Q5_K" if i < n // 16 else ("Q4_K" if use_more_bits(i, n) else "Q3_K")
         elif ftype == "q2_k":
             want = "Q3_K"
+    elif kind == "attn_qkv":  # a fused qkv matrix holds attn_v's rows, so it gets a step more
+        want = {"q4_k_m": "Q5_K", "q5_k_m": "Q6_K", "q3_k_m": "Q4_K"}.get(ftype, want)
     elif kind == "attn_output" and ftype == "q3_k_m":
         want = "Q4_K"
     used = want
@@ -200,6 +202,21 @@ def _gguf_type(ftype: str, base: str, role: str, kind: str, i: int, n: int, row:
     if row % _ggml_block(used):
         used = "F16"
     return used, (want if used != want else "")
+
+
+def _small_tensors(a: Architecture, prefix: str, add) -> None:
+    """The family's 1-D tensors beyond the two norms (all stored f32): q/k/v biases (Qwen2), per-head
+    q/k norms (Qwen3, Gemma 3), the post-attention and post-MLP norms (Gemma 3)."""
+    fam = a.family
+    if fam.attn_bias:
+        for name, n in (("attn_q.bias", a.q_dim), ("attn_k.bias", a.kv_dim), ("attn_v.bias", a.kv_dim)):
+            add(prefix + name, n, 1, "norm")
+    if fam.qk_norm:
+        add(prefix + "attn_q_norm.weight", a.head_dim, 1, "norm")
+        add(prefix + "attn_k_norm.weight", a.head_dim, 1, "norm")
+    if fam.norms_per_layer > 2:
+        add(prefix + "post_attention_norm.weight", a.hidden_size, 1, "norm")
+        add(prefix + "post_ffw_norm.weight", a.hidden_size, 1, "norm")
 
 
 def _gguf_layout(ftype: str, base: str) -> Callable[[Architecture], list[Tensor]]:
@@ -217,16 +234,24 @@ def _gguf_layout(ftype: str, base: str) -> Callable[[Architecture], list[Tensor]
         # With tied embeddings llama.cpp has no output.weight: token_embd doubles as the head
         # and is quantized by the output rule.
         add("token_embd.weight", h, a.vocab_size, "output" if a.tie_embeddings else "embedding")
+        fam = a.family
         for i in range(a.layers):
             b = f"blk.{i}."
             add(b + "attn_norm.weight", h, 1, "norm")
-            add(b + "attn_q.weight", h, q, "attention", "attn_q", i)
-            add(b + "attn_k.weight", h, kv, "attention", "attn_k", i)
-            add(b + "attn_v.weight", h, kv, "attention", "attn_v", i)
+            if fam.fused:  # Phi-3: one qkv matrix, one gate+up matrix (llama.cpp keeps them fused)
+                add(b + "attn_qkv.weight", h, q + 2 * kv, "attention", "attn_qkv", i)
+            else:
+                add(b + "attn_q.weight", h, q, "attention", "attn_q", i)
+                add(b + "attn_k.weight", h, kv, "attention", "attn_k", i)
+                add(b + "attn_v.weight", h, kv, "attention", "attn_v", i)
+            _small_tensors(a, b, add)
             add(b + "attn_output.weight", q, h, "attention", "attn_output", i)
             add(b + "ffn_norm.weight", h, 1, "norm")
-            add(b + "ffn_gate.weight", h, inter, "mlp", "ffn_gate", i)
-            add(b + "ffn_up.weight", h, inter, "mlp", "ffn_up", i)
+            if fam.fused:
+                add(b + "ffn_up.weight", h, 2 * inter, "mlp", "ffn_up", i)
+            else:
+                add(b + "ffn_gate.weight", h, inter, "mlp", "ffn_gate", i)
+                add(b + "ffn_up.weight", h, inter, "mlp", "ffn_up", i)
             add(b + "ffn_down.weight", inter, h, "mlp", "ffn_down", i)
         add("output_norm.weight", h, 1, "norm")
         if not a.tie_embeddings:
@@ -305,6 +330,8 @@ def _dense_layout(
                 lin(b + "v_proj", h, kv, "attention")
             lin(b + "o_proj", q, h, "attention")
             out.append(Tensor(b + "post_attention_layernorm", h, 1, "fp32", 4 * h, "norm"))
+            _small_tensors(a, b, lambda name, row, rows, role: out.append(Tensor(name, row, rows, "fp32", 4 * row,
+                                                                                 role)))
             lin(b + "gate_proj", h, inter, "mlp")
             lin(b + "up_proj", h, inter, "mlp")
             if more:

@@ -69,8 +69,10 @@ def open_llama(path: Path, n_ctx: int = DEFAULT_CONTEXT, n_threads: int | None =
         log.debug("AMX CPU: loading %s without llama.cpp's extra buffer types (see edgekit.runtimes.llamacpp)", path)
     try:
         with guard:
+            # swa_full=False: sliding-window layers (Gemma 3) cache their window + one micro-batch, not the
+            # whole context -- what the planner counts; greedy output is unchanged (checked on Gemma 3 270M).
             return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, logits_all=logits_all,
-                                   verbose=verbose)
+                                   verbose=verbose, swa_full=False)
     except ValueError as e:  # llama-cpp-python raises ValueError("Failed to load model from file: ...")
         raise ModelError(f"llama.cpp cannot load {path}: the file is corrupt, truncated or not a GGUF ({e})") from e
 
