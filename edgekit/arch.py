@@ -112,10 +112,10 @@ class Architecture:
 
     def with_shape(self, **changes) -> Architecture:
         if "layers" in changes and self.sliding_layers:
-            # the family's pattern continues: Gemma 3 keeps 1 global layer in every 6 (at least one)
+            # the family's pattern continues at the new depth: every layer slides (Mistral v0.1), or every
+            # 6th is global (Gemma 3, as llama.cpp's gemma3 graph lays it out)
             n = changes["layers"]
-            changes.setdefault("sliding_layers", min(n - 1, round(n * self.sliding_layers / self.layers))
-                               if n > 1 else 0)
+            changes.setdefault("sliding_layers", n if self.sliding_layers == self.layers else n - n // 6)
         return replace(self, **changes)
 
     @property

@@ -56,9 +56,9 @@ def _byte_level_bpe(folder: Path, vocab_size: int, template: str) -> dict:
 
 
 def _sentencepiece_bpe(folder: Path, vocab_size: int, template: str, specials: list[str], *, prefix: bool,
-                       bos: str, eos: str, pad: str) -> dict:
+                       bos: str, eos: str, pad: str, cls: str) -> dict:
     """A SentencePiece-style BPE: spaces are ``▁``, unknown bytes fall back to ``<0xNN>`` tokens."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
@@ -69,7 +69,11 @@ def _sentencepiece_bpe(folder: Path, vocab_size: int, template: str, specials: l
         dec.append(decoders.Strip(" ", 1, 0))
     tok.decoder = decoders.Sequence(dec)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - 256, special_tokens=specials, show_progress=False)
+    # Trained on ``▁``-led words, as SentencePiece's trainer splits on whitespace; encoding then runs
+    # without a pre-tokenizer, as SentencePiece models do.
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
     tok.train_from_iterator(CORPUS, trainer=trainer)
+    tok.pre_tokenizer = None
     # The 256 byte tokens are plain vocabulary (as in SentencePiece models), not added/special tokens.
     spec = json.loads(tok.to_str())
     vocab = spec["model"]["vocab"]
@@ -82,6 +86,9 @@ def _sentencepiece_bpe(folder: Path, vocab_size: int, template: str, specials: l
                                    pad_token=pad, add_bos_token=True)
     fast.chat_template = template
     fast.save_pretrained(folder)
+    # the class the family's checkpoints name (runtimes such as onnxruntime-genai pick their tokenizer by it)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**cfg, "tokenizer_class": cls}, indent=2))
     return {"bos_token_id": fast.convert_tokens_to_ids(bos), "eos_token_id": fast.convert_tokens_to_ids(eos),
             "pad_token_id": fast.convert_tokens_to_ids(pad)}
 
@@ -99,14 +106,16 @@ def build_tiny(family: str, folder: Path) -> Path:
         ids = _byte_level_bpe(folder, 400, CHATML)
     elif family == "gemma3":
         ids = _sentencepiece_bpe(folder, 600, GEMMA_TEMPLATE, ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>",
-                                 "<end_of_turn>"], prefix=False, bos="<bos>", eos="<eos>", pad="<pad>")
+                                 "<end_of_turn>"], prefix=False, bos="<bos>", eos="<eos>", pad="<pad>",
+                                 cls="GemmaTokenizer")
     elif family == "phi3":
         ids = _sentencepiece_bpe(folder, 600, PHI3_TEMPLATE, ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|user|>",
                                  "<|assistant|>", "<|system|>", "<|end|>"], prefix=True, bos="<s>", eos="<|end|>",
-                                 pad="<|endoftext|>")
+                                 pad="<|endoftext|>", cls="LlamaTokenizer")
     elif family == "mistral":
         ids = _sentencepiece_bpe(folder, 600, MISTRAL_TEMPLATE, ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"],
-                                 prefix=True, bos="<s>", eos="</s>", pad="</s>")
+                                 prefix=True, bos="<s>", eos="</s>", pad="</s>",
+                                 cls="LlamaTokenizer")
     else:
         raise ValueError(f"no tiny model for family {family!r}; one of {FAMILIES}")
     from transformers import AutoTokenizer

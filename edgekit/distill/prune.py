@@ -109,9 +109,7 @@ def measure_importance(model: nn.Module, batches: list[torch.Tensor]) -> Importa
                 layer.register_forward_hook(on_block(i), with_kwargs=True),
                 layer.mlp.down_proj.register_forward_pre_hook(on_down_proj(i)),
                 layer.self_attn.o_proj.register_forward_pre_hook(on_o_proj(i)),
-                layer.input_layernorm.register_forward_hook(on_norm),
-                layer.post_attention_layernorm.register_forward_hook(on_norm),
-            ]
+            ] + [norm.register_forward_hook(on_norm) for _, norm in _hidden_norms(layer)]
         model.eval()
         tokens = 0
         try:
@@ -184,22 +182,41 @@ def prune(model: nn.Module, target: Architecture, importance: Importance | None,
     student = type(model)(cfg).to(model.dtype).eval()
     hid = top_indices(importance.hidden_channel, target.hidden_size)
     kept_layers = top_indices(importance.block, target.layers)
+    fam = teacher.family
     with torch.no_grad():
         for new, old in zip(student.model.layers, kept_layers.tolist(), strict=True):
             src = model.model.layers[old]
             q_rows, kv_rows = _head_rows(importance.head[old], teacher, target)
             ch = top_indices(importance.mlp_channel[old], target.intermediate_size)
-            _copy_linear(new.self_attn.q_proj, src.self_attn.q_proj, rows=q_rows, cols=hid)
-            _copy_linear(new.self_attn.k_proj, src.self_attn.k_proj, rows=kv_rows, cols=hid)
-            _copy_linear(new.self_attn.v_proj, src.self_attn.v_proj, rows=kv_rows, cols=hid)
+            if fam.fused:  # Phi-3: qkv_proj rows are [q | k | v], gate_up_proj rows are [gate | up]
+                qkv = torch.cat([q_rows, teacher.q_dim + kv_rows, teacher.q_dim + teacher.kv_dim + kv_rows])
+                _copy_linear(new.self_attn.qkv_proj, src.self_attn.qkv_proj, rows=qkv, cols=hid)
+                _copy_linear(new.mlp.gate_up_proj, src.mlp.gate_up_proj,
+                             rows=torch.cat([ch, teacher.intermediate_size + ch]), cols=hid)
+            else:  # q/k/v biases (Qwen2) follow their rows
+                _copy_linear(new.self_attn.q_proj, src.self_attn.q_proj, rows=q_rows, cols=hid)
+                _copy_linear(new.self_attn.k_proj, src.self_attn.k_proj, rows=kv_rows, cols=hid)
+                _copy_linear(new.self_attn.v_proj, src.self_attn.v_proj, rows=kv_rows, cols=hid)
+                _copy_linear(new.mlp.gate_proj, src.mlp.gate_proj, rows=ch, cols=hid)
+                _copy_linear(new.mlp.up_proj, src.mlp.up_proj, rows=ch, cols=hid)
             _copy_linear(new.self_attn.o_proj, src.self_attn.o_proj, rows=hid, cols=q_rows)
-            _copy_linear(new.mlp.gate_proj, src.mlp.gate_proj, rows=ch, cols=hid)
-            _copy_linear(new.mlp.up_proj, src.mlp.up_proj, rows=ch, cols=hid)
             _copy_linear(new.mlp.down_proj, src.mlp.down_proj, rows=hid, cols=ch)
-            new.input_layernorm.weight.copy_(src.input_layernorm.weight[hid])
-            new.post_attention_layernorm.weight.copy_(src.post_attention_layernorm.weight[hid])
-        student.model.norm.weight.copy_(model.model.norm.weight[hid])
-        student.model.embed_tokens.weight.copy_(model.model.embed_tokens.weight[:, hid])
+            if fam.qk_norm:  # per-head norms: heads keep their head_dim, so these are copied whole
+                new.self_attn.q_norm.weight.copy_(src.self_attn.q_norm.weight)
+                new.self_attn.k_norm.weight.copy_(src.self_attn.k_norm.weight)
+            for (name, dst), (_, norm) in zip(_hidden_norms(new), _hidden_norms(src), strict=True):
+                dst.weight.copy_(norm.weight[hid])
+        embed = model.model.embed_tokens.weight[:, hid]
+        final = model.model.norm.weight[hid]
+        if fam.embed_scale:
+            # Gemma multiplies embeddings by sqrt(hidden): keep the teacher's scale on the kept channels, and
+            # undo it on a tied head through the final norm's (1 + w), so the carved model computes the same
+            c = (teacher.hidden_size / target.hidden_size) ** 0.5
+            embed = embed * c
+            if cfg.tie_word_embeddings:
+                final = (1 + final.float()) / c - 1
+        student.model.norm.weight.copy_(final)
+        student.model.embed_tokens.weight.copy_(embed)
         if not cfg.tie_word_embeddings:
             _copy_linear(student.lm_head, model.lm_head, cols=hid)
     log.info("pruned to %d layers (kept %s), hidden %d, intermediate %d, %d heads / %d kv heads",
@@ -209,10 +226,14 @@ def prune(model: nn.Module, target: Architecture, importance: Importance | None,
 
 
 def teacher_architecture(model: nn.Module) -> Architecture:
-    if getattr(model.config, "model_type", None) != "llama":
-        raise ModelError(f"pruning supports Llama models (LlamaForCausalLM); this teacher is "
-                         f"{getattr(model.config, 'model_type', '?')!r}. Use a Llama-architecture teacher")
+    """The model's Architecture; a family edgekit does not support is one ModelError line."""
     return Architecture.from_hf_config(model.config.to_dict(), source="teacher config")
+
+
+def _hidden_norms(layer) -> list[tuple[str, nn.Module]]:
+    """The layer's norms over the hidden size, in a fixed order (Gemma 3 has four, the others two)."""
+    names = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+    return [(n, getattr(layer, n)) for n in names if hasattr(layer, n)]
 
 
 def student_config(teacher_cfg, target: Architecture):
@@ -224,7 +245,19 @@ def student_config(teacher_cfg, target: Architecture):
     cfg.num_attention_heads = target.heads
     cfg.num_key_value_heads = target.kv_heads
     cfg.head_dim = target.head_dim
+    if getattr(cfg, "layer_types", None) is not None:
+        # The student keeps its family's attention pattern for its own depth (Gemma 3: every 6th layer global,
+        # the rest sliding, as llama.cpp's gemma3 graph assumes), not the kept layers' original types.
+        cfg.layer_types = [_layer_type(target, i) for i in range(target.layers)]
     return cfg
+
+
+def _layer_type(target: Architecture, i: int) -> str:
+    if not target.sliding_layers:
+        return "full_attention"
+    if target.sliding_layers == target.layers:
+        return "sliding_attention"
+    return "full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
 
 
 def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:

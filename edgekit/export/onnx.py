@@ -130,6 +130,7 @@ def export_onnx(model_dir: Path, out_dir: Path, quant: str = "fp32", *, calibrat
         t = time.perf_counter()
         _optimum_export(source, work, "fp16" if spec.kind == "fp16" else "fp32")
         model = onnx.load(str(work / MODEL_FILE))
+        graph_inputs = {i.name for i in model.graph.input}
         timings["export_s"] = time.perf_counter() - t
         step_bar.update(1)
         artifact.fault_point("onnx.step")
@@ -147,7 +148,7 @@ def export_onnx(model_dir: Path, out_dir: Path, quant: str = "fp32", *, calibrat
         del model
         shutil.rmtree(work)
         copied = copy_hf_files(model_dir, tmp)
-        config = genai_config(model_dir)
+        config = genai_config(model_dir, graph_inputs=graph_inputs)
         artifact.atomic_write_text(tmp / GENAI_CONFIG, json.dumps(config, indent=2) + "\n")
         tools["genai_config"] = "edgekit (from config.json, generation_config.json and the tokenizer)"
         timings["write_s"] = time.perf_counter() - t
@@ -199,8 +200,17 @@ def resolve_quant(name: str, block_size: int | None = None) -> OnnxQuant:
         f"block {spec.block_size}", f"block {block_size}"))
 
 
-def genai_config(model_dir: Path, filename: str = MODEL_FILE) -> dict:
-    """onnxruntime-genai's ``genai_config.json`` for the graph :func:`export_onnx` writes from ``model_dir``."""
+# family -> onnxruntime-genai's model type (it picks the decoder-only runner by this name)
+GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text",
+               "phi3": "phi3"}
+
+
+def genai_config(model_dir: Path, filename: str = MODEL_FILE, graph_inputs: set[str] | None = None) -> dict:
+    """onnxruntime-genai's ``genai_config.json`` for the graph :func:`export_onnx` writes from ``model_dir``.
+
+    ``graph_inputs``: the graph's input names; inputs it lacks are left out (optimum's Gemma 3 graph
+    derives positions from the attention mask and has no ``position_ids``).
+    """
     model_dir = Path(model_dir)
     cfg = _read_json(model_dir / "config.json")
     arch = Architecture.from_hf_config(cfg, str(model_dir / "config.json"))
@@ -219,7 +229,8 @@ def genai_config(model_dir: Path, filename: str = MODEL_FILE) -> dict:
                 "inputs": {
                     "input_ids": "input_ids",
                     "attention_mask": "attention_mask",
-                    "position_ids": "position_ids",
+                    **({"position_ids": "position_ids"} if graph_inputs is None or "position_ids" in graph_inputs
+                       else {}),
                     "past_key_names": "past_key_values.%d.key",
                     "past_value_names": "past_key_values.%d.value",
                 },
@@ -234,7 +245,7 @@ def genai_config(model_dir: Path, filename: str = MODEL_FILE) -> dict:
             },
             "eos_token_id": eos,
             "pad_token_id": pad,
-            "type": "llama",  # the Llama-family graph layout; GenAI's decoder-only runner for it
+            "type": GENAI_TYPES[arch.family.name],
             "vocab_size": arch.vocab_size,
         },
         "search": {

@@ -1,4 +1,4 @@
-"""Activation-aware weight scaling (the AWQ idea, Lin et al. 2023) for Llama-family models, in PyTorch.
+"""Activation-aware weight scaling (the AWQ idea, Lin et al. 2023) for every supported family, in PyTorch.
 
 Round-to-nearest 4-bit quantization spends the same precision on every input channel of a
 linear layer, but a few channels carry much larger activations, and their weights' rounding
@@ -129,18 +129,38 @@ class _GroupedHeads:
         return s.reshape(self.kv, 1, self.dim).expand(self.kv, self.rep, self.dim).reshape(-1)
 
 
+def _groups(layer, model_type: str, grouped) -> list[tuple]:
+    """(name, producer, kind, consumers, expand) for one layer of the model's family.
+
+    Gemma 3 feeds its MLP from ``pre_feedforward_layernorm`` (``post_attention_layernorm`` normalises the
+    attention *output*), and its norms multiply by ``1 + w`` (kind ``norm+1``). Phi-3's fused ``qkv_proj`` and
+    ``gate_up_proj`` take the norm-fed groups; the row-fed groups (v rows -> o_proj, up rows -> down_proj)
+    would fold into half of a fused matrix and are left at round-to-nearest.
+    """
+    attn, mlp = layer.self_attn, layer.mlp
+    if model_type == "phi3":
+        return [("qkv", layer.input_layernorm, "norm", [attn.qkv_proj], None),
+                ("gate_up", layer.post_attention_layernorm, "norm", [mlp.gate_up_proj], None)]
+    gemma = model_type == "gemma3_text"
+    norm = "norm+1" if gemma else "norm"
+    mlp_norm = layer.pre_feedforward_layernorm if gemma else layer.post_attention_layernorm
+    return [("qkv", layer.input_layernorm, norm, [attn.q_proj, attn.k_proj, attn.v_proj], None),
+            ("o", attn.v_proj, "rows", [attn.o_proj], grouped),
+            ("gate_up", mlp_norm, norm, [mlp.gate_proj, mlp.up_proj], None),
+            ("down", mlp.up_proj, "rows", [mlp.down_proj], None)]
+
+
 def _capture(model, sequences: list[list[int]], max_tokens: int) -> dict[tuple[int, str], torch.Tensor]:
-    """The inputs of q_proj, o_proj, gate_proj and down_proj in every layer, over the first ``max_tokens`` tokens."""
+    """The inputs of every group's consumers in every layer, over the first ``max_tokens`` tokens."""
     import torch
 
     found: dict[tuple[int, str], list[torch.Tensor]] = {}
     hooks = []
     for i, layer in enumerate(model.model.layers):
-        for key, module in (("qkv", layer.self_attn.q_proj), ("o", layer.self_attn.o_proj),
-                            ("gate_up", layer.mlp.gate_proj), ("down", layer.mlp.down_proj)):
+        for key, _prev, _kind, linears, _expand in _groups(layer, model.config.model_type, None):
             def hook(_module, args, key=(i, key)):
                 found.setdefault(key, []).append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
-            hooks.append(module.register_forward_pre_hook(hook))
+            hooks.append(linears[0].register_forward_pre_hook(hook))
     seen = 0
     try:
         with torch.no_grad():
@@ -158,7 +178,7 @@ def _capture(model, sequences: list[list[int]], max_tokens: int) -> dict[tuple[i
 
 def awq_scale(model, sequences: list[list[int]], block_size: int = 32, *, grid: int = 20, max_tokens: int = MAX_TOKENS,
               alphas: tuple[float, ...] | None = None, progress=None, symmetric: bool = False) -> list[GroupResult]:
-    """Rescale a Llama-family ``model`` in place so 4-bit RTN in blocks of ``block_size`` loses less.
+    """Rescale ``model`` (any family in :data:`edgekit.arch.FAMILIES`) in place so 4-bit RTN in blocks of ``block_size`` loses less.
 
     ``symmetric`` scores scales against the symmetric quantizer (ExecuTorch 8da4w) instead of the
     zero-point one (ONNX MatMulNBits).
@@ -179,14 +199,7 @@ def awq_scale(model, sequences: list[list[int]], block_size: int = 32, *, grid: 
     results = []
     with torch.no_grad():
         for i, layer in enumerate(model.model.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            groups = (
-                ("qkv", layer.input_layernorm, "norm", [attn.q_proj, attn.k_proj, attn.v_proj], None),
-                ("o", attn.v_proj, "rows", [attn.o_proj], grouped),
-                ("gate_up", layer.post_attention_layernorm, "norm", [mlp.gate_proj, mlp.up_proj], None),
-                ("down", mlp.up_proj, "rows", [mlp.down_proj], None),
-            )
-            for name, prev, kind, linears, expand in groups:
+            for name, prev, kind, linears, expand in _groups(layer, cfg.model_type, grouped):
                 x = acts.pop((i, name))
                 alpha, s, err, rtn = _search(x, [m.weight.float() for m in linears], block_size, grid, expand, alphas,
                                              symmetric)
@@ -206,6 +219,8 @@ def _fold(prev, kind: str, linears, s: torch.Tensor, full: torch.Tensor) -> None
     dtype = prev.weight.dtype
     if kind == "norm":
         prev.weight.div_(s.to(dtype))
+    elif kind == "norm+1":  # Gemma's RMSNorm scales by (1 + w): (1 + w') = (1 + w) / s
+        prev.weight.copy_((1 + prev.weight.float()) / s - 1)
     else:  # the rows (outputs) of the producing linear
         prev.weight.div_(s.to(dtype)[:, None])
         if getattr(prev, "bias", None) is not None:
