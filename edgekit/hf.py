@@ -16,7 +16,33 @@ log = logging.getLogger(__name__)
 
 # The files that travel with a model's weights: configs, tokenizer, chat template.
 HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-            "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt")
+            "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt", "NOTICE")
+
+# A model's terms that must travel with everything made from it: ``NOTICE`` in a model folder, whose first
+# line is ``License: <id>``. Known licenses whose terms require a notice, with the notice they require.
+NOTICE_FILE = "NOTICE"
+NOTICES = {
+    # Gemma Terms of Use, section 3.1: redistributions must carry this notice.
+    "gemma": "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms",
+}
+
+
+def notice_text(license: str | None, extra: str = "") -> str | None:
+    """The NOTICE file for a model under ``license``, or None when the license needs none."""
+    body = NOTICES.get((license or "").lower())
+    if body is None:
+        return None
+    return f"License: {license}\n{body}\n" + (f"{extra}\n" if extra else "")
+
+
+def read_notice(folder: Path) -> tuple[str | None, str | None]:
+    """(license, notice text) from a folder's NOTICE file, or (None, None)."""
+    path = Path(folder) / NOTICE_FILE
+    if not path.is_file():
+        return None, None
+    text = path.read_text(encoding="utf-8", errors="replace")
+    first = text.splitlines()[0] if text.strip() else ""
+    return (first.split(":", 1)[1].strip() if first.lower().startswith("license:") else None), text
 
 # End-of-turn tokens of the chat formats edgekit knows (ChatML, Llama 3, Phi, Gemma, OpenChat).
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>")

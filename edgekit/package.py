@@ -42,7 +42,7 @@ from edgekit import __version__, artifact, plan, registry, runtimes
 from edgekit.arch import DEFAULT_CONTEXT, Architecture
 from edgekit.devices import load_device
 from edgekit.errors import ConfigError, EdgekitError
-from edgekit.hf import worth_copying
+from edgekit.hf import NOTICE_FILE, worth_copying
 from edgekit.models import resolve_teacher
 from edgekit.quantize.schemes import get_scheme
 
@@ -140,6 +140,8 @@ def package(artifact_dir: Path, *, out_dir: Path | None = None, device: str | No
         shutil.copyfile(able[0].loader.script, tmp / manifest["loader"])
         manifest["size_bytes"] = sum(p.stat().st_size for p in tmp.iterdir() if p.name.startswith("model."))
         artifact.atomic_write_text(tmp / "README.md", model_card(manifest))
+        if manifest["teacher"].get("notice"):  # terms the teacher's license requires in every redistribution
+            artifact.atomic_write_text(tmp / NOTICE_FILE, manifest["teacher"]["notice"])
         manifest["files"] = _hash_files(tmp)
         artifact.atomic_write_text(tmp / MANIFEST, _json(manifest))
     artifact.fault_point("package.before-tarball")
@@ -262,16 +264,18 @@ def _teacher(export: dict) -> dict:
     """The model this one derives from: for a distilled student the teacher it learnt from, else itself."""
     source = export["source_model"]
     teacher = {"name": source.get("name"), "license": source.get("license"), "origin": source.get("origin"),
-               "distilled": False}
+               "notice": source.get("notice"), "distilled": False}
     folder = Path(source.get("path") or "")
     with contextlib.suppress(EdgekitError, OSError, ValueError):
         student = artifact.read_manifest(folder) if (folder / MANIFEST).is_file() else {}
         if student.get("stage") == "distill":
-            teacher = {"name": None, "license": None, "origin": None, "distilled": True}
+            teacher = {"name": None, "license": source.get("license"), "origin": None, "notice": source.get("notice"),
+                       "distilled": True}
             teacher_dir = (student.get("inputs") or {}).get("teacher")
             if teacher_dir and Path(teacher_dir).is_dir():
                 t = resolve_teacher(teacher_dir)
-                teacher.update(name=t.name, license=t.license, origin=t.origin)
+                teacher.update(name=t.name, license=t.license or teacher["license"], origin=t.origin,
+                               notice=t.notice or teacher["notice"])
     teacher["license_note"] = LICENSE_NOTE
     return teacher
 
@@ -422,6 +426,8 @@ def model_card(m: dict) -> str:
     origin = teacher.get("name") or "unknown (record it before shipping)"
     lines += ["## License", "", f"{'Teacher' if teacher['distilled'] else 'Source model'}: {origin}; license: "
               f"{teacher.get('license') or 'unknown -- check the source model card'}.", "", teacher["license_note"], "",
+              *([f"Notice (also in the file {NOTICE_FILE}):", "", "```", teacher["notice"].strip(), "```", ""]
+                if teacher.get("notice") else []),
               "manifest.json lists every file's sha256 and size; `edgekit.package.verify(<this folder or its "
               ".tar.gz>)` checks them.", ""]
     return "\n".join(lines)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING
 from edgekit import artifact
 from edgekit.arch import Architecture
 from edgekit.errors import ModelError, RecipeError
-from edgekit.hf import worth_copying
+from edgekit.hf import NOTICE_FILE, worth_copying
 
 if TYPE_CHECKING:
     import torch
@@ -369,6 +370,8 @@ def run(teacher_dir: Path, target: Architecture, calib_texts: list[str], out_dir
         tokenizer.save_pretrained(tmp)
         if not worth_copying(tmp / "tokenizer.model"):  # a GGUF copy, not a tokenizer (see hf.worth_copying)
             (tmp / "tokenizer.model").unlink()
+        if (teacher_dir / NOTICE_FILE).is_file():  # the teacher's terms travel with the student
+            shutil.copy2(teacher_dir / NOTICE_FILE, tmp / NOTICE_FILE)
         if importance is not None:
             save_file(importance.tensors(), str(tmp / "importance.safetensors"))
         st.metrics = {

@@ -42,7 +42,7 @@ from edgekit.progress import bar
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json"}
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "NOTICE"}
 
 
 # --------------------------------------------------------------------------- data order
