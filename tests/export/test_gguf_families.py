@@ -274,3 +274,35 @@ def test_a_phi3_name_does_not_make_llama_cpp_strip_spaces_this_tokenizer_keeps(f
     assert read_gguf(out)["metadata"]["general.name"] == "my-Phi_3-student"
     export_gguf(model_dir, out, "f32", name="student", progress=False)
     assert read_gguf(out)["metadata"]["general.name"] == "student"
+
+
+def test_phi3_longrope_writes_both_factor_tensors_and_matches_within_the_original_context(family_dir, tmp_path):
+    """Phi-3's longrope: llama.cpp uses rope_factors_short while its context is within the original one (as
+    transformers does for such sequences), with the attention factor sqrt(1 + ln(scale) / ln(original))."""
+    import math
+
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    model = _copy_with(family_dir("phi3"), tmp_path / "lr", max_position_embeddings=4096,
+                       original_max_position_embeddings=512,
+                       rope_scaling={"type": "longrope", "short_factor": (1 + 3 * torch.rand(8, generator=g)).tolist(),
+                                     "long_factor": (4 + 8 * torch.rand(8, generator=g)).tolist()})
+    out = tmp_path / "lr.gguf"
+    export_gguf(model, out, "f32", progress=False)
+    info = read_gguf(out)
+    md, names = info["metadata"], {t["name"] for t in info["tensors"]}
+    assert {"rope_factors_long.weight", "rope_factors_short.weight"} <= names
+    assert md["phi3.rope.scaling.original_context_length"] == 512 and md["phi3.context_length"] == 4096
+    assert md["phi3.rope.scaling.attn_factor"] == pytest.approx(math.sqrt(1 + math.log(8) / math.log(512)))
+    assert rel_diff(out, pytorch_model(model), prompt_ids(model)) < REL_BOUND
+
+
+def test_a_window_llama_cpp_does_not_apply_becomes_the_recorded_context(family_dir, tmp_path):
+    """llama.cpp's llama graph attends to everything: a Mistral sliding window is kept exact by recording it as the
+    trained context (the two agree up to it)."""
+    model = _copy_with(family_dir("mistral"), tmp_path / "w", sliding_window=64)
+    out = tmp_path / "w.gguf"
+    export_gguf(model, out, "f32", progress=False)
+    assert read_gguf(out)["metadata"]["llama.context_length"] == 64
+    assert rel_diff(out, pytorch_model(model), prompt_ids(model)) < REL_BOUND
