@@ -5,7 +5,7 @@ What the file holds, and why:
 - Weights are read from ``*.safetensors`` only (never pickles), one tensor at a
   time, and streamed into the file: the header and tensor table are written
   first from the shapes alone, so no two full copies of the model are in memory.
-- Each HF ``model_type`` in :data:`FAMILIES` is written as the llama.cpp
+- Each family of edgekit.arch.FAMILIES is written as the llama.cpp
   architecture its own converter (convert_hf_to_gguf.py) uses: llama and mistral
   as ``llama``, qwen2, qwen3, gemma3_text as ``gemma3``, phi3. Tensor names come
   from gguf-py's name map for that architecture (``token_embd``, ``blk.N.attn_q``
@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgekit import __version__, artifact, registry
-from edgekit.arch import DEFAULT_CONTEXT
+from edgekit.arch import DEFAULT_CONTEXT, MODEL_TYPES
 from edgekit.artifact import fault_point
 from edgekit.errors import ModelError, RecipeError
 from edgekit.export.exporter import Exporter
@@ -62,32 +62,25 @@ DTYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32)}
 
 
 @dataclass(frozen=True)
-class Family:
-    """How one HF ``model_type`` is written for llama.cpp (facts from llama.cpp's converter and graphs)."""
+class Layout:
+    """How llama.cpp runs a family (edgekit.arch.FAMILIES), beyond the family's own structure."""
 
-    arch: str                   # gguf-py's MODEL_ARCH member; its value names llama.cpp's architecture
-    permute_qk: bool = False    # llama.cpp's rope for this arch rotates adjacent pairs, HF rotates halves
-    qkv_bias: bool = False      # q/k/v projections carry biases (no o bias)
-    qk_norm: bool = False       # RMSNorm on each head's q and k
-    sandwich: bool = False      # norms after attention and after the MLP too (four per layer)
-    fused: bool = False         # one qkv_proj and one gate_up_proj (gate first) instead of separate matrices
+    permute_qk: bool = False    # llama.cpp's rope for the arch rotates adjacent pairs, HF rotates halves
     norm_shift: float = 0.0     # added to every norm weight: Gemma's RMSNorm scales by (1 + w), llama.cpp by w
-    act: tuple[str, str] = ("hidden_act", "silu")  # the config key and the MLP activation llama.cpp's graph uses
-    rope: tuple[str, ...] = ("default", "linear")   # rope_scaling types llama.cpp's graph for the arch reproduces
+    rope: tuple[str, ...] = ("default", "linear")  # rope_scaling types llama.cpp's graph for the arch reproduces
 
 
-# HF model_type -> how llama.cpp runs it. Mistral is a llama in llama.cpp (convert_hf_to_gguf writes it so);
-# qwen2/qwen3/gemma3/phi3 use NEOX rope (rotate halves, as HF does), so their q/k rows stay as they are.
-FAMILIES: dict[str, Family] = {
-    "llama": Family("LLAMA", permute_qk=True, rope=("default", "linear", "llama3")),
-    "mistral": Family("LLAMA", permute_qk=True, rope=("default", "linear", "llama3")),
-    "qwen2": Family("QWEN2", qkv_bias=True),
-    "qwen3": Family("QWEN3", qk_norm=True),
-    "gemma3_text": Family("GEMMA3", qk_norm=True, sandwich=True, norm_shift=1.0,
-                          act=("hidden_activation", "gelu_pytorch_tanh")),
-    "phi3": Family("PHI3", fused=True, rope=("default", "longrope", "su")),
+# family name -> its llama.cpp layout (facts from convert_hf_to_gguf.py and llama.cpp's graphs). Mistral is a llama
+# in llama.cpp; qwen2/qwen3/gemma3/phi3 use NEOX rope (rotate halves, as HF does), so their q/k rows stay.
+LAYOUTS: dict[str, Layout] = {
+    "llama": Layout(permute_qk=True, rope=("default", "linear", "llama3")),
+    "mistral": Layout(permute_qk=True, rope=("default", "linear", "llama3")),
+    "qwen2": Layout(),
+    "qwen3": Layout(),
+    "gemma3": Layout(norm_shift=1.0),
+    "phi3": Layout(rope=("default", "longrope", "su")),
 }
-SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+SUPPORTED_MODEL_TYPES = tuple(MODEL_TYPES)
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # a buffer some old checkpoints saved; recomputed at load
 GEMMA3_SWA_PATTERN = 6  # llama.cpp's gemma3: every 6th layer global, the rest sliding (hard-coded there)
 GEMMA3_LOCAL_ROPE_BASE = 10000.0  # llama.cpp's gemma3: the sliding layers' rope base (hard-coded there)
@@ -116,7 +109,7 @@ PRE_TOKENIZERS: dict[tuple[str, ...], str] = {
 def export_gguf(model_dir: Path, out: Path, dtype: str = "f16", *, name: str | None = None,
                 license: str | None = None, teacher: str | None = None, progress: bool = True,
                 tokenizer_pre: str | None = None) -> dict:
-    """Write ``model_dir`` (an HF safetensors folder of a :data:`FAMILIES` model) as a GGUF at ``out``.
+    """Write ``model_dir`` (an HF safetensors folder of a model in edgekit.arch.FAMILIES) as a GGUF at ``out``.
 
     ``dtype`` is f32, f16 or bf16 for the matrices (norms and biases stay f32). ``teacher``
     is recorded as the model's source (``general.base_model.0.name`` and
@@ -197,18 +190,16 @@ def export_gguf(model_dir: Path, out: Path, dtype: str = "f16", *, name: str | N
 
 def _hparams(cfg: dict, source: Path) -> dict:
     """The architecture numbers llama.cpp needs, refusing what its graph for the family would compute differently."""
-    from gguf import MODEL_ARCH, MODEL_ARCH_NAMES
-
     mt = cfg.get("model_type")
-    if mt not in FAMILIES:
+    if mt not in MODEL_TYPES:
         raise ModelError(f"{source}: model_type {mt!r} cannot be exported to GGUF by edgekit (it writes "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)} models); convert it with llama.cpp's "
                          "convert_hf_to_gguf.py and pass the .gguf file instead")
-    fam = FAMILIES[mt]
-    act_key, act = fam.act
-    if cfg.get(act_key, act) != act:
-        raise ModelError(f"{source}: {act_key} {cfg[act_key]!r} is not {act}, which llama.cpp's "
-                         f"{MODEL_ARCH_NAMES[MODEL_ARCH[fam.arch]]} graph uses; this model cannot be exported to GGUF")
+    fam = MODEL_TYPES[mt]
+    act_key = "hidden_activation" if mt == "gemma3_text" else "hidden_act"
+    if cfg.get(act_key, fam.activation) != fam.activation:
+        raise ModelError(f"{source}: {act_key} {cfg[act_key]!r} is not {fam.activation}, which llama.cpp's "
+                         f"{fam.gguf_arch} graph uses; this model cannot be exported to GGUF")
     for key in ("attention_bias", "mlp_bias"):
         if cfg.get(key):
             raise ModelError(f"{source}: {key} is true; edgekit's GGUF exporter writes {mt} layers without that "
@@ -217,7 +208,7 @@ def _hparams(cfg: dict, source: Path) -> dict:
     try:
         heads, hidden = int(cfg["num_attention_heads"]), int(cfg["hidden_size"])
         hp = {
-            "model_type": mt, "family": fam, "arch": MODEL_ARCH_NAMES[MODEL_ARCH[fam.arch]],
+            "model_type": mt, "family": fam, "layout": LAYOUTS[fam.name], "arch": fam.gguf_arch,
             "layers": int(cfg["num_hidden_layers"]), "hidden": hidden, "ffn": int(cfg["intermediate_size"]),
             "heads": heads, "kv_heads": int(cfg.get("num_key_value_heads") or heads),
             "head_dim": int(cfg.get("head_dim") or hidden // heads), "vocab_size": int(cfg["vocab_size"]),
@@ -289,7 +280,7 @@ def _gemma3(cfg: dict, hp: dict, source: Path) -> dict:
 
 def _rope_scaling(rs: dict | None, hp: dict, source: Path, cfg: dict | None = None) -> dict | None:
     kind = (rs or {}).get("rope_type") or (rs or {}).get("type") or "default"
-    allowed = hp["family"].rope if "family" in hp else ("default", "linear", "llama3")
+    allowed = hp["layout"].rope if "layout" in hp else ("default", "linear", "llama3")
     if kind not in allowed:
         raise ModelError(f"{source}: rope_scaling type {kind!r} is not supported by edgekit's GGUF exporter for "
                          f"{hp.get('model_type', 'llama')} (it handles {', '.join(a for a in allowed if a != 'su')}); "
@@ -387,6 +378,7 @@ def _safetensors_keys(model_dir: Path) -> dict[str, tuple[Path, list[int]]]:
 def _hf_tensors(hp: dict) -> list[tuple[str, tuple[int, ...]]]:
     """The HF tensors a ``hp`` model of its family holds, with the shapes config.json implies, in file order."""
     fam, h, f, d = hp["family"], hp["hidden"], hp["ffn"], hp["head_dim"]
+    sandwich = fam.norms_per_layer == 4
     q, kv = hp["heads"] * d, hp["kv_heads"] * d
     want: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (hp["vocab_size"], h))]
     for i in range(hp["layers"]):
@@ -397,13 +389,13 @@ def _hf_tensors(hp: dict) -> list[tuple[str, tuple[int, ...]]]:
         else:
             want += [(p + "self_attn.q_proj.weight", (q, h)), (p + "self_attn.k_proj.weight", (kv, h)),
                      (p + "self_attn.v_proj.weight", (kv, h))]
-        if fam.qkv_bias:
+        if fam.attn_bias:
             want += [(p + "self_attn.q_proj.bias", (q,)), (p + "self_attn.k_proj.bias", (kv,)),
                      (p + "self_attn.v_proj.bias", (kv,))]
         if fam.qk_norm:
             want += [(p + "self_attn.q_norm.weight", (d,)), (p + "self_attn.k_norm.weight", (d,))]
         want += [(p + "self_attn.o_proj.weight", (h, q)), (p + "post_attention_layernorm.weight", (h,))]
-        if fam.sandwich:
+        if sandwich:
             want += [(p + "pre_feedforward_layernorm.weight", (h,)), (p + "post_feedforward_layernorm.weight", (h,))]
         if fam.fused:
             want.append((p + "mlp.gate_up_proj.weight", (2 * f, h)))
@@ -421,15 +413,16 @@ def _tensor_plan(keys: dict[str, tuple[Path, list[int]]], hp: dict, model_dir: P
     import gguf
 
     want = _hf_tensors(hp)
-    fam = hp["family"]
+    fam, layout = hp["family"], hp["layout"]
     used = {k for k, _ in want} | ({"lm_head.weight"} if hp["tied"] else set())
     extra = [k for k in keys if k not in used and not _IGNORED.search(k)]
     if extra:
-        what = "a bias-free Llama" if fam.arch == "LLAMA" else f"a {hp['model_type']} model as llama.cpp runs it"
+        what = "a bias-free Llama" if fam.gguf_arch == "llama" else f"a {hp['model_type']} model as llama.cpp runs it"
         raise ModelError(f"{model_dir} has tensors {what} does not ({', '.join(sorted(extra)[:3])}"
                          f"{' ...' if len(extra) > 3 else ''}); edgekit cannot export this variant to GGUF -- "
                          "use llama.cpp's convert_hf_to_gguf.py")
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[fam.arch], hp["layers"])
+    arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[fam.gguf_arch]
+    names = gguf.get_tensor_name_map(arch, hp["layers"])
     plan = []
     for hf, shape in want:
         if hf not in keys:
@@ -443,9 +436,9 @@ def _tensor_plan(keys: dict[str, tuple[Path, list[int]]], hp: dict, model_dir: P
         if gg is None:  # a gap in gguf-py's map for this architecture, not a user error
             raise ModelError(f"gguf-py has no {hp['arch']} name for {hf}; upgrade the gguf package")
         kind = ""
-        if fam.permute_qk and gg.endswith(("attn_q.weight", "attn_k.weight")):
+        if layout.permute_qk and gg.endswith(("attn_q.weight", "attn_k.weight")):
             kind = "q" if gg.endswith("attn_q.weight") else "k"
-        elif fam.norm_shift and gg.endswith("norm.weight"):
+        elif layout.norm_shift and gg.endswith("norm.weight"):
             kind = "norm_shift"
         plan.append({"name": gg, "key": hf, "file": f, "shape": list(shape), "kind": kind})
     rs = hp["rope_scaling"]
@@ -480,7 +473,7 @@ def _convert(t, plan_item: dict, hp: dict):
     elif kind == "k":
         t = rope_interleave(t, hp["kv_heads"])
     elif kind == "norm_shift":
-        t = t + hp["family"].norm_shift
+        t = t + hp["layout"].norm_shift
     kind = plan_item["type"]
     if kind == "F32":
         return t.contiguous().numpy()

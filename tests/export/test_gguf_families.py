@@ -204,9 +204,7 @@ def _break(monkeypatch, what: str) -> None:
         return out
 
     if what == "norm_shift":
-        fams = dict(export.FAMILIES)
-        fams["gemma3_text"] = dataclasses.replace(fams["gemma3_text"], norm_shift=0.0)
-        monkeypatch.setattr(export, "FAMILIES", fams)
+        monkeypatch.setitem(export.LAYOUTS, "gemma3", dataclasses.replace(export.LAYOUTS["gemma3"], norm_shift=0.0))
     elif what == "window":
         real_gemma3 = export._gemma3
         monkeypatch.setattr(export, "_gemma3", lambda cfg, hp, src: {**real_gemma3(cfg, hp, src),
