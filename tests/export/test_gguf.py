@@ -197,11 +197,12 @@ def _pre(kind: str):
     if kind == "smollm":
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                         pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(export._LLAMA3_SPLIT), behavior="isolated"),
+    split = export._QWEN2_SPLIT if kind == "qwen2" else export._LLAMA3_SPLIT
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
-@pytest.mark.parametrize("expected", ["smollm", "llama-bpe"])
+@pytest.mark.parametrize("expected", ["smollm", "llama-bpe", "qwen2"])
 def test_each_pre_tokenizer_rule_tokenizes_like_hf_in_llama_cpp(tiny_bpe_llama_dir, tmp_path, expected):
     from transformers import AutoTokenizer
 
@@ -223,6 +224,10 @@ def test_pre_tokenizer_table():
     assert detect_pre_tokenizer(bl) == "gpt-2"
     assert detect_pre_tokenizer(smollm2) == "smollm"
     assert detect_pre_tokenizer(llama3) == "llama-bpe"
+    qwen2 = {"type": "Sequence", "pretokenizers": [{**llama3["pretokenizers"][0], "pattern": {"Regex": (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+        r"\s+(?!\S)|\s+")}}, {**bl, "use_regex": False}]}  # Qwen2.5's tokenizer.json, verbatim
+    assert detect_pre_tokenizer(qwen2) == "qwen2"
     with pytest.raises(ModelError, match="tokenizer_pre=<name>"):
         detect_pre_tokenizer({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": False},
                                                                     bl]}, "x/tokenizer.json")
@@ -243,9 +248,10 @@ def test_unsupported_models_are_refused_with_the_fix(tiny_bpe_llama_dir, tiny_ll
     qwen = tmp_path / "qwen"
     shutil.copytree(tiny_bpe_llama_dir, qwen)
     cfg = json.loads((qwen / "config.json").read_text())
-    (qwen / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen2"}))
-    with pytest.raises(ModelError, match="model_type 'qwen2'.*convert_hf_to_gguf"):
+    (qwen / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt_bigcode"}))
+    with pytest.raises(ModelError, match="model_type 'gpt_bigcode'.*convert_hf_to_gguf") as e:
         export_gguf(qwen, tmp_path / "q.gguf", progress=False)
+    assert "\n" not in str(e.value)
     (qwen / "config.json").write_text(json.dumps({**cfg, "attention_bias": True}))
     with pytest.raises(ModelError, match="attention_bias"):
         export_gguf(qwen, tmp_path / "q.gguf", progress=False)
