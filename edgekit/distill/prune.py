@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgekit import artifact
-from edgekit.arch import Architecture
+from edgekit.arch import CROSS_FAMILY, Architecture
 from edgekit.errors import ModelError, RecipeError
 from edgekit.hf import NOTICE_FILE, worth_copying
 
@@ -132,6 +132,9 @@ def measure_importance(model: nn.Module, batches: list[torch.Tensor]) -> Importa
 def check_carvable(teacher: Architecture, target: Architecture) -> None:
     """Raise RecipeError unless ``target`` can be selected out of ``teacher`` (no unit is ever invented)."""
     problems = []
+    if target.model_type != teacher.model_type and (teacher.family.name, target.family.name) not in CROSS_FAMILY:
+        problems.append(f"a {target.family.name} student cannot be carved from a {teacher.family.name} teacher "
+                        f"(pairs that work: {', '.join(f'{a} -> {b}' for a, b in CROSS_FAMILY)})")
     if target.layers < 1:
         problems.append(f"layers {target.layers} is below 1")
     for name in ("layers", "hidden_size", "intermediate_size", "heads", "kv_heads"):
@@ -174,16 +177,17 @@ def prune(model: nn.Module, target: Architecture, importance: Importance | None,
     if method == "random":
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            return type(model)(cfg).to(model.dtype).eval()
+            return _new_model(model, cfg)
     if importance is None:
         raise RecipeError("pruning method 'minitron' needs importance scores; call measure_importance() on "
                           "calibration batches first, or use method 'random'")
     _check_importance(importance, teacher)
 
-    student = type(model)(cfg).to(model.dtype).eval()
+    student = _new_model(model, cfg)
     hid = top_indices(importance.hidden_channel, target.hidden_size)
     kept_layers = top_indices(importance.block, target.layers)
     fam = teacher.family
+    qk_norm = fam.qk_norm and target.family.qk_norm  # a llama student of a qwen3 teacher has none (CROSS_FAMILY)
     with torch.no_grad():
         for new, old in zip(student.model.layers, kept_layers.tolist(), strict=True):
             src = model.model.layers[old]
@@ -202,7 +206,7 @@ def prune(model: nn.Module, target: Architecture, importance: Importance | None,
                 _copy_linear(new.mlp.up_proj, src.mlp.up_proj, rows=ch, cols=hid)
             _copy_linear(new.self_attn.o_proj, src.self_attn.o_proj, rows=hid, cols=q_rows)
             _copy_linear(new.mlp.down_proj, src.mlp.down_proj, rows=hid, cols=ch)
-            if fam.qk_norm:  # per-head norms: heads keep their head_dim, so these are copied whole
+            if qk_norm:  # per-head norms: heads keep their head_dim, so these are copied whole
                 new.self_attn.q_norm.weight.copy_(src.self_attn.q_norm.weight)
                 new.self_attn.k_norm.weight.copy_(src.self_attn.k_norm.weight)
             for (name, dst), (_, norm) in zip(_hidden_norms(new), _hidden_norms(src), strict=True):
@@ -238,7 +242,17 @@ def _hidden_norms(layer) -> list[tuple[str, nn.Module]]:
 
 
 def student_config(teacher_cfg, target: Architecture):
-    """The teacher's config (rope, eps, activation, ...) with the target's shape set explicitly."""
+    """The teacher's config (rope, eps, activation, ...) with the target's shape set explicitly.
+
+    A student of another family (``target.model_type``, one of :data:`edgekit.arch.CROSS_FAMILY`) gets that
+    family's config class with the teacher's shared settings."""
+    if target.model_type != teacher_cfg.model_type:
+        from transformers import AutoConfig
+
+        shared = ("vocab_size", "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling",
+                  "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "hidden_act")
+        teacher_cfg = AutoConfig.for_model(target.model_type, **{k: getattr(teacher_cfg, k) for k in shared
+                                                                 if getattr(teacher_cfg, k, None) is not None})
     cfg = copy.deepcopy(teacher_cfg)
     cfg.num_hidden_layers = target.layers
     cfg.hidden_size = target.hidden_size
@@ -289,6 +303,7 @@ def _head_rows(head_scores: torch.Tensor, teacher: Architecture, target: Archite
 
 def _copy_linear(dst: nn.Linear, src: nn.Linear, rows: torch.Tensor | None = None,
                  cols: torch.Tensor | None = None) -> None:
+    """Copy the selected rows/columns; a bias only where the student's layout has one (CROSS_FAMILY)."""
     w, b = src.weight, src.bias
     if rows is not None:
         w = w[rows]
@@ -296,8 +311,18 @@ def _copy_linear(dst: nn.Linear, src: nn.Linear, rows: torch.Tensor | None = Non
     if cols is not None:
         w = w[:, cols]
     dst.weight.copy_(w)
-    if b is not None:
+    if b is not None and dst.bias is not None:
         dst.bias.copy_(b)
+
+
+def _new_model(teacher: nn.Module, cfg) -> nn.Module:
+    """A randomly initialised model for ``cfg`` in the teacher's dtype (the teacher's class if the family is
+    the same, else the student family's own transformers class)."""
+    from transformers import AutoModelForCausalLM
+
+    if cfg.model_type == teacher.config.model_type:
+        return type(teacher)(cfg).to(teacher.dtype).eval()
+    return AutoModelForCausalLM.from_config(cfg).to(teacher.dtype).eval()
 
 
 def _check_importance(imp: Importance, teacher: Architecture) -> None:

@@ -75,3 +75,42 @@ def test_gemma_embedding_scale_is_kept_on_a_narrower_student(family_dir):
     ids = torch.tensor([[5, 6, 7]])
     with torch.no_grad():
         torch.testing.assert_close(student.model.embed_tokens(ids), model.model.embed_tokens(ids)[..., hid])
+
+
+@pytest.mark.parametrize("teacher_family", ["qwen2", "qwen3"])
+def test_a_llama_student_from_a_qwen_teacher_is_a_llama_that_beats_random(teacher_family, family_dir, tmp_path):
+    """student.family: llama layout (no biases / q-k norms), same tokenizer; it loads as a Llama and exports."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from edgekit.arch import student_family
+    from edgekit.export.gguf import export_gguf
+
+    folder = family_dir(teacher_family)
+    model = _model(folder)
+    teacher = teacher_architecture(model)
+    target = student_family(teacher, "llama").with_shape(layers=1, hidden_size=48, intermediate_size=96)
+    out = run(folder, target, ["The quick brown fox jumps over the lazy dog. " * 8], tmp_path / "student")
+    student = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert isinstance(student, LlamaForCausalLM) and not student.config.attention_bias
+    assert student.config.rope_theta == model.config.rope_theta
+    assert (out / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
+    ids = _batches(model.config.vocab_size)[0]
+    assert _kl(model, student, ids) < _kl(model, prune(model, target, None, method="random"), ids)
+    model_only = tmp_path / "model-only"  # the prune artifact also holds importance.safetensors
+    model_only.mkdir()
+    for f in out.iterdir():
+        if f.name != "importance.safetensors":
+            (model_only / f.name).write_bytes(f.read_bytes())
+    assert export_gguf(model_only, tmp_path / "s.gguf", "f16", progress=False)["n_tensors"] > 0
+
+
+def test_a_student_family_that_cannot_be_carved_is_refused_in_one_line(family_dir):
+    from edgekit.arch import student_family
+    from edgekit.errors import ModelError
+
+    teacher = Architecture.from_hf_config(json.loads((family_dir("gemma3") / "config.json").read_text()))
+    with pytest.raises(ModelError, match=r"a llama student cannot be carved from a gemma3 teacher.*qwen2 -> llama"):
+        student_family(teacher, "llama")
+    with pytest.raises(ModelError, match="unknown student family 'gpt2'"):
+        student_family(teacher, "gpt2")
+    assert student_family(teacher, "gemma3") is teacher
