@@ -80,6 +80,35 @@ def student_family(teacher: Architecture, family: str | None) -> Architecture:
     return replace(teacher, model_type=FAMILIES[family].model_types[0], sliding_window=0, sliding_layers=0)
 
 
+# llama.cpp architecture name -> the family whose HF layout it is (Mistral GGUFs are written as ``llama``).
+GGUF_ARCHS = {f.gguf_arch: f for f in reversed(FAMILIES.values())}
+
+
+def config_from_gguf(md: dict, tensor_names, vocab_size: int | None, source: str) -> dict:
+    """An HF-style config dict from a GGUF's metadata (llama.cpp's keys); one ModelError line for a family
+    edgekit does not handle. ``vocab_size`` when the caller already knows it (else from the metadata)."""
+    a = md.get("general.architecture", "?")
+    fam = GGUF_ARCHS.get(a)
+    if fam is None:
+        raise ModelError(f"{source}: GGUF architecture {a!r} is not supported (edgekit converts and exports "
+                         f"{', '.join(sorted(GGUF_ARCHS))} GGUFs); nothing was converted")
+    heads = md.get(f"{a}.attention.head_count")
+    cfg = {"model_type": fam.model_types[0], "num_hidden_layers": md.get(f"{a}.block_count"),
+           "hidden_size": md.get(f"{a}.embedding_length"), "intermediate_size": md.get(f"{a}.feed_forward_length"),
+           "num_attention_heads": heads, "num_key_value_heads": md.get(f"{a}.attention.head_count_kv", heads),
+           "head_dim": md.get(f"{a}.attention.key_length"),
+           "vocab_size": vocab_size or md.get(f"{a}.vocab_size"),
+           "tie_word_embeddings": "output.weight" not in set(tensor_names),
+           "max_position_embeddings": md.get(f"{a}.context_length"),
+           "sliding_window": md.get(f"{a}.attention.sliding_window"),
+           "license": md.get("general.license")}
+    if a == "gemma3":
+        cfg["sliding_window_pattern"] = 6  # llama.cpp's gemma3 graph: every 6th layer is global
+    elif a in ("llama", "phi3", "qwen2"):  # llama.cpp applies no window on these graphs (the export records none)
+        cfg["sliding_window"] = None
+    return cfg
+
+
 def family_of(model_type: str, source: str = "config.json") -> Family:
     """The family of ``model_type``, or one ModelError line naming the supported ones."""
     fam = MODEL_TYPES.get(model_type)

@@ -25,7 +25,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from edgekit import artifact
-from edgekit.arch import FAMILIES, Architecture, family_of
+from edgekit.arch import Architecture, config_from_gguf, family_of
 from edgekit.errors import CacheError, ModelError
 from edgekit.hf import NOTICE_FILE, notice_text, read_json, read_notice, worth_copying
 from edgekit.integrity import check_gguf, check_safetensors, check_weights_folder  # noqa: F401  (re-exported)
@@ -54,9 +54,6 @@ PACKAGED = {
 }
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# llama.cpp architecture name -> the family whose HF layout transformers' GGUF loader rebuilds from it
-# (Mistral GGUFs are written as ``llama``, so ``llama`` maps to the llama family).
-GGUF_ARCHS = {f.gguf_arch: f for f in reversed(FAMILIES.values())}
 
 
 @dataclass
@@ -173,26 +170,9 @@ def _gguf_config(path: str, mtime: float) -> dict:
     def value(key, default=None):
         return f[key].contents() if key in f else default
 
-    a = value("general.architecture", "?")
-    fam = GGUF_ARCHS.get(a)
-    if fam is None:
-        raise ModelError(
-            f"{path}: GGUF architecture {a!r} is not supported (edgekit converts and exports "
-            f"{', '.join(sorted(GGUF_ARCHS))} GGUFs); nothing was converted"
-        )
-    heads = value(f"{a}.attention.head_count")
-    cfg = {"model_type": fam.model_types[0], "num_hidden_layers": value(f"{a}.block_count"),
-           "hidden_size": value(f"{a}.embedding_length"), "intermediate_size": value(f"{a}.feed_forward_length"),
-           "num_attention_heads": heads, "num_key_value_heads": value(f"{a}.attention.head_count_kv", heads),
-           "head_dim": value(f"{a}.attention.key_length"),
-           "vocab_size": value(f"{a}.vocab_size") or len(value("tokenizer.ggml.tokens", [])),
-           "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
-           "max_position_embeddings": value(f"{a}.context_length"),
-           "sliding_window": value(f"{a}.attention.sliding_window"),
-           "license": value("general.license")}
-    if a == "gemma3":
-        cfg["sliding_window_pattern"] = 6  # llama.cpp's gemma3 graph: every 6th layer is global
-    return cfg
+    md = {k: value(k) for k in f if not k.startswith("tokenizer.ggml.") or k == "tokenizer.ggml.model"}
+    vocab = len(value("tokenizer.ggml.tokens", []) or []) or None
+    return config_from_gguf(md, [t.name for t in reader.tensors], vocab, path)
 
 
 def teacher_architecture(spec: str, fetch: bool = True) -> tuple[Architecture, str]:

@@ -165,3 +165,21 @@ def test_unsupported_and_near_miss_model_types_say_why(tmp_path):
     (folder / "config.json").write_text(json.dumps({**QWEN3_1_7B, "model_type": "gpt_neox"}))
     with pytest.raises(ModelError, match="model_type 'gpt_neox' is not supported.*gemma3_text"):
         resolve_teacher(str(folder))  # refused by family, before the missing weights are noticed
+
+
+TOKENIZER_TEXTS = ["Hello world! 12345 apples, 3.14 and 2024-11-24.", "  spaces   runs\n\n\ttabs and émoji 😀🙂",
+                   "def add(a, b):\n    return a + b"]
+
+
+@pytest.mark.parametrize("family", TINY)
+def test_executorch_tokenizer_reads_each_familys_tokenizer_like_transformers(family, family_dir):
+    """ExecuTorch's C++ runner tokenizes with pytorch_tokenizers' HF tokenizer, from the same tokenizer.json."""
+    pt = pytest.importorskip("pytorch_tokenizers")
+    from transformers import AutoTokenizer
+
+    folder = family_dir(family)
+    tok = AutoTokenizer.from_pretrained(folder)
+    et = pt.CppHFTokenizer()
+    et.load(str(folder / "tokenizer.json"))
+    for text in TOKENIZER_TEXTS:
+        assert list(et.encode(text, 0, 0)) == tok(text, add_special_tokens=False).input_ids, (family, text)

@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edgekit.arch import DEFAULT_CONTEXT, Architecture
+from edgekit.arch import Architecture, config_from_gguf
 from edgekit.artifact import atomic_write_bytes, disk_error
 from edgekit.errors import ModelError, RecipeError
 from edgekit.integrity import check_gguf
@@ -171,16 +171,9 @@ def arch_from_gguf(info: dict) -> Architecture:
     md, a = info["metadata"], info["arch"]
     names = {t["name"]: t for t in info["tensors"]}
     try:
-        heads = int(md[f"{a}.attention.head_count"])
-        hidden = int(md[f"{a}.embedding_length"])
-        head_dim = int(md.get(f"{a}.attention.key_length") or hidden // heads)
-        return Architecture(
-            layers=int(md[f"{a}.block_count"]), hidden_size=hidden,
-            intermediate_size=int(md[f"{a}.feed_forward_length"]), heads=heads,
-            kv_heads=int(md.get(f"{a}.attention.head_count_kv") or heads), head_dim=head_dim,
-            vocab_size=int(names["token_embd.weight"]["shape"][1]), tie_embeddings="output.weight" not in names,
-            max_context=int(md.get(f"{a}.context_length") or DEFAULT_CONTEXT), model_type=str(a),
-        )
+        vocab = int(names["token_embd.weight"]["shape"][1])
+        cfg = config_from_gguf({**md, "general.architecture": a}, names, vocab, str(info["path"]))
+        return Architecture.from_hf_config(cfg, f"{info['path']} (GGUF header)")
     except (KeyError, TypeError, ValueError) as e:
         raise ModelError(f"{info['path']} lacks the {a} metadata edgekit needs ({e}); re-export it with "
                          "edgekit.export.gguf") from e
