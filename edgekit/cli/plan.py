@@ -155,12 +155,16 @@ def _print_plan_detail(r: dict) -> None:
     print(f"device   {r['device']['display_name']} ({r['device']['name']}), runtime {r['runtime']}, "
           f"budget {format_bytes(r['budget_bytes'])}")
     verdict = "the teacher fits as is" if r["teacher_fits"] else f"student at {s['fraction_of_teacher']:.0%} of the teacher"
-    print(f"student  {_student_label(r)} -> {params(s['params'])} params ({verdict})")
+    print(f"student  {_student_label(r)} -> {params(s['params'])} params ({verdict}); {s['family']} family, "
+          f"{s['embedding_share']:.0%} of it in the embedding")
     print(f"         {r['bits_per_weight']:.2f} bits per weight at {r['quant']}")
     print()
     terms = [
         ["weights", format_bytes(m["weights_bytes"]), "every tensor at the scheme's stored size (scales included)"],
-        ["KV cache", format_bytes(m["kv_cache_bytes"]), f"K and V for {r['context']} tokens"],
+        ["KV cache", format_bytes(m["kv_cache_bytes"]), f"K and V for {r['context']} tokens" + (
+            f"; {s['sliding_layers']} of {s['layers']} layers attend to a {s['sliding_window']}-token window"
+            + (" and cache only that (+ one micro-batch)" if r["runtime"] == "llama.cpp" else "")
+            if s.get("sliding_layers") else "")],
         ["compute buffer", format_bytes(m["compute_buffer_bytes"]), "activations of one prompt micro-batch"],
         ["runtime overhead", format_bytes(m["runtime_overhead_bytes"]), "process, library, tokenizer tables"],
         ["= predicted RSS", format_bytes(m["predicted_rss_bytes"]), ""],
