@@ -34,16 +34,17 @@ class Family:
     embed_scale: bool = False  # embeddings multiplied by sqrt(hidden) (Gemma)
     tokenizer: str = "byte-level BPE"  # what the family's checkpoints usually ship
     note: str = ""
+    display: str = ""  # how model cards name it (default: the name)
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("llama", ("llama",), "llama", note="Llama 2/3.x (llama3 rope scaling), SmolLM/SmolLM2"),
-    Family("mistral", ("mistral",), "llama", tokenizer="SentencePiece BPE", note="Mistral 7B v0.x, Ministral"),
-    Family("qwen2", ("qwen2",), "qwen2", attn_bias=True, note="Qwen2, Qwen2.5"),
-    Family("qwen3", ("qwen3",), "qwen3", qk_norm=True, note="Qwen3 dense"),
+    Family("llama", ("llama",), "llama", display="Llama", note="Llama 2/3.x (llama3 rope scaling), SmolLM/SmolLM2"),
+    Family("mistral", ("mistral",), "llama", tokenizer="SentencePiece BPE", display="Mistral", note="Mistral 7B v0.x, Ministral"),
+    Family("qwen2", ("qwen2",), "qwen2", attn_bias=True, display="Qwen2", note="Qwen2, Qwen2.5"),
+    Family("qwen3", ("qwen3",), "qwen3", qk_norm=True, display="Qwen3", note="Qwen3 dense"),
     Family("gemma3", ("gemma3_text",), "gemma3", qk_norm=True, norms_per_layer=4, activation="gelu_pytorch_tanh",
-           embed_scale=True, tokenizer="SentencePiece BPE", note="Gemma 3 text (270M, 1B)"),
-    Family("phi3", ("phi3",), "phi3", fused=True, tokenizer="SentencePiece BPE",
+           embed_scale=True, tokenizer="SentencePiece BPE", display="Gemma 3", note="Gemma 3 text (270M, 1B)"),
+    Family("phi3", ("phi3",), "phi3", fused=True, tokenizer="SentencePiece BPE", display="Phi-3",
            note="Phi-3/3.5-mini, Phi-4-mini"),
 )}
 MODEL_TYPES: dict[str, Family] = {mt: f for f in FAMILIES.values() for mt in f.model_types}

@@ -39,7 +39,7 @@ from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
 from edgekit import __version__, artifact, plan, registry, runtimes
-from edgekit.arch import DEFAULT_CONTEXT, Architecture
+from edgekit.arch import DEFAULT_CONTEXT, FAMILIES, Architecture
 from edgekit.devices import load_device
 from edgekit.errors import ConfigError, EdgekitError
 from edgekit.hf import NOTICE_FILE, worth_copying
@@ -384,7 +384,8 @@ def model_card(m: dict) -> str:
     requirements = ", ".join(_requirement(r) for r in m["runtimes"])
     lines = [
         f"# {m['name']}", "",
-        f"{m['architecture']['model_type'].capitalize()}-family language model, {m['params'] / 1e6:.2f}M parameters, "
+        f"{_family_display(m['architecture'])}-family language "
+        f"model, {m['params'] / 1e6:.2f}M parameters, "
         f"exported as **{fmt.upper()}** with **{m['quant']}** quantization"
         f"{' (calibrated)' if m['calibrated'] else ''}, packaged by edgekit {m['edgekit_version']} on {m['created']}.",
         "", "## Run it", "",
@@ -431,6 +432,11 @@ def model_card(m: dict) -> str:
               "manifest.json lists every file's sha256 and size; `edgekit.package.verify(<this folder or its "
               ".tar.gz>)` checks them.", ""]
     return "\n".join(lines)
+
+
+def _family_display(arch: dict) -> str:
+    fam = FAMILIES.get(arch.get("family") or "")
+    return (fam.display or fam.name) if fam else str(arch.get("model_type", "?")).capitalize()
 
 
 def _requirement(rt: dict) -> str:
