@@ -2,7 +2,7 @@
 
 What does each step:
 
-1. The model: :class:`edgekit.export.et_model.StaticLlama` wraps the HF model's own layers
+1. The model: :class:`edgekit.export.et_model.StaticDecoder` wraps the HF model's own layers
    with a static K/V cache of ``context`` positions and ExecuTorch's LLM kernels
    (``llama::update_cache``, ``llama::custom_sdpa``); et_model.py says why it is not
    transformers' or optimum-executorch's wrapper.
@@ -47,8 +47,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgekit import artifact, registry
-from edgekit.arch import DEFAULT_CONTEXT, Architecture
+from edgekit.arch import DEFAULT_CONTEXT
 from edgekit.errors import ModelError, RecipeError
+from edgekit.export.et_families import check_supported
 from edgekit.export.exporter import Exporter
 from edgekit.hf import copy_hf_files, special_token_ids
 from edgekit.progress import steps
@@ -111,13 +112,15 @@ def export_executorch(model_dir: Path, out_dir: Path, quant: str = "fp32", *, co
         if (model_dir / "config.json").is_file() else None
     if cfg is None:
         raise ModelError(f"{model_dir} has no config.json; pass a Hugging Face model folder")
-    arch = Architecture.from_hf_config(cfg, str(model_dir / "config.json"))
+    check_supported(cfg)  # the family, before anything is loaded
+    shape = _shape(cfg, model_dir / "config.json")
     if not any(model_dir.glob("*.safetensors")):
         raise ModelError(f"{model_dir} has no .safetensors weights to export; pass a float HF folder "
                          "(edgekit resolves teachers and students to one)")
-    context = min(int(context), arch.max_context)
+    context = min(int(context), shape["max_context"])
     if context < 8:
         raise RecipeError(f"executorch context {context} is too small; give at least 8 positions")
+    check_supported(cfg, context)  # length-dependent RoPE
     bos, eos, _ = special_token_ids(model_dir)
     if calibration_texts and spec.weight_bits != 4:
         raise RecipeError(f"calibration is for 8da4w only, not {spec.name}; drop it or use --quant 8da4w")
@@ -139,7 +142,7 @@ def export_executorch(model_dir: Path, out_dir: Path, quant: str = "fp32", *, co
         bar.update(1)
 
         t = time.perf_counter()
-        sample = torch.tensor([[bos, 2, 3, 4]], dtype=torch.long) % arch.vocab_size
+        sample = torch.tensor([[bos, 2, 3, 4]], dtype=torch.long) % shape["vocab_size"]
         seq = torch.export.Dim("seq", min=1, max=context - 1)
         with torch.no_grad():
             exported = torch.export.export(module, (sample, torch.tensor([0], dtype=torch.long)),
@@ -148,9 +151,9 @@ def export_executorch(model_dir: Path, out_dir: Path, quant: str = "fp32", *, co
         bar.update(1)
 
         t = time.perf_counter()
-        metadata = {"get_max_seq_len": context, "get_max_context_len": context, "get_vocab_size": arch.vocab_size,
+        metadata = {"get_max_seq_len": context, "get_max_context_len": context, "get_vocab_size": shape["vocab_size"],
                     "get_bos_id": bos, "get_eos_ids": eos, "use_kv_cache": True, "use_sdpa_with_kv_cache": True,
-                    "enable_dynamic_shape": True, "get_n_layers": arch.layers}
+                    "enable_dynamic_shape": True, "get_n_layers": shape["layers"]}
         program, delegates = _lower(exported, metadata)
         del exported, module
         timings["lower_s"] = time.perf_counter() - t
@@ -163,7 +166,7 @@ def export_executorch(model_dir: Path, out_dir: Path, quant: str = "fp32", *, co
         copied = copy_hf_files(model_dir, tmp)
         et_config = {
             "format": "executorch", "quant": spec.name, "description": spec.description,
-            "context": context, "vocab_size": arch.vocab_size, "bos_token_id": bos, "eos_token_id": eos,
+            "context": context, "vocab_size": shape["vocab_size"], "bos_token_id": bos, "eos_token_id": eos,
             "inputs": {"tokens": "int64 [1, S], 1 <= S < context", "input_pos": "int64 [1]: position of tokens[0]"},
             "output": "float32 [1, vocab]: logits of the last position",
             "kernels": KERNELS + (["quantized_decomposed::embedding_byte"] if spec.weight_bits < 32 else []),
@@ -174,7 +177,7 @@ def export_executorch(model_dir: Path, out_dir: Path, quant: str = "fp32", *, co
         bar.update(1)
 
         t = time.perf_counter()
-        check = check_pte(tmp / MODEL_FILE, reference, bos, arch.vocab_size)
+        check = check_pte(tmp / MODEL_FILE, reference, bos, shape["vocab_size"])
         if spec.weight_bits == 32 and not check["argmax_agrees"]:
             raise ModelError(f"the fp32 ExecuTorch program disagrees with PyTorch (max |logit diff| "
                              f"{check['max_abs_logit_diff']:.3g}); this is an exporter bug, please report it")
@@ -192,9 +195,18 @@ def export_executorch(model_dir: Path, out_dir: Path, quant: str = "fp32", *, co
                            f"{package_version('executorch')} (XNNPACK)",
                   "quantization": f"torchao {package_version('torchao')}" if spec.weight_bits < 32 else None},
         "delegates": delegates, "check": check, "eos_token_id": eos, "awq": awq,
-        "more_bits": more_bits_layers(arch.layers) if spec.weight_bits == 4 else [],
+        "more_bits": more_bits_layers(shape["layers"]) if spec.weight_bits == 4 else [],
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
+
+
+def _shape(cfg: dict, source: Path) -> dict:
+    """The few numbers of ``config.json`` the export needs (vocabulary, layers, longest context)."""
+    try:
+        return {"vocab_size": int(cfg["vocab_size"]), "layers": int(cfg["num_hidden_layers"]),
+                "max_context": int(cfg.get("max_position_embeddings") or DEFAULT_CONTEXT)}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelError(f"{source} lacks or mangles a required field ({e}); is this a causal LM config?") from e
 
 
 def _build(model_dir: Path, spec: EtQuant, context: int, reference_dir: Path):
@@ -202,7 +214,7 @@ def _build(model_dir: Path, spec: EtQuant, context: int, reference_dir: Path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from edgekit.export.et_model import Int8Embedding, StaticLlama
+    from edgekit.export.et_model import Int8Embedding, StaticDecoder
 
     probe = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
     ref = AutoModelForCausalLM.from_pretrained(str(reference_dir), dtype=torch.float32, use_safetensors=True).eval()
@@ -211,7 +223,7 @@ def _build(model_dir: Path, spec: EtQuant, context: int, reference_dir: Path):
         ref_logits = ref(probe).logits[0, -1].clone()
     hf = ref if reference_dir == model_dir else \
         AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True).eval()
-    module = StaticLlama(hf, context).eval()
+    module = StaticDecoder(hf, context).eval()
     if spec.weight_bits < 32:
         from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
         from torchao.quantization.granularity import PerAxis, PerGroup
