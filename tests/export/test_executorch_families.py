@@ -147,6 +147,17 @@ def test_bound_fails_without_the_window(hf_models):
     assert np.abs(_module_step_logits(module, ids) - _ref_logits(model, ids)).max() > 100 * MODULE_BOUND
 
 
+def test_written_out_tanh_gelu_is_torchs():
+    import torch
+
+    from edgekit.export.et_model import ACTIVATIONS
+
+    x = torch.linspace(-8, 8, 10001)
+    gelu = ACTIVATIONS["gelu_pytorch_tanh"]
+    assert torch.allclose(gelu(x), torch.nn.functional.gelu(x, approximate="tanh"), atol=1e-6, rtol=0)
+    assert (gelu(x) - torch.nn.functional.gelu(x)).abs().max() > 1e-4  # not the erf GELU
+
+
 def test_gemma3_module_keeps_a_tied_head_and_scales_the_embedding(hf_models):
     model, _ = hf_models("gemma3")
     module = _module(model)
