@@ -241,6 +241,7 @@ class StaticDecoder(nn.Module):
             raise ModelError(f"context {max_len} exceeds the model's max_position_embeddings "
                              f"{cfg.max_position_embeddings}; lower the export context")
         self.max_len = max_len
+        self.model_type = cfg.model_type
         inner = hf_model.model
         emb = inner.embed_tokens
         if hasattr(emb, "embed_scale"):  # Gemma scales the embedding by sqrt(hidden) in the weights' dtype

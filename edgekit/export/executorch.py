@@ -136,6 +136,9 @@ def export_executorch(model_dir: Path, out_dir: Path, quant: str = "fp32", *, co
         if calibration_texts:
             source, awq = awq_scaled_copy(model_dir, calibration_texts, spec.group_size, tmp / ".awq", symmetric=True)
         module, reference = _build(source, spec, context, model_dir)
+        # Sliding-window layers keep a full-context cache too (masked to the window): their K/V cost is the context's.
+        attention = {"model_type": module.model_type, "sliding_window": module.window or None,
+                     "sliding_layers": sum(module.sliding), "kv_cache_positions": context}
         if awq is not None:
             shutil.rmtree(tmp / ".awq")
         timings["load_quantize_s"] = time.perf_counter() - t
@@ -169,6 +172,7 @@ def export_executorch(model_dir: Path, out_dir: Path, quant: str = "fp32", *, co
             "context": context, "vocab_size": shape["vocab_size"], "bos_token_id": bos, "eos_token_id": eos,
             "inputs": {"tokens": "int64 [1, S], 1 <= S < context", "input_pos": "int64 [1]: position of tokens[0]"},
             "output": "float32 [1, vocab]: logits of the last position",
+            "attention": attention,
             "kernels": KERNELS + (["quantized_decomposed::embedding_byte"] if spec.weight_bits < 32 else []),
             "executorch_version": package_version("executorch"), "torchao_version": package_version("torchao"),
         }
@@ -194,7 +198,7 @@ def export_executorch(model_dir: Path, out_dir: Path, quant: str = "fp32", *, co
         "tools": {"graph": f"torch.export {package_version('torch')} + executorch "
                            f"{package_version('executorch')} (XNNPACK)",
                   "quantization": f"torchao {package_version('torchao')}" if spec.weight_bits < 32 else None},
-        "delegates": delegates, "check": check, "eos_token_id": eos, "awq": awq,
+        "delegates": delegates, "attention": attention, "check": check, "eos_token_id": eos, "awq": awq,
         "more_bits": more_bits_layers(shape["layers"]) if spec.weight_bits == 4 else [],
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
