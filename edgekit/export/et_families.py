@@ -1,4 +1,4 @@
-"""Which Hugging Face decoders the ExecuTorch exporter can express, checked from config.json alone.
+"""What the ExecuTorch exporter can express of each family in ``edgekit.arch.FAMILIES``, from config.json alone.
 
 No torch here: the export refuses an unsupported family or feature in one line before it loads anything.
 ``edgekit.export.et_model`` builds the program module for what passes.
@@ -8,29 +8,36 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from edgekit.arch import family_of
 from edgekit.errors import ModelError
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text")
 # Activations (config ``hidden_act`` / ``hidden_activation``) et_model computes as HF's ACT2FN does.
 ACTIVATION_NAMES = ("silu", "gelu_pytorch_tanh")
-GEMMA = ("gemma3_text",)
 # Rope types whose frequencies HF switches by sequence length past original_max_position_embeddings.
 LENGTH_SWITCHED_ROPE = ("longrope",)
 
 
-def activation_name(get, model_type: str) -> str:
-    return get("hidden_activation") or get("hidden_act") or ("gelu_pytorch_tanh" if model_type in GEMMA else "silu")
+def _getter(config):
+    return config.get if isinstance(config, Mapping) else (lambda key, default=None: getattr(config, key, default))
+
+
+def activation_name(config) -> str:
+    """The MLP activation of ``config`` (a config.json dict or HF config); the family's when the config omits it."""
+    get = _getter(config)
+    return get("hidden_activation") or get("hidden_act") or family_of(get("model_type", "?")).activation
+
+
+def gemma_norms(config) -> bool:
+    """Whether RMSNorm weights are stored as ``w`` for ``x * (1 + w)`` (Gemma)."""
+    return family_of(_getter(config)("model_type", "?")).name == "gemma3"
 
 
 def check_supported(config, context: int | None = None) -> None:
-    """Raise ModelError naming the first feature of ``config`` (a config.json dict or HF config) this module
+    """Raise ModelError naming the first feature of ``config`` (a config.json dict or HF config) the exporter
     cannot express; ``context`` (the export's positions) checks length-dependent RoPE too."""
-    get = config.get if isinstance(config, Mapping) else (lambda key, default=None: getattr(config, key, default))
-    mt = get("model_type", "?")
-    if mt not in SUPPORTED:
-        raise ModelError(f"ExecuTorch export handles {', '.join(SUPPORTED)} decoders, not model_type {mt!r}; "
-                         "export this model to gguf or onnx instead")
-    act = activation_name(get, mt)
+    get = _getter(config)
+    family_of(get("model_type", "?"))
+    act = activation_name(config)
     if act not in ACTIVATION_NAMES:
         raise ModelError(f"hidden_act {act!r} is not supported by the ExecuTorch exporter "
                          f"({', '.join(ACTIVATION_NAMES)} only); export to gguf or onnx instead")

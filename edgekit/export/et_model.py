@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgekit.errors import ModelError
-from edgekit.export.et_families import ACTIVATION_NAMES, GEMMA, activation_name, check_supported
+from edgekit.export.et_families import ACTIVATION_NAMES, activation_name, check_supported, gemma_norms
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -235,8 +235,8 @@ class StaticDecoder(nn.Module):
         cfg = hf_model.config
         check_supported(cfg, max_len)
         cfg.head_dim_ = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        cfg.act_name_ = activation_name(lambda key, default=None: getattr(cfg, key, default), cfg.model_type)
-        cfg.norm_offset_ = 1.0 if cfg.model_type in GEMMA else 0.0
+        cfg.act_name_ = activation_name(cfg)
+        cfg.norm_offset_ = 1.0 if gemma_norms(cfg) else 0.0
         if max_len > cfg.max_position_embeddings:
             raise ModelError(f"context {max_len} exceeds the model's max_position_embeddings "
                              f"{cfg.max_position_embeddings}; lower the export context")

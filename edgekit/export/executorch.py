@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgekit import artifact, registry
-from edgekit.arch import DEFAULT_CONTEXT
+from edgekit.arch import DEFAULT_CONTEXT, Architecture
 from edgekit.errors import ModelError, RecipeError
 from edgekit.export.et_families import check_supported
 from edgekit.export.exporter import Exporter
@@ -112,12 +112,12 @@ def export_executorch(model_dir: Path, out_dir: Path, quant: str = "fp32", *, co
         if (model_dir / "config.json").is_file() else None
     if cfg is None:
         raise ModelError(f"{model_dir} has no config.json; pass a Hugging Face model folder")
-    check_supported(cfg)  # the family, before anything is loaded
-    shape = _shape(cfg, model_dir / "config.json")
+    arch = Architecture.from_hf_config(cfg, str(model_dir / "config.json"))  # refuses an unknown family
+    check_supported(cfg)  # what this exporter cannot express, before anything is loaded
     if not any(model_dir.glob("*.safetensors")):
         raise ModelError(f"{model_dir} has no .safetensors weights to export; pass a float HF folder "
                          "(edgekit resolves teachers and students to one)")
-    context = min(int(context), shape["max_context"])
+    context = min(int(context), arch.max_context)
     if context < 8:
         raise RecipeError(f"executorch context {context} is too small; give at least 8 positions")
     check_supported(cfg, context)  # length-dependent RoPE
@@ -145,7 +145,7 @@ def export_executorch(model_dir: Path, out_dir: Path, quant: str = "fp32", *, co
         bar.update(1)
 
         t = time.perf_counter()
-        sample = torch.tensor([[bos, 2, 3, 4]], dtype=torch.long) % shape["vocab_size"]
+        sample = torch.tensor([[bos, 2, 3, 4]], dtype=torch.long) % arch.vocab_size
         seq = torch.export.Dim("seq", min=1, max=context - 1)
         with torch.no_grad():
             exported = torch.export.export(module, (sample, torch.tensor([0], dtype=torch.long)),
@@ -154,9 +154,9 @@ def export_executorch(model_dir: Path, out_dir: Path, quant: str = "fp32", *, co
         bar.update(1)
 
         t = time.perf_counter()
-        metadata = {"get_max_seq_len": context, "get_max_context_len": context, "get_vocab_size": shape["vocab_size"],
+        metadata = {"get_max_seq_len": context, "get_max_context_len": context, "get_vocab_size": arch.vocab_size,
                     "get_bos_id": bos, "get_eos_ids": eos, "use_kv_cache": True, "use_sdpa_with_kv_cache": True,
-                    "enable_dynamic_shape": True, "get_n_layers": shape["layers"]}
+                    "enable_dynamic_shape": True, "get_n_layers": arch.layers}
         program, delegates = _lower(exported, metadata)
         del exported, module
         timings["lower_s"] = time.perf_counter() - t
@@ -169,7 +169,7 @@ def export_executorch(model_dir: Path, out_dir: Path, quant: str = "fp32", *, co
         copied = copy_hf_files(model_dir, tmp)
         et_config = {
             "format": "executorch", "quant": spec.name, "description": spec.description,
-            "context": context, "vocab_size": shape["vocab_size"], "bos_token_id": bos, "eos_token_id": eos,
+            "context": context, "vocab_size": arch.vocab_size, "bos_token_id": bos, "eos_token_id": eos,
             "inputs": {"tokens": "int64 [1, S], 1 <= S < context", "input_pos": "int64 [1]: position of tokens[0]"},
             "output": "float32 [1, vocab]: logits of the last position",
             "attention": attention,
@@ -181,7 +181,7 @@ def export_executorch(model_dir: Path, out_dir: Path, quant: str = "fp32", *, co
         bar.update(1)
 
         t = time.perf_counter()
-        check = check_pte(tmp / MODEL_FILE, reference, bos, shape["vocab_size"])
+        check = check_pte(tmp / MODEL_FILE, reference, bos, arch.vocab_size)
         if spec.weight_bits == 32 and not check["argmax_agrees"]:
             raise ModelError(f"the fp32 ExecuTorch program disagrees with PyTorch (max |logit diff| "
                              f"{check['max_abs_logit_diff']:.3g}); this is an exporter bug, please report it")
@@ -199,18 +199,9 @@ def export_executorch(model_dir: Path, out_dir: Path, quant: str = "fp32", *, co
                            f"{package_version('executorch')} (XNNPACK)",
                   "quantization": f"torchao {package_version('torchao')}" if spec.weight_bits < 32 else None},
         "delegates": delegates, "attention": attention, "check": check, "eos_token_id": eos, "awq": awq,
-        "more_bits": more_bits_layers(shape["layers"]) if spec.weight_bits == 4 else [],
+        "more_bits": more_bits_layers(arch.layers) if spec.weight_bits == 4 else [],
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
-
-
-def _shape(cfg: dict, source: Path) -> dict:
-    """The few numbers of ``config.json`` the export needs (vocabulary, layers, longest context)."""
-    try:
-        return {"vocab_size": int(cfg["vocab_size"]), "layers": int(cfg["num_hidden_layers"]),
-                "max_context": int(cfg.get("max_position_embeddings") or DEFAULT_CONTEXT)}
-    except (KeyError, TypeError, ValueError) as e:
-        raise ModelError(f"{source} lacks or mangles a required field ({e}); is this a causal LM config?") from e
 
 
 def _build(model_dir: Path, spec: EtQuant, context: int, reference_dir: Path):
