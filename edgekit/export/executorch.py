@@ -2,7 +2,7 @@
 
 What does each step:
 
-1. The model: :class:`edgekit.export.et_model.StaticLlama` wraps the HF model's own layers
+1. The model: :class:`edgekit.export.et_model.StaticDecoder` wraps the HF model's own layers
    with a static K/V cache of ``context`` positions and ExecuTorch's LLM kernels
    (``llama::update_cache``, ``llama::custom_sdpa``); et_model.py says why it is not
    transformers' or optimum-executorch's wrapper.
@@ -49,6 +49,7 @@ from pathlib import Path
 from edgekit import artifact, registry
 from edgekit.arch import DEFAULT_CONTEXT, Architecture
 from edgekit.errors import ModelError, RecipeError
+from edgekit.export.et_families import check_supported
 from edgekit.export.exporter import Exporter
 from edgekit.hf import copy_hf_files, special_token_ids
 from edgekit.progress import steps
@@ -111,13 +112,15 @@ def export_executorch(model_dir: Path, out_dir: Path, quant: str = "fp32", *, co
         if (model_dir / "config.json").is_file() else None
     if cfg is None:
         raise ModelError(f"{model_dir} has no config.json; pass a Hugging Face model folder")
-    arch = Architecture.from_hf_config(cfg, str(model_dir / "config.json"))
+    arch = Architecture.from_hf_config(cfg, str(model_dir / "config.json"))  # refuses an unknown family
+    check_supported(cfg)  # what this exporter cannot express, before anything is loaded
     if not any(model_dir.glob("*.safetensors")):
         raise ModelError(f"{model_dir} has no .safetensors weights to export; pass a float HF folder "
                          "(edgekit resolves teachers and students to one)")
     context = min(int(context), arch.max_context)
     if context < 8:
         raise RecipeError(f"executorch context {context} is too small; give at least 8 positions")
+    check_supported(cfg, context)  # length-dependent RoPE
     bos, eos, _ = special_token_ids(model_dir)
     if calibration_texts and spec.weight_bits != 4:
         raise RecipeError(f"calibration is for 8da4w only, not {spec.name}; drop it or use --quant 8da4w")
@@ -133,6 +136,9 @@ def export_executorch(model_dir: Path, out_dir: Path, quant: str = "fp32", *, co
         if calibration_texts:
             source, awq = awq_scaled_copy(model_dir, calibration_texts, spec.group_size, tmp / ".awq", symmetric=True)
         module, reference = _build(source, spec, context, model_dir)
+        # Sliding-window layers keep a full-context cache too (masked to the window): their K/V cost is the context's.
+        attention = {"model_type": module.model_type, "sliding_window": module.window or None,
+                     "sliding_layers": sum(module.sliding), "kv_cache_positions": context}
         if awq is not None:
             shutil.rmtree(tmp / ".awq")
         timings["load_quantize_s"] = time.perf_counter() - t
@@ -166,6 +172,7 @@ def export_executorch(model_dir: Path, out_dir: Path, quant: str = "fp32", *, co
             "context": context, "vocab_size": arch.vocab_size, "bos_token_id": bos, "eos_token_id": eos,
             "inputs": {"tokens": "int64 [1, S], 1 <= S < context", "input_pos": "int64 [1]: position of tokens[0]"},
             "output": "float32 [1, vocab]: logits of the last position",
+            "attention": attention,
             "kernels": KERNELS + (["quantized_decomposed::embedding_byte"] if spec.weight_bits < 32 else []),
             "executorch_version": package_version("executorch"), "torchao_version": package_version("torchao"),
         }
@@ -191,7 +198,7 @@ def export_executorch(model_dir: Path, out_dir: Path, quant: str = "fp32", *, co
         "tools": {"graph": f"torch.export {package_version('torch')} + executorch "
                            f"{package_version('executorch')} (XNNPACK)",
                   "quantization": f"torchao {package_version('torchao')}" if spec.weight_bits < 32 else None},
-        "delegates": delegates, "check": check, "eos_token_id": eos, "awq": awq,
+        "delegates": delegates, "attention": attention, "check": check, "eos_token_id": eos, "awq": awq,
         "more_bits": more_bits_layers(arch.layers) if spec.weight_bits == 4 else [],
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
@@ -202,7 +209,7 @@ def _build(model_dir: Path, spec: EtQuant, context: int, reference_dir: Path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from edgekit.export.et_model import Int8Embedding, StaticLlama
+    from edgekit.export.et_model import Int8Embedding, StaticDecoder
 
     probe = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
     ref = AutoModelForCausalLM.from_pretrained(str(reference_dir), dtype=torch.float32, use_safetensors=True).eval()
@@ -211,7 +218,7 @@ def _build(model_dir: Path, spec: EtQuant, context: int, reference_dir: Path):
         ref_logits = ref(probe).logits[0, -1].clone()
     hf = ref if reference_dir == model_dir else \
         AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True).eval()
-    module = StaticLlama(hf, context).eval()
+    module = StaticDecoder(hf, context).eval()
     if spec.weight_bits < 32:
         from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
         from torchao.quantization.granularity import PerAxis, PerGroup
