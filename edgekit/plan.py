@@ -164,25 +164,33 @@ KERNEL_COST = {"Q4_1": 1.0, "Q8_0": 1.05, "Q4_0": 1.25, "Q5_0": 1.5, "Q5_1": 1.5
                "Q6_K": 1.2, "Q3_K": 1.3, "Q2_K": 1.3, "IQ4_NL": 1.3}
 
 
-def bytes_read_per_token(arch: Architecture, scheme: Scheme, position: int, kv_bytes: int) -> tuple[int, float]:
+def bytes_read_per_token(arch: Architecture, scheme: Scheme, position: int, kv_bytes: int,
+                         runtime: str = "llama.cpp") -> tuple[int, float]:
     """Bytes decode reads for one token: weights touched (the embedding table only if it is also the
-    head) + the KV cache so far; returned plain and weighted by KERNEL_COST."""
+    head) + the KV cache so far; returned plain and weighted by KERNEL_COST. Sliding-window layers read
+    only their window where the runtime caches only the window; a masked full cache is read whole."""
     read = [t for t in scheme.tensors(arch) if t.role != "embedding"]
-    kv = 2 * arch.kv_positions(position) * arch.kv_dim * kv_bytes  # sliding layers attend to the window only
+    kv = 2 * _attended(arch, position, runtime) * arch.kv_dim * kv_bytes
     return (sum(t.nbytes for t in read) + kv,
             sum(t.nbytes * KERNEL_COST.get(t.dtype, 1.0) for t in read) + kv)
+
+
+def _attended(arch: Architecture, position: int, runtime: str) -> int:
+    """Cached positions one token's attention reads, summed over layers."""
+    return arch.kv_positions(position) if runtime_model(runtime).window_kv else arch.layers * position
 
 
 def predict_speed(arch: Architecture, scheme: Scheme, device: DeviceProfile, runtime: str, context: int) -> dict:
     rt = runtime_model(runtime)
     fmt = get_format(scheme.format)
     position = min(context, DECODE_POSITION)
-    nbytes, weighted = bytes_read_per_token(arch, scheme, position, fmt.kv_dtype_bytes)
-    flops_token = 2 * (arch.params_non_embedding + arch.params_embedding) + 4 * arch.kv_positions(position) * arch.q_dim
+    nbytes, weighted = bytes_read_per_token(arch, scheme, position, fmt.kv_dtype_bytes, runtime)
+    flops_token = 2 * (arch.params_non_embedding + arch.params_embedding) + \
+        4 * _attended(arch, position, runtime) * arch.q_dim
     t_mem = weighted / (device.memory_bandwidth * rt.decode_bandwidth_eff)
     t_cmp = flops_token / (device.cpu.peak_fp32 * rt.prefill_compute_eff)
     t_decode = max(t_mem, t_cmp) + rt.per_layer_overhead_s * arch.layers
-    prefill_flops = 2 * arch.params_non_embedding + 4 * arch.kv_positions(min(context, 512) // 2) * arch.q_dim
+    prefill_flops = 2 * arch.params_non_embedding + 4 * _attended(arch, min(context, 512) // 2, runtime) * arch.q_dim
     return {
         "predicted_decode_tok_s": 1.0 / t_decode,
         "predicted_prefill_tok_s": device.cpu.peak_fp32 * rt.prefill_compute_eff / prefill_flops,

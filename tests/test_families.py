@@ -183,3 +183,16 @@ def test_executorch_tokenizer_reads_each_familys_tokenizer_like_transformers(fam
     et.load(str(folder / "tokenizer.json"))
     for text in TOKENIZER_TEXTS:
         assert list(et.encode(text, 0, 0)) == tok(text, add_special_tokens=False).input_ids, (family, text)
+
+
+def test_decode_reads_the_window_only_where_the_runtime_caches_only_the_window():
+    """llama.cpp's sliding layers read their window; a runtime that masks a full cache reads it whole."""
+    from edgekit.plan import bytes_read_per_token
+
+    arch = Architecture.from_hf_config(GEMMA3_270M)
+    scheme = get_scheme("gguf", "f16")
+    weights = bytes_read_per_token(arch, scheme, 0, 2)[0]
+    window = bytes_read_per_token(arch, scheme, 2048, 2, "llama.cpp")[0] - weights
+    full = bytes_read_per_token(arch, scheme, 2048, 2, "onnxruntime")[0] - weights
+    assert window == 2 * (3 * 2048 + 15 * 512) * 256 * 2
+    assert full == 2 * 18 * 2048 * 256 * 2

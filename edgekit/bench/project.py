@@ -64,7 +64,8 @@ def bytes_per_token(run: dict, arch: Architecture, position: int = DECODE_POSITI
         per = TORCH_BYTES[quant]
         weights = per * (arch.params_non_embedding + arch.params_embedding)
         return weights + 2 * arch.layers * position * arch.kv_dim * per
-    nbytes, _ = bytes_read_per_token(arch, get_scheme(fmt, quant), position, get_format(fmt).kv_dtype_bytes)
+    nbytes, _ = bytes_read_per_token(arch, get_scheme(fmt, quant), position, get_format(fmt).kv_dtype_bytes,
+                                     run.get("runtime") or "llama.cpp")
     return int(nbytes)
 
 
