@@ -41,7 +41,15 @@ def gemma(teacher_home):
             os.environ["EDGEKIT_HOME"] = old
 
 
-def test_gemma_teacher_converts_with_its_family_license_and_notice(gemma):
+def test_gemma_teacher_converts_with_its_family_license_and_notice(gemma, teacher_home, capsys, monkeypatch):
+    from edgekit.cli import main
+
+    monkeypatch.setenv("EDGEKIT_HOME", str(teacher_home))
+    assert main(["plan", "--teacher", "gemma-3-270m", "--device", "pi-zero-2w", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    s = plan["student"]
+    assert s["family"] == "gemma3" and s["sliding_window"] == 512 and s["embedding_share"] > 0.6
+    assert plan["memory"]["total_bytes"] <= plan["budget_bytes"]
     a = gemma.arch
     assert a.family.name == "gemma3" and (a.layers, a.hidden_size, a.vocab_size) == (18, 640, 262144)
     assert (a.sliding_window, a.sliding_layers) == (512, 15)
