@@ -56,7 +56,7 @@ _NEAR_MISSES = {
 }
 
 
-# (teacher family, student family) pairs a recipe may ask for (``distill.student.family``): the student keeps
+# (teacher family, student family) pairs a recipe may ask for (``distill.student_family``): the student keeps
 # the teacher's tokenizer, rope and sizes, and pruning copies every tensor the student's layout has.
 CROSS_FAMILY = {
     ("qwen2", "llama"): "the teacher's q/k/v biases are dropped; distillation learns around them",
@@ -76,7 +76,7 @@ def student_family(teacher: Architecture, family: str | None) -> Architecture:
     if why is None:
         pairs = ", ".join(f"{a} -> {b}" for a, b in CROSS_FAMILY)
         raise ModelError(f"a {family} student cannot be carved from a {teacher.family.name} teacher (the layouts "
-                         f"differ in ways pruning cannot bridge); leave student.family unset for a "
+                         f"differ in ways pruning cannot bridge); leave distill.student_family unset for a "
                          f"{teacher.family.name} student, or use a pair that works: {pairs}")
     return replace(teacher, model_type=FAMILIES[family].model_types[0], sliding_window=0, sliding_layers=0)
 

@@ -84,6 +84,8 @@ class DistillSection(_Section):
     target_decode_tok_s: float | None = Field(None, gt=0, description="auto only: also reach this predicted "
                                                                       "decode speed on the device")
     init: Literal["minitron", "random"] = _stage_field(StudentSpec, "init", "prune the teacher, or random weights")
+    student_family: str | None = _stage_field(StudentSpec, "family", "the student's model family when it is not "
+                                              "the teacher's (qwen2/qwen3 -> llama, mistral <-> llama)")
     data: DataConfig = Field(default_factory=DataConfig, description="the data stage's keys; sources are paths "
                                                                      "relative to the recipe file")
     loss: Literal[LOSSES] = _stage_field(TrainConfig, "loss", "distillation divergence")  # type: ignore[valid-type]
@@ -149,7 +151,8 @@ class Recipe(_Section):
             raise RecipeError(f"{self._where()}: distill is null, so this recipe exports the teacher as is and has "
                               "no distillation; give a distill section to distil a student")
         first = self.exports[0]
-        student: dict = {"format": first.format, "quant": first.quant, "context": self.context, "init": d.init}
+        student: dict = {"format": first.format, "quant": first.quant, "context": self.context, "init": d.init,
+                         "family": d.student_family}
         if d.student == "auto":
             student.update(device=self.device, target_decode_tok_s=d.target_decode_tok_s)
         else:

@@ -15,6 +15,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from edgekit import models
+from edgekit.arch import student_family
 from edgekit.bench.config import BenchConfig
 from edgekit.devices import load_device
 from edgekit.errors import EdgekitError, RecipeError
@@ -146,6 +147,11 @@ def _checks(r: Recipe, where: str) -> list[str]:
         arch, teacher_name = models.teacher_architecture(r.teacher, fetch=False)
     except EdgekitError as terr:
         add("teacher", str(terr))
+    if arch is not None and r.distill is not None and r.distill.student_family:
+        try:
+            arch = student_family(arch, r.distill.student_family)
+        except EdgekitError as ferr:
+            add("distill.student_family", str(ferr))
 
     if device is not None and arch is not None:
         d = r.distill

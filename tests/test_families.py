@@ -196,3 +196,19 @@ def test_decode_reads_the_window_only_where_the_runtime_caches_only_the_window()
     full = bytes_read_per_token(arch, scheme, 2048, 2, "onnxruntime")[0] - weights
     assert window == 2 * (3 * 2048 + 15 * 512) * 256 * 2
     assert full == 2 * 18 * 2048 * 256 * 2
+
+
+def test_a_recipe_asks_for_a_student_family_and_validate_refuses_a_pair_that_cannot_work(tmp_path):
+    from edgekit.recipe import load_recipe
+    from edgekit.validate import validate_recipe
+
+    def recipe(family):
+        p = tmp_path / f"{family}.yaml"
+        p.write_text(f"teacher: default\ndevice: pi-5-8gb\ndistill: {{student_family: {family}}}\n"
+                     "exports: [{format: gguf, quant: q4_k_m}]\n")
+        return p
+
+    assert load_recipe(recipe("mistral")).distill_config().student.family == "mistral"
+    assert not [p for p in validate_recipe(recipe("mistral")) if "student_family" in p]
+    problems = [p for p in validate_recipe(recipe("gemma3")) if "student_family" in p]
+    assert len(problems) == 1 and "a gemma3 student cannot be carved from a llama teacher" in problems[0]
