@@ -38,8 +38,13 @@ class DataConfig(BaseModel):
     heldout_fraction: float = Field(0.1, ge=0, lt=1)
     max_seq_len: int = Field(512, ge=2)
     seed: int = 0
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1)  # sequences in flight (llama.cpp slots, or one PyTorch generate batch)
     generate_responses: bool = True
+    backend: Literal["auto", "llama.cpp", "pytorch"] = Field(
+        "auto", description="what runs the teacher for prompts and answers: llama.cpp (continuous batching over "
+                            "the teacher's own GGUF; several times PyTorch's tokens/s on a CPU), pytorch (the HF "
+                            "folder; the GPU when there is one), or auto: llama.cpp when the teacher came from a "
+                            "GGUF and no GPU is present, else pytorch")
 
 
 class CacheConfig(BaseModel):

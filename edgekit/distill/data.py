@@ -28,6 +28,7 @@ and :mod:`edgekit.distill.tokenize` (training sequences).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import shutil
@@ -39,7 +40,8 @@ from edgekit.chat import chat_format
 from edgekit.distill.config import DataConfig
 from edgekit.distill.synth import generate_responses, prompt_key, synthesize_prompts
 from edgekit.distill.tokenize import tokenize_examples
-from edgekit.errors import CacheError, ModelError
+from edgekit.errors import CacheError, ConfigError, ModelError
+from edgekit.runtimes.llamacpp import ParallelSampler
 from edgekit.sources import check_sources, needs_response
 
 log = logging.getLogger(__name__)
@@ -81,7 +83,7 @@ def _split_hash(example: dict, seed: int) -> float:
 # --------------------------------------------------------------------------- the stage
 
 
-def run(cfg: DataConfig, teacher_dir: Path, out_dir: Path) -> Path:
+def run(cfg: DataConfig, teacher_dir: Path, out_dir: Path, teacher_gguf: Path | None = None) -> Path:
     """Build the data artifact in ``out_dir``: ``train.jsonl``, ``heldout.jsonl``, ``manifest.json``.
 
     Reuses ``out_dir`` when its manifest verifies and records the same config and
@@ -89,6 +91,9 @@ def run(cfg: DataConfig, teacher_dir: Path, out_dir: Path) -> Path:
     prompts), have the teacher answer prompt-only examples, split, and publish the
     folder atomically. Work in progress lives in ``<out_dir>.inprogress`` and is
     resumed by a re-run with the same config; it is removed once published.
+
+    ``teacher_gguf``: the GGUF the teacher folder was converted from, if any; with ``cfg.backend``
+    auto or llama.cpp the teacher runs from it (:class:`edgekit.runtimes.llamacpp.ParallelSampler`).
     """
     teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
     config = cfg.model_dump(mode="json")
@@ -111,36 +116,41 @@ def run(cfg: DataConfig, teacher_dir: Path, out_dir: Path) -> Path:
     stats: Counter = Counter()
     model = None
 
-    if examples is not None:
-        stats["user_examples"] = len(examples)
-    else:
-        model = _load_teacher(teacher_dir)
-        synth = Counter()
-        prompts = synthesize_prompts(model, tokenizer, cfg.synthetic_prompts, cfg.seed, cfg.batch_size,
-                                     journal=work / "prompts.jsonl", stats=synth)
-        if not prompts:
-            raise ModelError(f"the teacher in {teacher_dir} produced no usable prompts (rejected: {dict(synth)}); "
-                             "give user data in data.sources")
-        stats.update({f"synthetic_{k}": v for k, v in synth.items()})
-        examples = [{"messages": [{"role": "user", "content": p}]} for p in prompts]
+    try:
+        if examples is not None:
+            stats["user_examples"] = len(examples)
+        else:
+            model = _load_teacher(teacher_dir, teacher_gguf, cfg)
+            synth = Counter()
+            prompts = synthesize_prompts(model, tokenizer, cfg.synthetic_prompts, cfg.seed, cfg.batch_size,
+                                         journal=work / "prompts.jsonl", stats=synth)
+            if not prompts:
+                raise ModelError(f"the teacher in {teacher_dir} produced no usable prompts (rejected: {dict(synth)}); "
+                                 "give user data in data.sources")
+            stats.update({f"synthetic_{k}": v for k, v in synth.items()})
+            examples = [{"messages": [{"role": "user", "content": p}]} for p in prompts]
 
-    pending = [e for e in examples if needs_response(e)]
-    if cfg.generate_responses and pending:
-        model = model or _load_teacher(teacher_dir)
-        answers = generate_responses(model, tokenizer, [e["messages"] for e in pending], cfg,
-                                     journal=work / "generated.jsonl", stats=stats)
-        answered = {prompt_key(a["messages"][:-1]): a for a in answers}
-        examples = [e for e in examples if not needs_response(e)] + [
-            answered.pop(prompt_key(e["messages"])) for e in pending if prompt_key(e["messages"]) in answered]
-        if not examples:
-            raise ModelError(f"the teacher in {teacher_dir} gave no usable answer to any prompt ({dict(stats)}); "
-                             "raise data.max_new_tokens or data.samples_per_prompt, or check the teacher")
+        pending = [e for e in examples if needs_response(e)]
+        if cfg.generate_responses and pending:
+            model = model or _load_teacher(teacher_dir, teacher_gguf, cfg)
+            answers = generate_responses(model, tokenizer, [e["messages"] for e in pending], cfg,
+                                         journal=work / "generated.jsonl", stats=stats)
+            answered = {prompt_key(a["messages"][:-1]): a for a in answers}
+            examples = [e for e in examples if not needs_response(e)] + [
+                answered.pop(prompt_key(e["messages"])) for e in pending if prompt_key(e["messages"]) in answered]
+            if not examples:
+                raise ModelError(f"the teacher in {teacher_dir} gave no usable answer to any prompt ({dict(stats)}); "
+                                 "raise data.max_new_tokens or data.samples_per_prompt, or check the teacher")
+    finally:
+        if isinstance(model, ParallelSampler):
+            model.close()
 
     train, heldout = split_heldout(examples, cfg.heldout_fraction, cfg.seed)
     metrics = {"train_examples": len(train), "heldout_examples": len(heldout), **_token_counts(train, heldout,
                                                                                                   tokenizer, cfg)}
     for key, value in sorted(stats.items()):
         metrics[key] = round(value, 3) if isinstance(value, float) else value
+    metrics["generation_backend"] = _backend_name(model)
     if stats["generation_seconds"]:
         metrics["generation_tokens_per_s"] = round(stats["generated_tokens"] / stats["generation_seconds"], 1)
 
@@ -153,14 +163,50 @@ def run(cfg: DataConfig, teacher_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def _load_teacher(teacher_dir: Path):
-    from transformers import AutoModelForCausalLM
+def choose_backend(cfg: DataConfig, teacher_gguf: Path | None) -> str:
+    """``llama.cpp`` or ``pytorch`` for ``cfg.backend`` (see :class:`edgekit.distill.config.DataConfig`)."""
+    if cfg.backend == "llama.cpp":
+        if teacher_gguf is None:
+            raise ConfigError("data.backend llama.cpp needs a teacher that came from a GGUF (the embedded one, a "
+                              ".gguf file or a packaged GGUF); this teacher is an HF folder -- set data.backend: "
+                              "pytorch or auto")
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise ConfigError("data.backend llama.cpp needs llama-cpp-python: pip install llama-cpp-python")
+        return "llama.cpp"
+    if cfg.backend == "pytorch" or teacher_gguf is None or importlib.util.find_spec("llama_cpp") is None:
+        return "pytorch"
+    import torch
 
+    return "pytorch" if torch.cuda.is_available() else "llama.cpp"
+
+
+def _backend_name(model) -> str | None:
+    if model is None:
+        return None
+    return "llama.cpp" if isinstance(model, ParallelSampler) else f"pytorch ({model.device.type})"
+
+
+def _load_teacher(teacher_dir: Path, teacher_gguf: Path | None = None, cfg: DataConfig | None = None):
+    """The teacher as the data stage runs it: a llama.cpp :class:`ParallelSampler` over its GGUF, or the HF model
+    (on the GPU when there is one)."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    if cfg is not None and choose_backend(cfg, teacher_gguf) == "llama.cpp":
+        sampler = ParallelSampler(teacher_gguf, slots=cfg.batch_size)
+        try:
+            sampler.generation_config = GenerationConfig.from_pretrained(str(teacher_dir))
+        except OSError:
+            sampler.generation_config = None
+        log.info("teacher data from %s in llama.cpp, %d sequences in flight", teacher_gguf, cfg.batch_size)
+        return sampler
     try:
         model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), use_safetensors=True)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load the teacher from {teacher_dir} ({e}); it must be an HF folder with "
                          "safetensors weights -- resolve it with `edgekit teacher` first") from e
+    if torch.cuda.is_available():  # the standard way: the whole teacher on the GPU, generate batches there
+        model = model.to("cuda")
     return model.eval()
 
 

@@ -74,7 +74,8 @@ def run(cfg: DistillConfig, trust_remote_code: bool = False) -> artifact.Artifac
     artifact.require_space(artifact.home() / "artifacts" / "distill", needed,
                            f"distilling a {shape.params / 1e6:.1f}M-parameter student (init, checkpoints, result)")
     data_dir = data_stage.run(cfg.data, teacher.path,
-                              artifact.store_path("data", cfg.data.model_dump(mode="json"), teacher_id))
+                              artifact.store_path("data", cfg.data.model_dump(mode="json"), teacher_id),
+                              teacher_gguf=teacher.gguf)
     data_id = data_dir.name
     train_examples = _jsonl(data_dir / "train.jsonl")
     heldout_examples = _jsonl(data_dir / "heldout.jsonl")

@@ -28,6 +28,7 @@ from edgekit.distill.filters import (
 )
 from edgekit.errors import ConfigError, ModelError
 from edgekit.progress import bar
+from edgekit.runtimes.llamacpp import ParallelSampler, SampleRequest
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ def _sample(model, prompt_ids: list[list[int]], *, max_new_tokens: int, temperat
         mask[i, width - len(p):] = 1
     sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0
                 else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
+    input_ids, mask = input_ids.to(model.device), mask.to(model.device)
     with torch.inference_mode():
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              eos_token_id=sorted(stop_ids), pad_token_id=pad_id,
@@ -83,10 +85,12 @@ def _score(model, prompt_ids: list[list[int]], response_ids: list[list[int]]) ->
             ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
             mask[i, width - len(r):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, positions = ids.to(model.device), mask.to(model.device), positions.to(model.device)
         with torch.inference_mode():
             logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
         logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        targets = ids[:, width - keep + 1:]
+        targets = ids[:, width - keep + 1:].cpu()
+        logprobs = logprobs.cpu()
         token_lp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         for i, r in enumerate(responses):
             scores.append(token_lp[i, keep - 1 - len(r):].mean().item() if r else -math.inf)
@@ -142,7 +146,8 @@ def synthesize_prompts(model, tokenizer, n: int, seed: int, batch_size: int, *,
             else:
                 torch.manual_seed(_seed_from(seed, "magpie", round_))
                 samples = _sample_prompt_round(model, tokenizer, prefix_ids, chat, batch_size,
-                                               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+                                               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                               seed=_seed_from(seed, "magpie", round_))
                 if journal:
                     artifact.append_journal(journal, [{"round": round_, "samples": samples}], fault="data.journal")
             for text, stopped in samples:
@@ -167,8 +172,14 @@ def synthesize_prompts(model, tokenizer, n: int, seed: int, batch_size: int, *,
 
 
 def _sample_prompt_round(model, tokenizer, prefix_ids: list[int], chat: ChatFormat, n: int, *, max_new_tokens: int,
-                         temperature: float, top_p: float) -> list[list]:
+                         temperature: float, top_p: float, seed: int = 0) -> list[list]:
     """``n`` continuations of the pre-query prefix as ``[text, ended_the_turn]`` pairs."""
+    if isinstance(model, ParallelSampler):
+        requests = [SampleRequest(prefix_ids, max_new_tokens, temperature, top_p, chat.stop_ids,
+                                  _seed_from(seed, "magpie", j)) for j in range(n)]
+        results = dict(model.run(requests))
+        rows = [(results[j].tokens, results[j].stop) for j in range(n)]
+        return [[tokenizer.decode(ids, skip_special_tokens=True).strip(), stop is not None] for ids, stop in rows]
     rows = _sample(model, [prefix_ids], max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                    stop_ids=chat.stop_ids, pad_id=chat.pad_id, num_return_sequences=n)
     return [[tokenizer.decode(ids, skip_special_tokens=True).strip(), stop is not None] for ids, stop in rows]
@@ -202,20 +213,19 @@ def generate_responses(model, tokenizer, prompts: Sequence[str | list[dict]], cf
     unique = {prompt_key(m): m for m in (_as_messages(p) for p in prompts)}
     done = _whole_groups(artifact.read_journal(journal)) if journal else {}
     pending = [m for k, m in unique.items() if k not in done]
-    group_size = max(1, cfg.batch_size // cfg.samples_per_prompt)
+    answered = (_respond_parallel(model, tokenizer, pending, cfg, chat) if isinstance(model, ParallelSampler)
+                else _respond_groups(model, tokenizer, pending, cfg, chat))
     with bar(total=len(unique), desc="teacher responses", unit="prompt") as progress:
         progress.update(len(unique) - len(pending))
-        for start in range(0, len(pending), group_size):
-            began = time.perf_counter()
-            records = _respond_group(model, tokenizer, pending[start:start + group_size], cfg, chat)
-            for r in records:  # a group is sampled together, so it is resumed whole or not at all
-                r.update(group=records[0]["key"], group_size=len(records))
+        began = time.perf_counter()
+        for records in answered:
             stats["generation_seconds"] += time.perf_counter() - began
             stats["generated_tokens"] += sum(r.pop("sampled_tokens", 0) for r in records)
             if journal:
                 artifact.append_journal(journal, records, fault="data.journal")
             done.update((r["key"], r) for r in records)
             progress.update(len(records))
+            began = time.perf_counter()
     examples = []
     for key in unique:
         record = done[key]
@@ -241,37 +251,78 @@ def _whole_groups(records: list[dict]) -> dict[str, dict]:
             if r.get("group") is None or sizes[r["group"]] == r.get("group_size", sizes[r["group"]])}
 
 
+def _respond_groups(model, tokenizer, pending: list[list[dict]], cfg: DataConfig, chat: ChatFormat):
+    """PyTorch: a few prompts at a time through ``generate`` (one padded batch each); yields each group's records.
+
+    A group is sampled together from one seed, so it is journaled (and resumed) whole or not at all.
+    """
+    group_size = max(1, cfg.batch_size // cfg.samples_per_prompt)
+    for start in range(0, len(pending), group_size):
+        records = _respond_group(model, tokenizer, pending[start:start + group_size], cfg, chat)
+        for r in records:
+            r.update(group=records[0]["key"], group_size=len(records))
+        yield records
+
+
 def _respond_group(model, tokenizer, group: list[list[dict]], cfg: DataConfig, chat: ChatFormat) -> list[dict]:
     """Sample, score and choose answers for a few prompts; one journal record per prompt."""
     import torch
 
     k = cfg.samples_per_prompt
     torch.manual_seed(_seed_from(cfg.seed, "respond", prompt_key(group[0])))
-    prompt_ids = [encode(tokenizer, render(tokenizer, _teacher_view(m, cfg), add_generation_prompt=True))
-                  for m in group]
+    prompt_ids = [_prompt_ids(tokenizer, m, cfg) for m in group]
     rows = _sample(model, prompt_ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                    top_p=cfg.top_p, stop_ids=chat.stop_ids, pad_id=chat.pad_id, num_return_sequences=k)
     scored_prompts = [p for p in prompt_ids for _ in range(k)]
     # a finished sample is scored with its end-of-turn token: ending well is part of a good answer
     scores = _score(model, scored_prompts, [ids if stop is None else ids + [stop] for ids, stop in rows])
-    records = []
-    for i, messages in enumerate(group):
-        candidates, degenerate = [], Counter()
-        for j in range(i * k, (i + 1) * k):
-            ids, stop = rows[j]
-            text = tokenizer.decode(ids, skip_special_tokens=True).strip()
-            problem = response_problem(text)
-            if problem:
-                degenerate[problem] += 1
-            else:
-                candidates.append({"text": text, "score": scores[j], "truncated": stop is None})
-        best = choose_sample(candidates)
-        example = None if best is None else {
-            "messages": messages + [{"role": "assistant", "content": best["text"]}],
-            "score": round(best["score"], 4), "truncated": best["truncated"]}
-        records.append({"key": prompt_key(messages), "example": example, "degenerate": dict(degenerate),
-                        "sampled_tokens": sum(len(rows[j][0]) for j in range(i * k, (i + 1) * k))})
-    return records
+    return [_record(tokenizer, messages, [(*rows[j], scores[j]) for j in range(i * k, (i + 1) * k)])
+            for i, messages in enumerate(group)]
+
+
+def _respond_parallel(sampler: ParallelSampler, tokenizer, pending: list[list[dict]], cfg: DataConfig,
+                      chat: ChatFormat):
+    """llama.cpp: every sample of every prompt through the sampler's slots (continuous batching); yields
+    one prompt's record as soon as all its samples are done.
+
+    Each sample has its own seed (prompt, sample number), so a prompt's answers do not depend on
+    which prompts ran beside it, and each prompt is journaled on its own.
+    """
+    k = cfg.samples_per_prompt
+    requests = [SampleRequest(_prompt_ids(tokenizer, m, cfg), cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                              chat.stop_ids, _seed_from(cfg.seed, "respond", prompt_key(m), j))
+                for m in pending for j in range(k)]
+    got: dict[int, list] = {}
+    for index, result in sampler.run(requests):
+        i = index // k
+        got.setdefault(i, [None] * k)[index % k] = result
+        if all(r is not None for r in got[i]):
+            samples = [(r.tokens, r.stop, r.logprob_sum / max(1, len(r.tokens) + (r.stop is not None)))
+                       for r in got.pop(i)]
+            yield [_record(tokenizer, pending[i], samples)]
+
+
+def _prompt_ids(tokenizer, messages: list[dict], cfg: DataConfig) -> list[int]:
+    return encode(tokenizer, render(tokenizer, _teacher_view(messages, cfg), add_generation_prompt=True))
+
+
+def _record(tokenizer, messages: list[dict], samples: list[tuple[list[int], int | None, float]]) -> dict:
+    """One prompt's journal record from its samples ``(tokens, stop token or None, mean log-probability)``:
+    the best usable sample as the example, and what was rejected and why."""
+    candidates, degenerate = [], Counter()
+    for ids, stop, score in samples:
+        text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        problem = response_problem(text)
+        if problem:
+            degenerate[problem] += 1
+        else:
+            candidates.append({"text": text, "score": score, "truncated": stop is None})
+    best = choose_sample(candidates)
+    example = None if best is None else {
+        "messages": messages + [{"role": "assistant", "content": best["text"]}],
+        "score": round(best["score"], 4), "truncated": best["truncated"]}
+    return {"key": prompt_key(messages), "example": example, "degenerate": dict(degenerate),
+            "sampled_tokens": sum(len(ids) for ids, _, _ in samples)}
 
 
 def _teacher_view(messages: list[dict], cfg: DataConfig) -> list[dict]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from edgekit import registry
@@ -134,6 +136,175 @@ class LlamaSession:
 
     def close(self) -> None:
         self.llm.close()
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """One sequence to sample: its prompt, how it stops, and its own seed (results do not depend on batch-mates)."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    temperature: float  # 0: greedy
+    top_p: float
+    stop_ids: frozenset[int]
+    seed: int
+
+
+@dataclass
+class SampleResult:
+    tokens: list[int]  # before the stop token
+    stop: int | None  # the stop token, or None when max_new_tokens ran out first
+    logprob_sum: float  # sum over tokens (+ stop) of the untempered log-probability: the teacher's own score
+
+
+class ParallelSampler:
+    """Many sequences in flight in one llama.cpp context, as llama-server's slots do (continuous batching).
+
+    Every step decodes one token for each running sequence in a single ``llama_decode`` batch, and a
+    slot that finishes takes the next waiting request at once (its prompt joins the same batch), so
+    the matrix products see ``slots`` columns instead of one. llama-cpp-python's ``Llama`` runs one
+    sequence only, so the batch is assembled here with its low-level API. Sampling (temperature,
+    top-p) is done here per sequence with that sequence's own seeded generator, so what a request
+    gets does not depend on which requests shared its batches (up to llama.cpp's float rounding,
+    which can differ with batch size).
+    """
+
+    def __init__(self, path: Path, *, slots: int, threads: int | None = None):
+        self.path, self.slots, self.threads = Path(path), slots, threads or max(1, os.cpu_count() or 1)
+        self.llm = open_llama(path, n_ctx=64, n_threads=self.threads)  # the model (header checked, AMX guard)
+        self.vocab = self.llm.n_vocab()
+        self.ctx, self.batch, self.per_slot, self.batch_tokens = None, None, 0, 0
+        self.generation_config = None  # the HF folder's, when the caller has one (its eos ids stop turns too)
+
+    def _context(self, per_slot: int, batch_tokens: int) -> None:
+        """A context whose every slot holds ``per_slot`` tokens (kept when the current one is big enough)."""
+        import llama_cpp
+
+        if self.ctx and per_slot <= self.per_slot and batch_tokens <= self.batch_tokens:
+            return
+        self._free()
+        per_slot, batch_tokens = -(-per_slot // 256) * 256, max(batch_tokens, self.batch_tokens)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = self.slots * per_slot
+        params.n_batch = params.n_ubatch = batch_tokens
+        params.n_seq_max = self.slots
+        params.kv_unified = False  # each slot owns per_slot cells: one long answer cannot starve the others
+        params.swa_full = False
+        # as llama-cpp-python's Llama (LlamaSession) runs: the same attention kernels give the same tokens
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.no_perf = True
+        params.n_threads = params.n_threads_batch = self.threads
+        self.ctx = llama_cpp.llama_init_from_model(self.llm.model, params)
+        if not self.ctx:
+            raise ModelError(f"llama.cpp could not make a {self.slots} x {per_slot}-token context for {self.path}; "
+                             "lower data.batch_size or data.max_new_tokens")
+        self.batch = llama_cpp.llama_batch_init(batch_tokens, 0, 1)
+        self.per_slot, self.batch_tokens = per_slot, batch_tokens
+
+    def run(self, requests: list[SampleRequest]):
+        """Sample every request; yields ``(index, SampleResult)`` as each finishes (not in request order)."""
+        import llama_cpp
+        import numpy as np
+
+        if not requests:
+            return
+        if any(not r.prompt for r in requests):
+            raise ModelError("an empty prompt cannot be sampled from")
+        longest = max(len(r.prompt) for r in requests)
+        self._context(max(len(r.prompt) + r.max_new_tokens for r in requests), max(512, longest + self.slots))
+        memory = llama_cpp.llama_get_memory(self.ctx)
+        waiting = list(range(len(requests)))[::-1]
+        running: dict[int, dict] = {}  # slot -> state
+        free = list(range(self.slots))[::-1]
+        while waiting or running:
+            entries = []  # (slot, token, position, wants logits)
+            for slot, st in running.items():  # the token each running sequence sampled last step
+                entries.append((slot, st["last"], st["pos"], True))
+                st["pos"] += 1
+            budget = self.batch_tokens - len(entries)
+            while waiting and free and len(requests[waiting[-1]].prompt) <= budget:
+                i, slot = waiting.pop(), free.pop()
+                llama_cpp.llama_memory_seq_rm(memory, slot, -1, -1)
+                prompt = requests[i].prompt
+                running[slot] = {"req": i, "pos": len(prompt), "tokens": [], "logprob": 0.0,
+                                 "rng": np.random.default_rng(requests[i].seed), "last": None}
+                entries.extend((slot, t, p, p == len(prompt) - 1) for p, t in enumerate(prompt))
+                budget -= len(prompt)
+            if not entries:  # cannot happen: the batch holds the longest prompt plus one token per slot
+                raise ModelError(f"a prompt of {len(requests[waiting[-1]].prompt)} tokens does not fit a "
+                                 f"{self.batch_tokens}-token batch")
+            self._decode(entries)
+            outputs = [e[0] for e in entries if e[3]]
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ctx), shape=(len(outputs), self.vocab))
+            for row, slot in enumerate(outputs):
+                st = running[slot]
+                r = requests[st["req"]]
+                token, logprob = _pick(logits[row], r.temperature, r.top_p, st["rng"])
+                st["logprob"] += logprob
+                stopped = token in r.stop_ids
+                if not stopped:
+                    st["tokens"].append(token)
+                if stopped or len(st["tokens"]) >= r.max_new_tokens:
+                    del running[slot]
+                    free.append(slot)
+                    yield st["req"], SampleResult(st["tokens"], token if stopped else None, st["logprob"])
+                else:
+                    st["last"] = token
+
+    def _decode(self, entries: list[tuple]) -> None:
+        import llama_cpp
+
+        b = self.batch
+        b.n_tokens = len(entries)
+        for j, (slot, token, pos, out) in enumerate(entries):
+            b.token[j], b.pos[j], b.n_seq_id[j], b.logits[j] = token, pos, 1, out
+            b.seq_id[j][0] = slot
+        rc = llama_cpp.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise ModelError(f"llama.cpp could not decode a batch of {len(entries)} tokens (llama_decode returned "
+                             f"{rc}); lower data.batch_size")
+
+    def _free(self) -> None:
+        import llama_cpp
+
+        if self.batch is not None:
+            llama_cpp.llama_batch_free(self.batch)
+            self.batch = None
+        if self.ctx:
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+
+    def close(self) -> None:
+        self._free()
+        self.llm.close()
+
+
+def _pick(logits, temperature: float, top_p: float, rng) -> tuple[int, float]:
+    """One token from a row of logits (greedy at temperature 0, else temperature + nucleus), and its
+    untempered log-probability. Nucleus: the fewest most-likely tokens whose mass reaches ``top_p``,
+    found among the top 256 by partition (exact whenever those hold that mass; else a full sort)."""
+    import numpy as np
+
+    x = logits.astype(np.float64)
+    m = x.max()
+    log_z = m + np.log(np.exp(x - m).sum())
+    if temperature <= 0:
+        t = int(x.argmax())
+        return t, float(x[t] - log_z)
+    z = (x - m) / temperature
+    p = np.exp(z)
+    p /= p.sum()
+    k = min(256, p.size)
+    top = np.argpartition(-p, k - 1)[:k] if k < p.size else np.arange(p.size)
+    order = top[np.argsort(-p[top], kind="stable")]
+    mass = np.cumsum(p[order])
+    if mass[-1] < top_p and k < p.size:
+        order = np.argsort(-p, kind="stable")
+        mass = np.cumsum(p[order])
+    keep = int(np.searchsorted(mass, top_p * (1 - 1e-12))) + 1
+    order, mass = order[:keep], mass[:keep]
+    t = int(order[min(int(np.searchsorted(mass, rng.random() * mass[-1], side="right")), keep - 1)])
+    return t, float(x[t] - log_z)
 
 
 def _gpu() -> str | None:

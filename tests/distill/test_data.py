@@ -500,7 +500,7 @@ def test_run_writes_a_verified_artifact_and_reuses_it(chat_teacher_dir, tmp_path
     class Reloaded(Exception):
         pass
 
-    def no_teacher(folder):
+    def no_teacher(folder, *_):
         raise Reloaded(folder)
 
     monkeypatch.setattr(data, "_load_teacher", no_teacher)
@@ -553,6 +553,41 @@ def test_run_resumes_an_interrupted_generation_without_redoing_finished_prompts(
     assert not (tmp_path / "data.inprogress").exists()
 
 
+def test_llama_cpp_generation_resumes_a_killed_run_and_matches_an_uninterrupted_one(
+        tiny_bpe_llama_dir, exporter_output, tmp_path, monkeypatch):
+    pytest.importorskip("llama_cpp")
+    from edgekit.runtimes import llamacpp
+
+    gguf = exporter_output(tiny_bpe_llama_dir, "gguf", "f32")[0]
+    cfg = DataConfig(sources=[_user_data(tmp_path)], max_new_tokens=6, batch_size=3, temperature=0.9)
+    whole = data.run(cfg, tiny_bpe_llama_dir, tmp_path / "whole", teacher_gguf=gguf)
+    assert artifact.read_manifest(whole)["metrics"]["generation_backend"] == "llama.cpp"
+
+    real_append, appended = artifact.append_journal, []
+
+    def killed_on_the_fifth_record(path, records, **kw):
+        if len(appended) == 4:
+            raise KeyboardInterrupt("killed")
+        appended.extend(r["key"] for r in records)
+        return real_append(path, records, **kw)
+
+    monkeypatch.setattr(artifact, "append_journal", killed_on_the_fifth_record)
+    with pytest.raises(KeyboardInterrupt):
+        data.run(cfg, tiny_bpe_llama_dir, tmp_path / "data", teacher_gguf=gguf)
+    monkeypatch.setattr(artifact, "append_journal", real_append)
+    real_run, asked = llamacpp.ParallelSampler.run, []
+
+    def record_prompts(self, requests):
+        asked.extend(tuple(r.prompt) for r in requests)
+        return real_run(self, requests)
+
+    monkeypatch.setattr(llamacpp.ParallelSampler, "run", record_prompts)
+    out = data.run(cfg, tiny_bpe_llama_dir, tmp_path / "data", teacher_gguf=gguf)
+    assert len(asked) == 10 - 4  # the journaled answers were not asked for again
+    assert _read_jsonl(out / "train.jsonl") == _read_jsonl(whole / "train.jsonl")
+    assert _read_jsonl(out / "heldout.jsonl") == _read_jsonl(whole / "heldout.jsonl")
+
+
 def test_run_discards_in_progress_work_from_another_config(chat_teacher_dir, tmp_path, caplog):
     work = tmp_path / "data.inprogress"
     work.mkdir()
@@ -582,11 +617,12 @@ def test_run_without_generation_keeps_prompt_only_examples(chat_teacher_dir, tmp
 def test_run_on_the_real_teacher_synthesises_english_prompts_and_verifies(teacher, tmp_path):
     cfg = DataConfig(synthetic_prompts=8, max_new_tokens=32, batch_size=8, heldout_fraction=0.2)
     began = time.perf_counter()
-    out = data.run(cfg, teacher.path, tmp_path / "data")
+    out = data.run(cfg, teacher.path, tmp_path / "data", teacher_gguf=teacher.gguf)
     elapsed = time.perf_counter() - began
     assert artifact.verify_manifest(out) == []
     examples = _read_jsonl(out / "train.jsonl") + _read_jsonl(out / "heldout.jsonl")
     metrics = artifact.read_manifest(out)["metrics"]
+    assert metrics["generation_backend"] == "llama.cpp"  # the teacher's own GGUF, several sequences in flight
     assert len(examples) >= 6 and metrics["heldout_examples"] >= 1
     prompts = [e["messages"][0]["content"] for e in examples]
     question_words = ("what", "how", "why", "can", "could", "write", "explain", "describe", "give", "list",

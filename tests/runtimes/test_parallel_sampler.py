@@ -1,0 +1,100 @@
+"""llama.cpp with many sequences in flight (the data stage's teacher): the same tokens as one sequence at a time."""
+
+import numpy as np
+import pytest
+
+from edgekit.distill import data
+from edgekit.distill.config import DataConfig
+from edgekit.errors import ConfigError
+from edgekit.runtimes.llamacpp import LlamaSession, ParallelSampler, SampleRequest, _pick
+
+pytest.importorskip("llama_cpp")
+
+PROMPTS = [[1, 5, 9, 13], [2, 7], [3, 11, 4, 8, 20, 6], [4], [10, 12, 14], [30, 31, 32, 33, 34], [40, 41]]
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(exporter_output, tiny_bpe_llama_dir):
+    return exporter_output(tiny_bpe_llama_dir, "gguf", "f32")[0]
+
+
+def _requests(temperature=0.0, top_p=1.0, stop=frozenset(), n=12):
+    return [SampleRequest(p, n, temperature, top_p, stop, seed=100 + i) for i, p in enumerate(PROMPTS)]
+
+
+def _run(path, requests, slots):
+    sampler = ParallelSampler(path, slots=slots, threads=1)
+    try:
+        return dict(sampler.run(requests))
+    finally:
+        sampler.close()
+
+
+def test_greedy_with_slots_reused_equals_one_sequence_at_a_time(tiny_gguf):
+    session = LlamaSession(tiny_gguf, threads=1, context=64)
+    try:
+        alone = [session.generate(p, 12) for p in PROMPTS]
+        stop = frozenset({alone[0][5]})  # a token the first answer meets: that one must stop there
+        alone_stopping = [session.generate(p, 12, eos_ids=stop) for p in PROMPTS]
+    finally:
+        session.close()
+    got = _run(tiny_gguf, _requests(), slots=3)  # 7 prompts through 3 slots: slots are freed and taken again
+    assert [got[i].tokens for i in range(len(PROMPTS))] == alone
+    assert all(got[i].stop is None for i in got)
+    got = _run(tiny_gguf, _requests(stop=stop), slots=3)
+    for i, want in enumerate(alone_stopping):
+        result = got[i]
+        assert result.tokens + ([result.stop] if result.stop is not None else []) == want
+    assert got[0].stop in stop and len(got[0].tokens) <= 5
+
+
+def test_a_sample_does_not_depend_on_its_batch_mates(tiny_gguf):
+    together = _run(tiny_gguf, _requests(temperature=0.9, top_p=0.95), slots=4)
+    alone = _run(tiny_gguf, _requests(temperature=0.9, top_p=0.95)[2:3], slots=1)
+    assert together[2].tokens == alone[0].tokens
+    assert together[2].logprob_sum == pytest.approx(alone[0].logprob_sum, rel=1e-5)
+    # and the seeds matter: another seed gives another sample for at least one prompt
+    reseeded = [SampleRequest(r.prompt, r.max_new_tokens, r.temperature, r.top_p, r.stop_ids, r.seed + 7)
+                for r in _requests(temperature=0.9, top_p=0.95)]
+    other = _run(tiny_gguf, reseeded, slots=4)
+    assert any(other[i].tokens != together[i].tokens for i in together)
+
+
+def test_the_score_is_the_untempered_log_probability_of_each_sampled_token(tiny_gguf):
+    got = _run(tiny_gguf, _requests(temperature=1.3, top_p=0.8, n=8), slots=4)
+    session = LlamaSession(tiny_gguf, threads=1, context=64, all_logits=True)
+    try:
+        for i, prompt in enumerate(PROMPTS):
+            ids = prompt + got[i].tokens
+            logits = session.logits(ids).astype(np.float64)
+            logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+            want = sum(logp[len(prompt) - 1 + j, t] for j, t in enumerate(got[i].tokens))
+            assert got[i].logprob_sum == pytest.approx(want, abs=1e-3)
+    finally:
+        session.close()
+
+
+def test_pick_keeps_the_nucleus_and_reports_the_untempered_log_probability():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=1000).astype(np.float32) * 3
+    logp = logits.astype(np.float64) - np.logaddexp.reduce(logits.astype(np.float64))
+    token, lp = _pick(logits, 0.0, 1.0, rng)
+    assert token == int(logits.argmax()) and lp == pytest.approx(logp[token])
+    assert {_pick(logits, 1.0, 1e-9, rng)[0] for _ in range(20)} == {int(logits.argmax())}
+    # nucleus 0.5 at T=1: only the fewest top tokens holding half the mass are ever drawn (checked by a full sort)
+    p = np.exp(logp)
+    order = np.argsort(-p)
+    nucleus = set(order[:int(np.searchsorted(np.cumsum(p[order]), 0.5)) + 1].tolist())
+    drawn = {_pick(logits, 1.0, 0.5, rng)[0] for _ in range(300)}
+    assert drawn <= nucleus and len(drawn) > 1
+    # a nucleus wider than the top 256 falls back to a full sort (flat logits: every token is in it)
+    flat = np.zeros(1000, dtype=np.float32)
+    assert len({_pick(flat, 1.0, 0.99, rng)[0] for _ in range(400)} - set(range(256))) > 0
+
+
+def test_backend_choice_and_its_refusals(tiny_gguf):
+    assert data.choose_backend(DataConfig(), None) == "pytorch"
+    assert data.choose_backend(DataConfig(), tiny_gguf) == "llama.cpp"  # no GPU here
+    assert data.choose_backend(DataConfig(backend="pytorch"), tiny_gguf) == "pytorch"
+    with pytest.raises(ConfigError, match="came from a GGUF"):
+        data.choose_backend(DataConfig(backend="llama.cpp"), None)
