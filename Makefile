@@ -11,6 +11,8 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 # llama-cpp-python compiles llama.cpp from source (no wheel on PyPI); use every core.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
+# ... and skip its multimodal library (mtmd/llava), which edgekit never loads: less to compile at setup.
+export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
 .PHONY: setup demo test test-fast bench clean
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -102,6 +103,7 @@ def build(cfg: CacheConfig, teacher, sequences: list[dict], out_dir: Path) -> Pa
         teacher.eval()
         n_shards = -(-len(sequences) // cfg.sequences_per_shard)
         tokens = sum(len(s["input_ids"]) for s in sequences)
+        began = time.perf_counter()
         with bar(total=tokens, desc="teacher logits", unit="tok") as progress:
             for shard in range(n_shards):
                 seqs = sequences[shard * cfg.sequences_per_shard:(shard + 1) * cfg.sequences_per_shard]
@@ -128,7 +130,8 @@ def build(cfg: CacheConfig, teacher, sequences: list[dict], out_dir: Path) -> Pa
             shutil.copy2(p, st.tmp / p.name)
         size = sum(p.stat().st_size for p in st.tmp.glob("shard-*.safetensors"))
         st.metrics = {"sequences": len(sequences), "tokens": tokens, "bytes": size,
-                      "bytes_per_token": size / max(tokens, 1), "mode": cfg.mode, "k": cfg.k, "vocab_size": vocab}
+                      "bytes_per_token": size / max(tokens, 1), "mode": cfg.mode, "k": cfg.k, "vocab_size": vocab,
+                      "seconds": round(time.perf_counter() - began, 1)}  # this run's (shards done before: not)
     return out_dir
 
 
