@@ -74,6 +74,16 @@ def _blocks(w, block: int):
     return w.detach().float().reshape(-1, block)
 
 
+def _div(a, b):
+    """``a / b`` in float32 as C divides: torch turns ``scalar / tensor`` into ``reciprocal(tensor) * scalar``,
+    which rounds twice, so both sides are made float32 tensors first."""
+    import torch
+
+    a = a if isinstance(a, torch.Tensor) else torch.tensor(a, dtype=torch.float32)
+    b = b if isinstance(b, torch.Tensor) else torch.tensor(b, dtype=torch.float32)
+    return torch.div(a, b)
+
+
 def _round_away(x):
     """C's ``roundf``: halves away from zero (``torch.round`` rounds them to even)."""
     import torch
@@ -88,8 +98,8 @@ def q4_0(w):
 
     x = _blocks(w, 32)
     idx = x.abs().argmax(dim=1, keepdim=True)  # the first largest |x|, as the C loop's strict '<' keeps it
-    d = x.gather(1, idx) / -8
-    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    d = _div(x.gather(1, idx), -8.0)
+    inv = torch.where(d != 0, _div(1.0, d), torch.zeros_like(d))
     q = torch.clamp(torch.trunc(x * inv + 8.5), 0, 15)
     return ((q - 8) * d.half().float()).reshape(w.shape)
 
@@ -99,8 +109,8 @@ def q8_0(w):
     import torch
 
     x = _blocks(w, 32)
-    d = x.abs().amax(dim=1, keepdim=True) / 127
-    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    d = _div(x.abs().amax(dim=1, keepdim=True), 127.0)
+    inv = torch.where(d != 0, _div(1.0, d), torch.zeros_like(d))
     return (_round_away(x * inv) * d.half().float()).reshape(w.shape)
 
 
@@ -128,9 +138,10 @@ def _make_qkx2_quants(x, wt):
         sum_x = sum_x + wt[:, i] * xi
     mn = torch.where(mn > 0, torch.zeros_like(mn), mn)
     flat = mx == mn
+    flat_min = mn
     rng = torch.where(flat, torch.ones_like(mx), mx - mn)
-    iscale = 15 / rng
-    scale = 1 / iscale
+    iscale = _div(15.0, rng)
+    scale = _div(1.0, iscale)
     labels = torch.clamp(torch.round(iscale[:, None] * (x - mn[:, None])), 0, 15)
 
     def error(s, m, lab):
@@ -143,7 +154,7 @@ def _make_qkx2_quants(x, wt):
     best = error(scale, mn, labels)
     for step in range(21):
         num = np.float32(-1.0) + np.float32(0.1) * np.float32(step) + np.float32(15.0)
-        iscale = float(num) / rng
+        iscale = _div(float(num), torch.where(flat, torch.ones_like(mx), mx - mn))  # the C code's min moves as it improves
         aux = torch.clamp(torch.round(iscale[:, None] * (x - mn[:, None])), 0, 15)
         sum_l, sum_l2, sum_xl = (torch.zeros_like(sum_w) for _ in range(3))
         for i in range(n):
@@ -165,7 +176,7 @@ def _make_qkx2_quants(x, wt):
         scale = torch.where(better, this_scale, scale)
         mn = torch.where(better, this_min, mn)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
-    return scale, -mn
+    return scale, -torch.where(flat, flat_min, mn)
 
 
 def q4_k(w):
@@ -176,7 +187,9 @@ def q4_k(w):
     sum_x2 = torch.zeros(x.shape[0], dtype=torch.float32)
     for i in range(32):
         sum_x2 = sum_x2 + x[:, i] * x[:, i]
-    av_x = torch.sqrt(sum_x2 / 32)
+    # sqrtf is correctly rounded; torch's vectorized float32 sqrt is not always. The square root of a double,
+    # rounded to float, is (53 >= 2 * 24 + 2 bits).
+    av_x = torch.sqrt(_div(sum_x2, 32.0).double()).float()
     scales, mins = _make_qkx2_quants(x, av_x[:, None] + x.abs())
     scales, mins = scales.reshape(-1, 8), mins.reshape(-1, 8)
     max_scale = torch.zeros(scales.shape[0])
@@ -184,12 +197,12 @@ def q4_k(w):
     for j in range(8):
         max_scale = torch.where(scales[:, j] > max_scale, scales[:, j], max_scale)
         max_min = torch.where(mins[:, j] > max_min, mins[:, j], max_min)
-    inv_scale = torch.where(max_scale > 0, 63 / torch.where(max_scale > 0, max_scale, 1), 0)
-    inv_min = torch.where(max_min > 0, 63 / torch.where(max_min > 0, max_min, 1), 0)
+    inv_scale = torch.where(max_scale > 0, _div(63.0, torch.where(max_scale > 0, max_scale, 1)), 0)
+    inv_min = torch.where(max_min > 0, _div(63.0, torch.where(max_min > 0, max_min, 1)), 0)
     ls = torch.clamp(torch.remainder(torch.round(inv_scale[:, None] * scales), 256), max=63)  # uint8, then MIN(63)
     lm = torch.clamp(torch.remainder(torch.round(inv_min[:, None] * mins), 256), max=63)
-    d = (max_scale / 63).half().float()
-    dmin = (max_min / 63).half().float()
+    d = _div(max_scale, 63.0).half().float()
+    dmin = _div(max_min, 63.0).half().float()
     dj = d[:, None] * ls  # [super, 8]
     dmj = dmin[:, None] * lm
     xs = x.reshape(-1, 8, 32)
@@ -214,11 +227,11 @@ def nbits(w, bits: int, block: int):
     top = float((1 << bits) - 1)
     mn = torch.clamp(x.amin(dim=1, keepdim=True), max=0.0)
     mx = torch.clamp(x.amax(dim=1, keepdim=True), min=0.0)
-    scale = (mx - mn) / top
+    scale = _div(mx - mn, top)
     nonzero = scale != 0
-    zp_fp = torch.where(nonzero, 0.0 - mn / torch.where(nonzero, scale, 1), mn)
+    zp_fp = torch.where(nonzero, 0.0 - _div(mn, torch.where(nonzero, scale, 1)), mn)
     zp = torch.where(zp_fp < 0, 0.0, torch.where(zp_fp > top, top, _round_away(zp_fp)))
-    inv = torch.where(nonzero, 1.0 / torch.where(nonzero, scale, 1), 0.0)
+    inv = torch.where(nonzero, _div(1.0, torch.where(nonzero, scale, 1)), 0.0)
     q = torch.clamp(_round_away(x * inv + zp), 0, top)
     return ((q - zp) * scale).reshape(rows, k + pad)[:, :k]
 

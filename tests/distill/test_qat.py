@@ -33,13 +33,13 @@ def trained(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("qat")
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     teacher = LlamaForCausalLM(cfg)
     teacher.save_pretrained(d / "teacher")
     cfg.num_hidden_layers = 1
     LlamaForCausalLM(cfg).save_pretrained(d / "student")
-    _tiny_bpe_tokenizer(d / "student", 256)
+    _tiny_bpe_tokenizer(d / "student", 320)
     g = torch.Generator().manual_seed(1)
     seqs = []
     for _ in range(32):

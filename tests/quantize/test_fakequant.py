@@ -36,10 +36,10 @@ def _awkward(w: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 def _model(folder: Path, hidden: int, inter: int, layers: int, tied: bool) -> Path:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    _tiny_bpe_tokenizer(folder, 256)
+    _tiny_bpe_tokenizer(folder, 320)
     tok = AutoTokenizer.from_pretrained(folder)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+    cfg = LlamaConfig(vocab_size=320, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       tie_word_embeddings=tied, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     model = LlamaForCausalLM(cfg)
@@ -108,13 +108,47 @@ def test_gguf_grids_equal_llama_cpp_dequantized(request, tmp_path, model, quant)
             fake = rope_interleave(fake, arch.kv_heads)
         assert np.array_equal(fake.numpy(), values.astype(np.float32)), f"{quant} {name} ({kind})"
         checked.add(kind)
-    want = {"q4_0": {"Q4_0", "Q8_0"}, "q4_k_s": {"Q4_K"}, "q4_k_m": {"Q4_K"}}[quant]
+    # narrow: the 64-wide output head is Q8_0; wide: it is Q6_K (no grid), and the K-quants need no fallback
+    want = {"q4_0": {"Q4_0", "Q8_0"} if model == "narrow" else {"Q4_0"}, "q4_k_s": {"Q4_K"}, "q4_k_m": {"Q4_K"}}[quant]
     assert want <= checked, f"{quant}: checked only {checked}"
     # the plan QAT trains through names the types the file holds
     plan = fakequant.plan_grids(f"gguf-{quant}", arch)
     by_module = {fakequant.hf_module("gguf", n): k for n, (k, _) in stored.items()}
     assert plan.grids and all(by_module[m] == k for m, k in plan.grids.items())
     assert all(by_module[m] in k for m, k in plan.float_kept.items())
+
+
+def _ggml():
+    """llama.cpp's ggml-base library (the one llama-cpp-python's quantizer runs), for its reference quantizers."""
+    import ctypes
+
+    import llama_cpp
+
+    libs = sorted((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.*"))
+    if not libs:
+        pytest.skip("llama-cpp-python ships no libggml-base here")
+    return ctypes.CDLL(str(libs[0]))
+
+
+GGML = {"Q4_0": (32, 18, "q4_0"), "Q8_0": (32, 34, "q8_0"), "Q4_K": (256, 144, "q4_K")}  # block, bytes, C name
+
+
+@pytest.mark.parametrize("kind", list(GGML))
+def test_gguf_grids_equal_ggml_reference_quantizers_on_awkward_weights(kind):
+    import ctypes
+
+    lib = _ggml()
+    block, nbytes, c_name = GGML[kind]
+    g = torch.Generator().manual_seed(len(kind))
+    for scale in (1e-3, 0.02, 1.0, 300.0):
+        w = _awkward(torch.randn(64, 512, generator=g) * scale, g)
+        x = np.ascontiguousarray(w.numpy())
+        buf = (ctypes.c_uint8 * (x.size // block * nbytes))()
+        getattr(lib, f"quantize_row_{c_name}_ref")(x.ctypes.data_as(ctypes.c_void_p), buf, ctypes.c_int64(x.size))
+        out = np.zeros(x.size, dtype=np.float32)
+        getattr(lib, f"dequantize_row_{c_name}")(buf, out.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(x.size))
+        got = fakequant.grid(kind)(w).numpy()
+        assert np.array_equal(got, out.reshape(w.shape)), f"{kind} at scale {scale}: {(got != out.reshape(w.shape)).sum()}"
 
 
 def _onnx_dequantized(model_path: Path) -> dict[str, np.ndarray]:
@@ -163,7 +197,7 @@ def test_onnx_int4_grids_equal_the_exported_matmulnbits(narrow, exporter_output)
     assert matched == len(plan.grids)
 
 
-@pytest.mark.parametrize("bits,block", [(4, 32), (4, 128), (8, 32), (4, 48)])
+@pytest.mark.parametrize("bits,block", [(4, 32), (4, 128), (8, 32), (4, 16), (4, 256)])
 def test_nbits_grid_equals_onnxruntime_quantizer_on_awkward_blocks(bits, block):
     from edgekit.export.onnx_quant import _nbits_module
 
