@@ -286,8 +286,10 @@ def plan_grids(target: str, arch: Architecture) -> GridPlan:
 
 def _kind(fmt: str, dtype: str) -> str | None:
     if fmt == "executorch":
-        # torchao's QAT for the linears (8da4w, and 8da8w per channel); the int8 embedding stays float
-        return {"int4-g32": TORCHAO + ":8da4w", "int8": TORCHAO + ":8da8w"}.get(dtype)
+        # torchao's QAT for the linears: 8da4w, and 8da8w per channel for the LM head and the _M mix's
+        # v_proj/down_proj (the shared dense layout labels those int8-b32; edgekit.export.executorch quantizes
+        # them per output channel). The int8 embedding (ExecuTorch's embedding_byte) stays float.
+        return {"int4-g32": TORCHAO + ":8da4w", "int8-b32": TORCHAO + ":8da8w"}.get(dtype)
     return dtype if grid(dtype) is not None else None
 
 
