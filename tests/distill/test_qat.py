@@ -157,3 +157,29 @@ def test_qat_target_must_be_an_export_and_not_calibrated(tmp_path):
     calibrated = {**RECIPE, "exports": [{"format": "gguf", "quant": "q4_0", "calibrate": True}]}
     problems = validate_recipe(_write(tmp_path, calibrated))
     assert len(problems) == 1 and "exports.0.calibrate" in problems[0] and "calibrate: false" in problems[0]
+
+
+def test_pipeline_returns_the_qat_student_after_the_float_one(tiny_llama_dir, tmp_path, monkeypatch):
+    from edgekit.distill.pipeline import run
+
+    monkeypatch.setenv("EDGEKIT_HOME", str(tmp_path / "home"))
+    data = tmp_path / "data.jsonl"
+    rng = np.random.default_rng(0)
+    data.write_text("".join(json.dumps({"text": " ".join(f"w{i}" for i in rng.integers(3, 256, 20))}) + "\n"
+                            for _ in range(16)))
+    cfg = DistillConfig.model_validate({
+        "teacher": str(tiny_llama_dir),
+        "student": {"layers": 1, "hidden_size": 32, "intermediate_size": 64, "heads": 2, "kv_heads": 1},
+        "data": {"sources": [str(data)], "heldout_fraction": 0.25, "max_seq_len": 32},
+        "cache": {"k": 8},
+        "train": {"steps": 2, "batch_size": 2, "precision": "fp32", "warmup_steps": 1},
+        "qat": {"target": "gguf-q4_0", "steps": 2},
+        "eval": {"prompts": [], "baselines": ["teacher"]},
+    })
+    a = run(cfg)
+    arts = a["artifacts"]
+    assert arts["student"] == arts["qat"] == str(a.path) and arts["float_student"] != arts["qat"]
+    assert a["qat"]["qat"]["target"] == "gguf-q4_0" and a["training"]["steps"] == 2
+    assert artifact.read_manifest(arts["qat"])["config"]["student"] == arts["float_student"]
+    again = run(cfg)
+    assert again.reused and again["artifacts"] == arts
