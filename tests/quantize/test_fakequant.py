@@ -18,7 +18,7 @@ from edgekit.errors import ModelError, RecipeError
 from edgekit.export.gguf import export_gguf, rope_interleave
 from edgekit.quantize import fakequant
 from edgekit.quantize.gguf import quantize_gguf
-from tests.conftest import _tiny_bpe_tokenizer
+from tests.conftest import _tiny_bpe_tokenizer, needs_executorch
 
 
 def _awkward(w: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -239,6 +239,22 @@ def test_torchao_qat_weights_equal_the_executorch_exporters_quantize():
         quantize_(lin, fakequant.torchao_config(kind))  # what edgekit.export.executorch applies
         exported = lin[0].weight.dequantize()
         assert torch.equal(fakequant.torchao_weight(w, kind), exported), kind
+
+
+@needs_executorch
+def test_executorch_exporters_quantized_linears_equal_the_qat_weights(narrow):
+    from edgekit.export.executorch import _build, resolve_quant
+
+    module, _ = _build(narrow, resolve_quant("8da4w"), 32, narrow)  # the exporter's model, quantized as it ships
+    quantized = {n: m.weight.dequantize() for n, m in module.named_modules()
+                 if isinstance(m, torch.nn.Linear) and hasattr(m.weight, "dequantize")}
+    hf = _hf_weights(narrow)
+    plan = fakequant.plan_grids("executorch-8da4w", _arch(narrow))
+    assert set(plan.grids.values()) == {"torchao:8da4w", "torchao:8da8w"}
+    for module_name, kind in plan.grids.items():
+        et_name = module_name.replace("model.", "", 1).replace("self_attn.", "").replace("mlp.", "")
+        assert torch.equal(fakequant.torchao_weight(hf[module_name], kind), quantized[et_name]), module_name
+    assert len(plan.grids) == len(quantized)
 
 
 def test_straight_through_gradient_and_release_restore_the_float_weights():
