@@ -19,7 +19,7 @@ from edgekit.arch import student_family
 from edgekit.bench.config import BenchConfig
 from edgekit.devices import load_device
 from edgekit.errors import EdgekitError, RecipeError
-from edgekit.export.config import ExportConfig
+from edgekit.export.config import ExportConfig, exporter
 from edgekit.plan import _bare_metal, memory_model, plan, runtime_for
 from edgekit.quantize.fakequant import TARGETS as QAT_TARGETS
 from edgekit.quantize.schemes import formats, get_format, get_scheme
@@ -105,16 +105,28 @@ def _qat_problems(target: str, exports: list[ExportSpec]) -> list[tuple[str, str
     switched off quietly: the recipe then says what runs, and QAT already does what calibration is for.
     """
     fmt, quant = QAT_TARGETS[target]
-    same = [i for i, e in enumerate(exports) if (e.format, e.quant.lower()) == (fmt, quant)]
+    named = [_plain_quant(e) for e in exports]  # (format, scheme, calibrated): onnx int4-awq is int4, calibrated
+    same = [i for i, (f, q, _) in enumerate(named) if (f, q) == (fmt, quant)]
     if not same:
-        others = [t for t, fq in QAT_TARGETS.items() if any((e.format, e.quant.lower()) == fq for e in exports)]
+        others = [t for t, fq in QAT_TARGETS.items() if any((f, q) == fq for f, q, _ in named)]
         hint = f"or use the target of one ({', '.join(others)})" if others else "or drop distill.qat"
         return [("distill.qat.target", f"{target} trains through the {fmt} {quant} quantizer but this recipe "
                                        f"exports no {fmt} {quant}; add that export {hint}")]
     return [(f"exports.{i}.calibrate", f"calibrate rescales the weights, so this {fmt} {quant} export would not "
                                        f"hold the grid distill.qat trained through; set calibrate: false "
                                        "(QAT replaces it) or drop distill.qat")
-            for i in same if exports[i].calibrate]
+            for i in same if named[i][2]]
+
+
+def _plain_quant(e: ExportSpec) -> tuple[str, str, bool]:
+    quant = e.quant.lower()
+    try:
+        calibrated = exporter(e.format).calibrated_names
+    except RecipeError:  # an unknown format is reported by the export checks
+        return e.format, quant, e.calibrate
+    if quant in calibrated:
+        return e.format, calibrated[quant], True
+    return e.format, quant, e.calibrate
 
 
 def _runtime_problems(names: list[str], exported: set[str] | None) -> list[str]:

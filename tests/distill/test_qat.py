@@ -157,6 +157,10 @@ def test_qat_target_must_be_an_export_and_not_calibrated(tmp_path):
     calibrated = {**RECIPE, "exports": [{"format": "gguf", "quant": "q4_0", "calibrate": True}]}
     problems = validate_recipe(_write(tmp_path, calibrated))
     assert len(problems) == 1 and "exports.0.calibrate" in problems[0] and "calibrate: false" in problems[0]
+    awq = {**RECIPE, "exports": [{"format": "onnx", "quant": "int4-awq"}],
+           "distill": {"steps": 10, "qat": {"target": "onnx-int4"}}}
+    problems = validate_recipe(_write(tmp_path, awq))
+    assert len(problems) == 1 and "exports.0.calibrate" in problems[0]
 
 
 def test_pipeline_returns_the_qat_student_after_the_float_one(tiny_llama_dir, tmp_path, monkeypatch):
