@@ -17,6 +17,7 @@ dequantize exactly as the exporter's own library does:
   ``BlockwiseQuantizer`` with zero points, what ``MatMulNBitsQuantizer``'s default RTN calls):
   asymmetric, range widened to include 0, ``scale = (max - min) / (2^bits - 1)``, zero point
   ``roundf(-min / scale)``, ``q = clamp(roundf(x * (1 / scale) + zp))``, weight ``(q - zp) * scale``.
+- ``Q5_0``: as Q4_0 with 5 bits (what Q4_K falls back to when a row is not a multiple of 256).
 - ``F16``: a tensor llama.cpp keeps at f16 (rows not a multiple of the block).
 
 ExecuTorch 8da4w is not re-implemented: :func:`prepare` hands those linears to torchao's own QAT
@@ -92,16 +93,27 @@ def _round_away(x):
     return t + torch.where((x - t).abs() >= 0.5, torch.sign(x), torch.zeros_like(x))
 
 
-def q4_0(w):
-    """llama.cpp's Q4_0 of ``w`` (rows a multiple of 32), dequantized."""
+def _legacy(w, half: int):
+    """llama.cpp's Q4_0 (``half`` 8) / Q5_0 (16): scale = the signed largest magnitude / -half, fp16."""
     import torch
 
     x = _blocks(w, 32)
     idx = x.abs().argmax(dim=1, keepdim=True)  # the first largest |x|, as the C loop's strict '<' keeps it
-    d = _div(x.gather(1, idx), -8.0)
+    d = _div(x.gather(1, idx), float(-half))
     inv = torch.where(d != 0, _div(1.0, d), torch.zeros_like(d))
-    q = torch.clamp(torch.trunc(x * inv + 8.5), 0, 15)
-    return ((q - 8) * d.half().float()).reshape(w.shape)
+    q = torch.clamp(torch.trunc(x * inv + (half + 0.5)), 0, 2 * half - 1)  # (int8_t) truncates; MIN(2*half-1)
+    return ((q - half) * d.half().float()).reshape(w.shape)
+
+
+def q4_0(w):
+    """llama.cpp's Q4_0 of ``w`` (rows a multiple of 32), dequantized."""
+    return _legacy(w, 8)
+
+
+def q5_0(w):
+    """llama.cpp's Q5_0 of ``w`` (rows a multiple of 32), dequantized: what Q4_K falls back to for rows that are
+    not a multiple of 256 (SmolLM2's 576)."""
+    return _legacy(w, 16)
 
 
 def q8_0(w):
@@ -238,7 +250,7 @@ def nbits(w, bits: int, block: int):
 
 def grid(name: str):
     """The grid function of a storage type name (``Q4_0``, ``Q4_K``, ``int4-b32``, ...), or None (stays float)."""
-    fixed = {"Q4_0": q4_0, "Q8_0": q8_0, "Q4_K": q4_k, "F16": f16}
+    fixed = {"Q4_0": q4_0, "Q5_0": q5_0, "Q8_0": q8_0, "Q4_K": q4_k, "F16": f16}
     if name in fixed:
         return fixed[name]
     m = _NBITS.match(name)
