@@ -326,34 +326,63 @@ def hf_module(fmt: str, name: str) -> str | None:
 # --------------------------------------------------------------------------- training through a grid
 
 
-def _ste(fn):
+class _Bank:
+    """The grids of every weight of one kind, recomputed together once per optimizer step.
+
+    Q4_K's exact search runs element by element, so its cost is per call, not per weight: one call over all
+    the model's Q4_K weights (their rows end to end) instead of one per matrix, and only when a weight has
+    changed (the optimizer bumps its version), not on every forward (gradient accumulation, checkpointing).
+    """
+
+    def __init__(self, kind: str):
+        self.kind, self.fn = kind, grid(kind)
+        self.params: list = []
+        self.key: tuple | None = None
+        self.values: dict[int, object] = {}
+
+    def value(self, w):
+        key = tuple((p.data_ptr(), p._version) for p in self.params)
+        if key != self.key:
+            self._refresh()
+            self.key = key
+        return self.values[w.data_ptr()]
+
+    def _refresh(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            latents = [p.detach().float() for p in self.params]
+            block = 256 if self.kind == "Q4_K" else 0
+            if block and all(w.shape[1] % block == 0 for w in latents):
+                joined = self.fn(torch.cat([w.reshape(-1, block) for w in latents]))
+                parts = torch.split(joined, [w.numel() // block for w in latents])
+                grids = [part.reshape(w.shape) for part, w in zip(parts, latents)]
+            else:
+                grids = [self.fn(w) for w in latents]
+        self.values = {p.data_ptr(): g.to(p.dtype) for p, g in zip(self.params, grids)}
+
+
+def _parametrization(bank: _Bank):
     import torch
 
     class _Straight(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, w):
-            return fn(w).to(w.dtype)
+        def forward(ctx, w, q):
+            return q.clone()
 
         @staticmethod
         def backward(ctx, grad):
-            return grad
-
-    return _Straight.apply
-
-
-def _parametrization(kind: str):
-    import torch
+            return grad, None
 
     class FakeQuant(torch.nn.Module):
-        """The weight as the export stores it, with a straight-through gradient."""
+        """The weight as the export stores it (its bank's grid), with a straight-through gradient."""
 
         def __init__(self):
             super().__init__()
-            self.kind = kind
-            self.apply_fn = _ste(grid(kind))
+            self.kind = bank.kind
 
         def forward(self, w):
-            return self.apply_fn(w)
+            return _Straight.apply(w, bank.value(w))
 
     return FakeQuant()
 
@@ -379,9 +408,12 @@ def prepare(model, plan: GridPlan) -> None:
     if missing:
         raise ModelError(f"QAT target {plan.target} expects module {missing[0]}, which this student does not have")
     torchao = {m: k for m, k in plan.grids.items() if k.startswith(TORCHAO)}
+    banks: dict[str, _Bank] = {}
     for name, kind in plan.grids.items():
         if name not in torchao:
-            parametrize.register_parametrization(modules[name], "weight", _parametrization(kind))
+            bank = banks.setdefault(kind, _Bank(kind))
+            bank.params.append(modules[name].weight)  # becomes parametrizations.weight.original, the same tensor
+            parametrize.register_parametrization(modules[name], "weight", _parametrization(bank))
     if torchao:
         from torchao.quantization import quantize_
         from torchao.quantization.qat import QATConfig
