@@ -6,7 +6,8 @@ QAT phase is reused, so each target costs its QAT minutes. For every target it e
 
   float   the float student as an f32 GGUF (its own KL to the teacher, run in llama.cpp)
   PTQ     the float student at the target's quant (post-training quantization alone)
-  QAT     the QAT student at the same quant (trained through that exporter's grid)
+  PTQ+    the control: the float student trained --qat-minutes more without a grid, then quantized
+  QAT     the QAT student at the same quant (trained through that exporter's grid for --qat-minutes)
 
 and scores them all with the fidelity stage against the *teacher* (KL(teacher || export), top-1, perplexity
 on the bundled held-out chats). Target of issue 17: each QAT export's KL <= 1.1 x the float student's KL.
@@ -58,6 +59,8 @@ def main() -> None:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    from edgekit import artifact
+    from edgekit.distill import train as train_stage
     from edgekit.distill.config import DistillConfig, QatConfig
     from edgekit.distill.pipeline import run as distill
     from edgekit.export.pipeline import ExportConfig
@@ -88,43 +91,54 @@ def main() -> None:
     def exported(model: Path, fmt: str, quant: str) -> Path:
         return Path(export(ExportConfig(model=str(model), format=fmt, quant=quant, threads=args.threads))["path"])
 
-    qat_runs, exports = {}, {"float": exported(float_dir, "gguf", "f32")}
+    # The control: the float student trained for the QAT phase's extra minutes too (same settings, no grid), so
+    # "QAT vs PTQ" is not "more training vs less".
+    qat_base = {"target": args.targets[0], "steps": None, "time_budget_s": args.qat_minutes * 60}
+    if args.qat_lr is not None:
+        qat_base["lr"] = args.qat_lr
+    more_cfg = QatConfig.model_validate(qat_base).train_config(DistillConfig.model_validate(base).train)
+    more_dir = train_stage.train(more_cfg, float_dir, artifact.store_path(
+        "distill", more_cfg.model_dump(), "more-float", float_dir.name),
+        cache_dir=Path(float_run["artifacts"]["cache"]))
+    qat_runs, exports = {}, {"float": exported(float_dir, "gguf", "f32"), "float+": exported(more_dir, "gguf", "f32")}
     for target in args.targets:
         fmt, quant = KNOWN[target]
-        qat = {"target": target, "steps": None, "time_budget_s": args.qat_minutes * 60}
-        if args.qat_lr is not None:
-            qat["lr"] = args.qat_lr
-        QatConfig.model_validate(qat)  # a bad --qat-lr fails before any work
-        run = distill(DistillConfig.model_validate({**base, "qat": qat}))
+        run = distill(DistillConfig.model_validate({**base, "qat": {**qat_base, "target": target}}))
         qat_runs[target] = run["qat"]
         exports[f"{target} PTQ"] = exported(float_dir, fmt, quant)
+        exports[f"{target} PTQ+"] = exported(more_dir, fmt, quant)
         exports[f"{target} QAT"] = exported(Path(run["artifacts"]["student"]), fmt, quant)
 
     fid = report.run(teacher, list(exports.values()), max_tokens=args.max_tokens or FidelityConfig().max_tokens,
                      threads=args.threads)
     rows = {name: fid["rows"][i + 1] for i, name in enumerate(exports)}  # row 0 is the teacher itself
     float_kl = rows["float"]["kl_mean"]
+    keep = ("kl_mean", "top1_agreement", "perplexity", "size_bytes")
     table = []
     for target in args.targets:
-        ptq, qat = rows[f"{target} PTQ"], rows[f"{target} QAT"]
-        table.append({"target": target, "float_kl": float_kl,
-                      "ptq": {k: ptq[k] for k in ("kl_mean", "top1_agreement", "perplexity", "size_bytes")},
-                      "qat": {k: qat[k] for k in ("kl_mean", "top1_agreement", "perplexity", "size_bytes")},
-                      "ptq_kl_ratio": ptq["kl_mean"] / float_kl, "qat_kl_ratio": qat["kl_mean"] / float_kl,
-                      "met": qat["kl_mean"] <= KL_RATIO * float_kl, "qat_training": qat_runs[target]})
+        r = {"target": target, "float_kl": float_kl, "qat_training": qat_runs[target]}
+        for kind in ("PTQ", "PTQ+", "QAT"):
+            row = rows[f"{target} {kind}"]
+            r[kind] = {**{k: row[k] for k in keep}, "kl_ratio_to_float": row["kl_mean"] / float_kl}
+        r["met"] = r["QAT"]["kl_mean"] <= KL_RATIO * float_kl
+        table.append(r)
 
-    f = rows["float"]
-    print(f"float student vs teacher: KL {f['kl_mean']:.4f}, top-1 {100 * f['top1_agreement']:.1f}%, "
-          f"ppl {f['perplexity']:.3f} (teacher ppl {fid['rows'][0]['perplexity']:.3f}) on {fid['tokens']} tokens")
+    for name in ("float", "float+"):
+        f = rows[name]
+        print(f"{name} student (f32 GGUF) vs teacher: KL {f['kl_mean']:.4f}, top-1 {100 * f['top1_agreement']:.1f}%, "
+              f"ppl {f['perplexity']:.3f}")
+    print(f"teacher ppl {fid['rows'][0]['perplexity']:.3f} on {fid['tokens']} tokens; float+ = float trained "
+          f"{args.qat_minutes} more minutes without a grid (the control); ratios are KL / float KL")
     print()
-    print(f"| target | KL PTQ | KL QAT | KL/float PTQ | KL/float QAT | top-1 PTQ | top-1 QAT | ppl PTQ | ppl QAT | "
-          f"QAT KL <= {KL_RATIO}x float |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("| target | KL PTQ | KL PTQ+ | KL QAT | ratio PTQ | ratio PTQ+ | ratio QAT | top-1 PTQ / PTQ+ / QAT | "
+          f"ppl PTQ / PTQ+ / QAT | QAT KL <= {KL_RATIO}x float |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|---|---|")
     for r in table:
-        p, q = r["ptq"], r["qat"]
-        print(f"| {r['target']} | {p['kl_mean']:.4f} | {q['kl_mean']:.4f} | {r['ptq_kl_ratio']:.2f} | "
-              f"{r['qat_kl_ratio']:.2f} | {100 * p['top1_agreement']:.1f}% | {100 * q['top1_agreement']:.1f}% | "
-              f"{p['perplexity']:.3f} | {q['perplexity']:.3f} | {'yes' if r['met'] else 'NO'} |")
+        p, m, q = r["PTQ"], r["PTQ+"], r["QAT"]
+        print(f"| {r['target']} | {p['kl_mean']:.4f} | {m['kl_mean']:.4f} | {q['kl_mean']:.4f} | "
+              f"{p['kl_ratio_to_float']:.2f} | {m['kl_ratio_to_float']:.2f} | {q['kl_ratio_to_float']:.2f} | "
+              + " / ".join(f"{100 * x['top1_agreement']:.1f}%" for x in (p, m, q)) + " | "
+              + " / ".join(f"{x['perplexity']:.2f}" for x in (p, m, q)) + f" | {'yes' if r['met'] else 'NO'} |")
     result = {"benchmark": "qat", "date": time.strftime("%Y-%m-%d"),
               "command": "python benchmarks/qat.py " + " ".join(sys.argv[1:]), "cpu": _cpu(),
               "student": float_run["student"], "float_training": float_run["training"],

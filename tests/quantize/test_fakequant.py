@@ -132,7 +132,8 @@ def _ggml():
     return ctypes.CDLL(str(libs[0]))
 
 
-GGML = {"Q4_0": (32, 18, "q4_0"), "Q5_0": (32, 22, "q5_0"), "Q8_0": (32, 34, "q8_0"), "Q4_K": (256, 144, "q4_K")}  # block, bytes, C name
+# grid -> (block, bytes per block, its name in ggml's C functions)
+GGML = {"Q4_0": (32, 18, "q4_0"), "Q5_0": (32, 22, "q5_0"), "Q8_0": (32, 34, "q8_0"), "Q4_K": (256, 144, "q4_K")}
 
 
 @pytest.mark.parametrize("kind", list(GGML))
@@ -150,7 +151,8 @@ def test_gguf_grids_equal_ggml_reference_quantizers_on_awkward_weights(kind):
         out = np.zeros(x.size, dtype=np.float32)
         getattr(lib, f"dequantize_row_{c_name}")(buf, out.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(x.size))
         got = fakequant.grid(kind)(w).numpy()
-        assert np.array_equal(got, out.reshape(w.shape)), f"{kind} at scale {scale}: {(got != out.reshape(w.shape)).sum()}"
+        want = out.reshape(w.shape)
+        assert np.array_equal(got, want), f"{kind} at scale {scale}: {(got != want).sum()} weights differ"
 
 
 def test_fast_q4_k_that_training_uses_differs_from_the_exact_grid_in_few_sub_blocks():
