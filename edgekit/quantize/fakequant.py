@@ -199,7 +199,11 @@ def q4_k(w, exact: bool = True):
     # sqrtf is correctly rounded; torch's vectorized float32 sqrt is not always. The square root of a double,
     # rounded to float, is (53 >= 2 * 24 + 2 bits).
     av_x = torch.sqrt(_div(sum_x2, 32.0).double()).float()
-    scales, mins = _make_qkx2_quants(xt, av_x + xt.abs(), exact)
+    wt = av_x + xt.abs()
+    chunk = 8192  # sub-blocks per pass: the search's ~20 temporaries stay in cache (3-4x faster than one pass)
+    parts = [_make_qkx2_quants(xt[:, i:i + chunk].contiguous(), wt[:, i:i + chunk].contiguous(), exact)
+             for i in range(0, xt.shape[1], chunk)]
+    scales, mins = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     scales, mins = scales.reshape(-1, 8), mins.reshape(-1, 8)
     max_scale = torch.clamp(scales.amax(1), min=0.0)  # the C loop starts at 0 and keeps strictly larger values
     max_min = torch.clamp(mins.amax(1), min=0.0)
