@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, T
 
 from edgekit import registry
 from edgekit.bench.config import BenchConfig
-from edgekit.distill.config import LOSSES, CacheConfig, DataConfig, DistillConfig, StudentSpec, TrainConfig
+from edgekit.distill.config import LOSSES, CacheConfig, DataConfig, DistillConfig, QatConfig, StudentSpec, TrainConfig
 from edgekit.errors import RecipeError, validation_problem, yaml_problem
 from edgekit.export.config import ExportConfig, exporter
 from edgekit.quantize.config import FidelityConfig
@@ -97,6 +97,8 @@ class DistillSection(_Section):
     lr: float = _stage_field(TrainConfig, "lr", "peak learning rate")
     cache: Literal["topk", "sampled", "none"] = Field(CacheConfig.model_fields["mode"].default,
                                                       description="teacher logit cache; none: teacher online")
+    qat: QatConfig | None = _stage_field(DistillConfig, "qat", "quantization-aware last phase: {target: "
+                                         "<format>-<quant> of an export, steps or time_budget_s, lr}; null: off")
 
     @model_validator(mode="after")
     def _length(self):
@@ -164,6 +166,7 @@ class Recipe(_Section):
             "cache": None if d.cache == "none" else {"mode": d.cache},
             "train": {"loss": d.loss, "temperature": d.temperature, "steps": d.steps,
                       "time_budget_s": d.time_budget, "batch_size": d.batch_size, "lr": d.lr},
+            "qat": d.qat.model_dump() if d.qat else None,
         }
         try:
             return DistillConfig.model_validate(raw)

@@ -19,8 +19,9 @@ from edgekit.arch import student_family
 from edgekit.bench.config import BenchConfig
 from edgekit.devices import load_device
 from edgekit.errors import EdgekitError, RecipeError
-from edgekit.export.config import ExportConfig
+from edgekit.export.config import ExportConfig, exporter
 from edgekit.plan import _bare_metal, memory_model, plan, runtime_for
+from edgekit.quantize.fakequant import TARGETS as QAT_TARGETS
 from edgekit.quantize.schemes import formats, get_format, get_scheme
 from edgekit.recipe import ExportSpec, Recipe, exporter_formats, format_errors, no_exporter, parse_recipe
 from edgekit.runtimes import runtimes as runners
@@ -94,6 +95,38 @@ def _export_problems(e: ExportSpec) -> list[tuple[str, str]]:
         key = "calibrate" if e.calibrate and "calibrate" in str(err) else "quant"
         return [(key, str(err) if isinstance(err, RecipeError) else format_errors(err, None, {}))]
     return []
+
+
+def _qat_problems(target: str, exports: list[ExportSpec]) -> list[tuple[str, str]]:
+    """A QAT target must be one of the recipe's exports, and that export must not calibrate.
+
+    Calibration (llama.cpp's imatrix, AWQ for onnx/executorch) changes the scales the exporter picks, so the
+    exported weights would no longer be the grid the student was trained through. It is refused rather than
+    switched off quietly: the recipe then says what runs, and QAT already does what calibration is for.
+    """
+    fmt, quant = QAT_TARGETS[target]
+    named = [_plain_quant(e) for e in exports]  # (format, scheme, calibrated): onnx int4-awq is int4, calibrated
+    same = [i for i, (f, q, _) in enumerate(named) if (f, q) == (fmt, quant)]
+    if not same:
+        others = [t for t, fq in QAT_TARGETS.items() if any((f, q) == fq for f, q, _ in named)]
+        hint = f"or use the target of one ({', '.join(others)})" if others else "or drop distill.qat"
+        return [("distill.qat.target", f"{target} trains through the {fmt} {quant} quantizer but this recipe "
+                                       f"exports no {fmt} {quant}; add that export {hint}")]
+    return [(f"exports.{i}.calibrate", f"calibrate rescales the weights, so this {fmt} {quant} export would not "
+                                       f"hold the grid distill.qat trained through; set calibrate: false "
+                                       "(QAT replaces it) or drop distill.qat")
+            for i in same if named[i][2]]
+
+
+def _plain_quant(e: ExportSpec) -> tuple[str, str, bool]:
+    quant = e.quant.lower()
+    try:
+        calibrated = exporter(e.format).calibrated_names
+    except RecipeError:  # an unknown format is reported by the export checks
+        return e.format, quant, e.calibrate
+    if quant in calibrated:
+        return e.format, calibrated[quant], True
+    return e.format, quant, e.calibrate
 
 
 def _runtime_problems(names: list[str], exported: set[str] | None) -> list[str]:
@@ -202,6 +235,9 @@ def _checks(r: Recipe, where: str) -> list[str]:
         for j, src in enumerate(r.distill.data.sources):
             if not Path(src).exists():
                 add(f"distill.data.sources.{j}", f"{src} does not exist; paths are relative to the recipe file")
+
+    if r.distill is not None and r.distill.qat is not None:
+        problems += [f"{where}: {key}: {msg}" for key, msg in _qat_problems(r.distill.qat.target, r.exports)]
 
     exported = {e.format for e in r.exports}
     if r.bench is not None:

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edgekit.arch import DEFAULT_CONTEXT
+from edgekit.quantize.fakequant import TARGETS as QAT_TARGETS
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl")  # the divergences edgekit.distill.losses computes
 
@@ -93,6 +94,37 @@ class TrainConfig(BaseModel):
         return self
 
 
+class QatConfig(BaseModel):
+    """Quantization-aware distillation: a last phase that trains the student through its export's quantizer.
+
+    After the normal training, the trained student keeps learning from the teacher's logits (the same
+    cache) with every weight the target export quantizes passed through that export's exact grid
+    (:mod:`edgekit.quantize.fakequant`), so the exported int4 model is the model that was trained.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    target: Literal[tuple(QAT_TARGETS)] = Field(  # type: ignore[valid-type]
+        description="the export whose quantizer training goes through: <format>-<quant>, e.g. gguf-q4_0")
+    steps: int | None = Field(100, ge=1)
+    time_budget_s: float | None = Field(None, gt=0, description="train for this much wall-clock time instead")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate (lower than training's: the student is trained)")
+    warmup_steps: int = Field(5, ge=0)
+
+    @model_validator(mode="after")
+    def _length(self):
+        if self.time_budget_s is not None and "steps" not in self.model_fields_set:
+            self.steps = None  # a time budget replaces the default step count
+        if self.steps is None and self.time_budget_s is None:
+            raise ValueError("set steps or time_budget_s")
+        return self
+
+    def train_config(self, base: TrainConfig) -> TrainConfig:
+        """The training settings of the QAT phase: ``base`` (the student's own run) with this phase's length."""
+        return base.model_copy(update={"steps": self.steps, "time_budget_s": self.time_budget_s, "lr": self.lr,
+                                       "warmup_steps": self.warmup_steps})
+
+
 class StudentSpec(BaseModel):
     """Either a device to plan for, or an explicit shape; ``init`` picks pruning or random weights."""
 
@@ -146,6 +178,8 @@ class DistillConfig(BaseModel):
     cache: CacheConfig | None = Field(default_factory=CacheConfig, description="null: teacher online")
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+    qat: QatConfig | None = Field(None, description="null: no quantization-aware phase; the exports quantize the "
+                                                    "float student after training (post-training quantization)")
     progressive: StudentSpec | None = Field(
         None, description="an intermediate model (teacher assistant): distilled from the teacher first, then the "
                           "student learns from it for train.assistant_fraction of its run (default half) and from "

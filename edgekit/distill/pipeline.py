@@ -1,10 +1,15 @@
-"""``edgekit distill``: plan -> data -> prune -> (logit cache) -> train -> evaluate, through artifact folders.
+"""``edgekit distill``: plan -> data -> prune -> (logit cache) -> train -> (QAT) -> evaluate, through artifact folders.
 
 Each stage writes ``$EDGEKIT_HOME/artifacts/<stage>-<id>`` where the id hashes the stage's
 config and the ids of its inputs, so re-running the same command reuses every finished
 stage and a changed key reruns only the stages downstream of it. Within a stage the
 work itself is resumable (data generation per batch, the cache per shard, training per
 checkpoint).
+
+With ``qat`` set, a last training phase continues from the trained student through the target
+export's quantizer (:mod:`edgekit.quantize.fakequant`) against the same teacher logits; that
+artifact is the student the run returns (and later stages export). The evaluation still compares
+the float student (and baselines) with the teacher; the QAT student's quality is its export's.
 """
 
 from __future__ import annotations
@@ -116,7 +121,16 @@ def run(cfg: DistillConfig, trust_remote_code: bool = False) -> artifact.Artifac
         train_cfg, init_dir, student_dir,
         sequences=None if cache_dir else train_seqs, cache_dir=cache_dir,
         teacher_dir=teacher.path if online else None, assistant_dir=assistant_dir)
-    students = {"student (KD)" if cfg.train.kd_weight > 0 else "student": student_dir}
+    float_dir, qat_dir = student_dir, None
+    if cfg.qat is not None:  # the last phase: the trained student learns through its export's quantizer
+        qat_cfg = cfg.qat.train_config(train_cfg.model_copy(update={"assistant_fraction": 0.0}))
+        qat_dir = artifact.store_path("distill", qat_cfg.model_dump(), "qat", cfg.qat.target, student_dir.name,
+                                      cache_dir.name if cache_dir else teacher_id, data_id)
+        reused = artifact.find(qat_dir, "distill") is not None
+        qat_dir = train_stage.train(qat_cfg, student_dir, qat_dir, sequences=None if cache_dir else train_seqs,
+                                    cache_dir=cache_dir, teacher_dir=teacher.path if online else None,
+                                    qat_target=cfg.qat.target)
+    students = {"student (KD)" if cfg.train.kd_weight > 0 else "student": float_dir}
     if "ce" in cfg.eval.baselines and cfg.train.kd_weight > 0:
         ce_cfg = cfg.train.model_copy(update={"kd_weight": 0.0, "ce_weight": 1.0, "feature_weight": 0.0,
                                               "on_policy_fraction": 0.0, "assistant_fraction": 0.0})
@@ -134,6 +148,7 @@ def run(cfg: DistillConfig, trust_remote_code: bool = False) -> artifact.Artifac
             artifact.atomic_write_text(ev.tmp / "report.json", json.dumps(report, indent=2))
             artifact.atomic_write_text(ev.tmp / "report.md", eval_stage.to_markdown(report) + "\n")
     eval_dir = ev.path
+    student_dir = qat_dir or float_dir  # what later stages export: the QAT student when there is one
     manifest = artifact.read_manifest(student_dir)
     summary = {
         "teacher": {"name": teacher.name, "params": teacher.arch.params, "path": str(teacher.path)},
@@ -142,11 +157,13 @@ def run(cfg: DistillConfig, trust_remote_code: bool = False) -> artifact.Artifac
         "plan": student_plan,
         "artifacts": {"data": str(data_dir), "init": str(init_dir), "cache": str(cache_dir) if cache_dir else None,
                       "assistant": str(assistant_dir) if assistant_dir else None,
-                      "student": str(student_dir), "eval": str(eval_dir),
+                      "student": str(student_dir), "float_student": str(float_dir),
+                      "qat": str(qat_dir) if qat_dir else None, "eval": str(eval_dir),
                       **{f"model:{k}": str(v) for k, v in students.items()}},
         "data": artifact.read_manifest(data_dir)["metrics"],
         "cache": artifact.read_manifest(cache_dir)["metrics"] if cache_dir else None,
-        "training": manifest["metrics"],
+        "training": artifact.read_manifest(float_dir)["metrics"],
+        "qat": manifest["metrics"] if qat_dir else None,
         "evaluation": report,
     }
     return artifact.Artifact(Path(student_dir), Path(student_dir).name, manifest, reused,

@@ -31,6 +31,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from edgekit import artifact
+from edgekit.arch import Architecture
 from edgekit.distill.batch import collate
 from edgekit.distill.cache import LogitCache
 from edgekit.distill.config import TrainConfig
@@ -38,6 +39,7 @@ from edgekit.distill.losses import FeatureProjector, cross_entropy, divergence, 
 from edgekit.errors import ConfigError
 from edgekit.hf import worth_copying
 from edgekit.progress import bar
+from edgekit.quantize import fakequant
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +135,13 @@ def _step_of(line: str) -> int | None:
         return None
 
 
+def _count(kinds) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for k in kinds:
+        out[k] = out.get(k, 0) + 1
+    return out
+
+
 def _on_policy(student, batch: dict, cfg: TrainConfig, seed: int) -> dict:
     """Replace each response with the student's own sample (GKD): prompt tokens are those with label -100."""
     import torch
@@ -154,8 +163,15 @@ def _on_policy(student, batch: dict, cfg: TrainConfig, seed: int) -> dict:
 
 
 def train(cfg: TrainConfig, student_dir: Path, out_dir: Path, sequences: list[dict] | None = None,
-          cache_dir: Path | None = None, teacher_dir: Path | None = None, assistant_dir: Path | None = None) -> Path:
-    """Train the student; returns ``out_dir``, an HF folder with metrics.jsonl and manifest.json."""
+          cache_dir: Path | None = None, teacher_dir: Path | None = None, assistant_dir: Path | None = None,
+          qat_target: str | None = None) -> Path:
+    """Train the student; returns ``out_dir``, an HF folder with metrics.jsonl and manifest.json.
+
+    ``qat_target`` (a :data:`edgekit.quantize.fakequant.TARGETS` name) trains through that export's
+    quantizer: the weights it quantizes are fake-quantized in every forward pass (straight-through
+    gradient), and the float weights saved are the ones the exporter's quantizer turns into exactly
+    the trained values.
+    """
     import torch
     from accelerate import Accelerator
     from safetensors.torch import load_model, save_model
@@ -174,6 +190,8 @@ def train(cfg: TrainConfig, student_dir: Path, out_dir: Path, sequences: list[di
     config = {"train": cfg.model_dump(), "student": str(student_dir), "cache": str(cache_dir or ""),
               "teacher": str(teacher_dir or ""), "assistant": str(assistant_dir or ""),
               "data": artifact.content_id([s["input_ids"] for s in sequences]) if sequences else None}
+    if qat_target is not None:  # absent otherwise: ids of runs without QAT stay as they were
+        config["qat_target"] = qat_target
     if artifact.find(out_dir, "distill", config) is not None:
         log.info("%s is already trained with this config; reusing it", out_dir)
         return out_dir
@@ -200,6 +218,13 @@ def train(cfg: TrainConfig, student_dir: Path, out_dir: Path, sequences: list[di
 
     source = _Source(sequences, cache_dir)
     student = _load(student_dir)
+    grid_plan = None
+    if qat_target is not None:
+        arch = Architecture.from_hf_config(student.config.to_dict(), str(Path(student_dir) / "config.json"))
+        grid_plan = fakequant.plan_grids(qat_target, arch)
+        fakequant.prepare(student, grid_plan)
+        log.info("QAT through %s: %d weights on the export's grid, %d kept float", qat_target,
+                 len(grid_plan.grids), len(grid_plan.float_kept))
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable()
         student.config.use_cache = False
@@ -327,6 +352,8 @@ def train(cfg: TrainConfig, student_dir: Path, out_dir: Path, sequences: list[di
 
     if acc.is_main_process:
         metrics = [json.loads(ln) for ln in (work / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        if grid_plan is not None:
+            fakequant.release(model)  # plain linears holding the float weights the exporter quantizes
         with artifact.atomic_dir(out_dir) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             for f in Path(student_dir).iterdir():  # the tokenizer travels with the student, file for file
@@ -341,6 +368,9 @@ def train(cfg: TrainConfig, student_dir: Path, out_dir: Path, sequences: list[di
                     "tokens_per_s": round(tokens_seen / max(elapsed, 1e-9), 1),
                     "final_loss": sum(m["loss"] for m in tail) / len(tail) if tail else None,
                     "processes": world, "bf16": _use_bf16(cfg),
+                    **({"qat": {"target": qat_target, "weights_on_grid": _count(grid_plan.grids.values()),
+                               "kept_float": grid_plan.float_kept}}
+                       if grid_plan is not None else {}),
                 })
         shutil.rmtree(work, ignore_errors=True)
     acc.wait_for_everyone()
@@ -360,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
         sequences = [json.loads(ln) for ln in Path(spec["sequences_path"]).read_text().splitlines() if ln.strip()]
     path = lambda k: Path(spec[k]) if spec.get(k) else None  # noqa: E731
     train(TrainConfig(**spec.get("train", {})), Path(spec["student_dir"]), Path(spec["out_dir"]), sequences,
-          path("cache_dir"), path("teacher_dir"), path("assistant_dir"))
+          path("cache_dir"), path("teacher_dir"), path("assistant_dir"), spec.get("qat_target"))
 
 
 if __name__ == "__main__":
