@@ -7,9 +7,11 @@ backend, in the same run on the same machine:
 
   pytorch     the teacher's HF folder (fp32), ``generate`` on left-padded batches of --torch-batch,
               then a scoring forward pass (what the data stage did before llama.cpp slots)
-  llama.cpp   the teacher's own GGUF, --slots sequences in flight in one context (continuous
-              batching: a finished answer's slot takes the next prompt at once); the score comes
-              from the logits of each sampled token, so there is no second pass
+  llama.cpp   the teacher's own GGUF requantized to q8_0 (what the data stage runs: llama.cpp's tiled
+              kernels take q8_0 batches; --source-too adds the source file as it is), --slots
+              sequences in flight in one context (continuous batching: a finished answer's slot
+              takes the next prompt at once); the score comes from the logits of each sampled
+              token, so there is no second pass
 
 Tokens/s = sampled tokens / wall time of the answering loop (the model load is not counted).
 Target (issue: a student worth shipping): llama.cpp >= 4x the pytorch figure the distillation
@@ -28,6 +30,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -52,6 +55,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=160)
     ap.add_argument("--torch-batch", type=int, default=48, help="PyTorch generate batch (0: skip PyTorch)")
     ap.add_argument("--slots", default="8,16,32,64", help="llama.cpp sequences in flight, comma-separated")
+    ap.add_argument("--source-too", action="store_true", help="also run the source GGUF as it is (e.g. Q4_1)")
     ap.add_argument("--threads", type=int, default=None, help="torch / llama.cpp threads (default: every core)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "teacher_data.json"))
     args = ap.parse_args()
@@ -76,9 +80,12 @@ def main() -> None:
     prompts = [p for p in prompts if p and p[0]["role"] == "user"][:args.prompts]
     rows = []
 
-    def one(backend: str, batch: int) -> dict:
+    scratch = Path(tempfile.mkdtemp(prefix="teacher-data-"))
+
+    def one(backend: str, batch: int, source_gguf: bool = False) -> dict:
         cfg = DataConfig(max_new_tokens=args.max_new_tokens, batch_size=batch, backend=backend)
-        model = data_stage._load_teacher(teacher.path, teacher.gguf, cfg)
+        # work=None: llama.cpp runs the source GGUF as it is; else the data stage's q8_0 copy (made once)
+        model = data_stage._load_teacher(teacher.path, teacher.gguf, cfg, None if source_gguf else scratch)
         if args.threads and backend == "llama.cpp":
             model.threads = args.threads
         stats: Counter = Counter()
@@ -89,6 +96,8 @@ def main() -> None:
             if backend == "llama.cpp":
                 model.close()
         wall = time.perf_counter() - t0
+        if backend == "llama.cpp":
+            backend = f"llama.cpp ({'source GGUF' if source_gguf else 'q8_0 copy'})"
         row = {"backend": backend, "batch": batch, "prompts": len(prompts), "kept": len(kept),
                "truncated": stats["responses_truncated"], "tokens": stats["generated_tokens"],
                "seconds": round(wall, 1),
@@ -100,7 +109,10 @@ def main() -> None:
 
     if args.torch_batch:
         rows.append(one("pytorch", args.torch_batch))
-    for slots in (int(s) for s in args.slots.split(",") if s):
+    slot_counts = [int(s) for s in args.slots.split(",") if s]
+    if args.source_too:
+        rows.append(one("llama.cpp", max(slot_counts), source_gguf=True))
+    for slots in slot_counts:
         rows.append(one("llama.cpp", slots))
     base = rows[0]["tokens_per_s"] if args.torch_batch else None
     result = {"benchmark": "teacher_data", "date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(),

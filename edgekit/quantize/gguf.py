@@ -76,7 +76,7 @@ def ftype(quant: str) -> int:
 
 
 def quantize_gguf(src: Path, dst: Path, quant: str, *, imatrix: dict[str, np.ndarray] | None = None,
-                  nthreads: int | None = None) -> dict:
+                  nthreads: int | None = None, warn_requant: bool = True) -> dict:
     """Quantize ``src`` (a float GGUF, usually f32) to ``dst`` with llama.cpp; returns the report.
 
     The report lists every tensor's requested and used type, groups the
@@ -92,7 +92,7 @@ def quantize_gguf(src: Path, dst: Path, quant: str, *, imatrix: dict[str, np.nda
     source = read_gguf(src)
     shapes = {t["name"]: t["shape"] for t in source["tensors"]}
     requant = [t["name"] for t in source["tensors"] if t["type"] not in FLOAT_TYPES]
-    if requant:
+    if requant and warn_requant:
         log.warning("%s is already quantized (%s is %s); requantizing compounds the rounding error -- quantize "
                     "from an f32 export when you can", src, requant[0],
                     next(t["type"] for t in source["tensors"] if t["name"] == requant[0]))

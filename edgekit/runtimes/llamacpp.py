@@ -233,6 +233,9 @@ class ParallelSampler:
             if not entries:  # cannot happen: the batch holds the longest prompt plus one token per slot
                 raise ModelError(f"a prompt of {len(requests[waiting[-1]].prompt)} tokens does not fit a "
                                  f"{self.batch_tokens}-token batch")
+            # grouped by sequence, in slot order: once slots are reused out of order, an unsorted batch took
+            # about twice as long per step in llama.cpp (measured: 173 vs 82 ms for 32 sequences, bf16 teacher)
+            entries.sort(key=lambda e: (e[0], e[2]))
             self._decode(entries)
             outputs = [e[0] for e in entries if e[3]]
             logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ctx), shape=(len(outputs), self.vocab))
