@@ -27,7 +27,7 @@ from edgekit.units import format_bandwidth, format_bytes, format_flops
 
 log = logging.getLogger(__name__)
 
-QUALITY_KEYS = ("perplexity", "kl_mean", "kl_p99", "top1_agreement")
+QUALITY_KEYS = ("perplexity", "kl_mean", "kl_p99", "top1_agreement", "kl_to_teacher", "top1_vs_teacher")
 DASH = "–"
 
 
@@ -94,8 +94,13 @@ def _when(created: str | None) -> str:
     return f"{day} {time[:5]} UTC"
 
 
-def _cells(run: dict, prompts: list[str]) -> dict[str, str]:
-    """One run's table cells as text (shared by Markdown and HTML)."""
+def _against_teacher(runs: list[dict]) -> bool:
+    """True when a fidelity report scored these runs against the teacher (their tables gain two columns)."""
+    return any((r.get("quality") or {}).get("kl_to_teacher") is not None for r in runs)
+
+
+def _cells(run: dict, prompts: list[str], teacher: bool = False) -> dict[str, str]:
+    """One run's table cells as text (shared by Markdown and HTML); ``teacher``: with the columns against it."""
     m = run.get("metrics") or {}
     q = run.get("quality") or {}
     decode = m.get("decode_tok_s")
@@ -114,6 +119,9 @@ def _cells(run: dict, prompts: list[str]) -> dict[str, str]:
     cells["ppl"] = _num(q.get("perplexity"), ".3f")
     cells["mean KL"] = _num(q.get("kl_mean"), ".3g")
     cells["top-1"] = _num(q.get("top1_agreement"), ".1%")
+    if teacher:
+        cells["KL to teacher"] = _num(q.get("kl_to_teacher"), ".3g")
+        cells["top-1 vs teacher"] = _num(q.get("top1_vs_teacher"), ".1%")
     status = run.get("status", "?")
     cells["status"] = status if status == "ok" else f"{status}: {run.get('reason') or 'no reason given'}"
     return cells
@@ -182,7 +190,7 @@ def to_markdown(results: dict, projections: list[dict], title: str | None = None
              "Quality is measured against the PyTorch fp32 reference.", ""]
     for host, runs in _groups(results["runs"], "measured_on").items():
         lines += [f"## Measured on {host}: {results['host'].get('cpu')}", ""]
-        cells = [_cells(r, prompts) for r in runs]
+        cells = [_cells(r, prompts, _against_teacher(runs)) for r in runs]
         header = list(cells[0])
         lines += _md_table(header, [list(c.values()) for c in cells], set(range(2, len(header) - 1)))
         lines.append("")
@@ -323,7 +331,7 @@ def _runs_table(results: dict) -> str:
     prompts = _prompts(results)
     out = []
     for host, runs in _groups(results["runs"], "measured_on").items():
-        cells = [_cells(r, prompts) for r in runs]
+        cells = [_cells(r, prompts, _against_teacher(runs)) for r in runs]
         head = "".join(f'<th{" class=status" if k == "status" else ""}>{_e(k)}</th>' for k in cells[0])
         body = "".join("<tr>" + "".join(f'<td{" class=status" if k == "status" else ""}>{_html_cell(k, v, run)}</td>'
                                         for k, v in c.items()) + "</tr>" for run, c in zip(runs, cells))
