@@ -416,15 +416,15 @@ def model_card(m: dict) -> str:
                   f"{_mb(m['min_ram_bytes'])} of its {_mb(d['memory_budget_bytes'])} budget on {d['runtime']} "
                   f"-- {verdict}.", ""]
     if m["quality"]:
-        teacher = any("kl_to_teacher" in q for q in m["quality"])  # distilled: scored against its teacher too
+        vs_teacher = any("kl_to_teacher" in q for q in m["quality"])  # distilled: scored against its teacher too
         lines += ["## Quality", "", "| perplexity | Δppl vs reference | mean KL | top-1 agreement |"
-                  + (" KL to teacher | top-1 vs teacher | teacher perplexity |" if teacher else ""),
-                  "|---:|---:|---:|---:|" + ("---:|---:|---:|" if teacher else "")]
+                  + (" KL to teacher | top-1 vs teacher | teacher perplexity |" if vs_teacher else ""),
+                  "|---:|---:|---:|---:|" + ("---:|---:|---:|" if vs_teacher else "")]
         for q in m["quality"]:
             lines.append(f"| {_num(q['perplexity'], '.3f')} | {_num(q['ppl_delta_pct'], '+.2f')}% | "
                          f"{_num(q['kl_mean'], '.4f')} | {_num(q['top1_agreement'], '.1%')} |"
                          + (f" {_num(q.get('kl_to_teacher'), '.4f')} | {_num(q.get('top1_vs_teacher'), '.1%')} | "
-                            f"{_num(q.get('teacher_perplexity'), '.3f')} |" if teacher else ""))
+                            f"{_num(q.get('teacher_perplexity'), '.3f')} |" if vs_teacher else ""))
         lines.append("")
     if m["speed"]:
         lines += ["## Speed", "", "| runtime | measured on | decode tok/s (median) | peak RSS |", "|---|---|---:|---:|"]

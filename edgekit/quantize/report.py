@@ -102,6 +102,10 @@ def fidelity(reference: Path, exports: list[Path], *, texts: list[Path] | None =
         for f in sorted(Path(p).iterdir()) if Path(p).is_dir() else []:
             if f.suffix in (".gguf", ".onnx", ".pte"):
                 check_model_path(f)
+    if teacher is not None:  # refused before any model loads when the vocabularies differ
+        n_teacher, n_reference = _vocab_size(teacher), _vocab_size(reference)
+        if n_teacher and n_reference and n_teacher != n_reference:
+            _vocab_mismatch(teacher, n_teacher, reference, n_reference)
     tok = AutoTokenizer.from_pretrained(str(reference))
     seqs = heldout_sequences(tok, texts, max_tokens, max_len)
     prompt = greedy_prompt(tok)
@@ -181,10 +185,22 @@ def _teacher_logp(teach: runtimes.Session, ids: list[int], ref_logits, teacher: 
     model's."""
     logits = teach.logits(ids)
     if logits.shape[-1] != ref_logits.shape[-1]:
-        raise ModelError(f"the teacher {teacher} has {logits.shape[-1]} vocabulary entries but {reference} has "
-                         f"{ref_logits.shape[-1]}, so their next-token distributions cannot be compared; pass the "
-                         "teacher the model was distilled from, or no teacher")
+        _vocab_mismatch(teacher, logits.shape[-1], reference, ref_logits.shape[-1])
     return metrics.log_softmax(logits[:-1])
+
+
+def _vocab_size(folder: Path) -> int | None:
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
+
+
+def _vocab_mismatch(teacher: Path, n_teacher, reference: Path, n_reference):
+    raise ModelError(f"the teacher {teacher} has {n_teacher} vocabulary entries but {reference} has {n_reference}, "
+                     "so their next-token distributions cannot be compared; pass the teacher the model was "
+                     "distilled from, or no teacher")
 
 
 def _against_teacher(vs_teacher: dict[str, metrics.Tally], key: str) -> dict:
