@@ -27,7 +27,8 @@ from edgekit.units import format_bandwidth, format_bytes, format_flops
 
 log = logging.getLogger(__name__)
 
-QUALITY_KEYS = ("perplexity", "kl_mean", "kl_p99", "top1_agreement", "kl_to_teacher", "top1_vs_teacher")
+QUALITY_KEYS = ("perplexity", "kl_mean", "kl_p99", "top1_agreement")
+TEACHER_KEYS = ("kl_to_teacher", "top1_vs_teacher")  # in a fidelity report made with the teacher
 DASH = "–"
 
 
@@ -35,7 +36,8 @@ DASH = "–"
 
 
 def join_quality(results: dict, fidelity_reports: Iterable[dict]) -> dict:
-    """A copy of ``results`` whose runs carry ``quality`` {perplexity, kl_mean, kl_p99, top1_agreement}.
+    """A copy of ``results`` whose runs carry ``quality`` {perplexity, kl_mean, kl_p99, top1_agreement} (and
+    kl_to_teacher, top1_vs_teacher when the report scored against the teacher).
 
     A run matches the fidelity row whose ``artifact`` is its export folder's name; runs of the
     ``pytorch`` runtime get the reference row. Unmatched runs get ``quality: None``; a later report
@@ -45,7 +47,7 @@ def join_quality(results: dict, fidelity_reports: Iterable[dict]) -> dict:
     reference = None
     for report in fidelity_reports:
         for row in report.get("rows", []):
-            quality = {k: row.get(k) for k in QUALITY_KEYS}
+            quality = {k: row.get(k) for k in QUALITY_KEYS} | {k: row[k] for k in TEACHER_KEYS if k in row}
             if row.get("format") == "pytorch":
                 reference = quality
             elif row.get("artifact"):
