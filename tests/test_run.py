@@ -58,7 +58,7 @@ def test_run_end_to_end_then_reuse_then_one_changed_key(tiny_bpe_llama_dir, home
     held = Path(vs["texts"][0])
     assert vs["teacher"] == str(tiny_bpe_llama_dir) and len(vs["texts"]) == 1
     assert held.name == "heldout.jsonl" and held.parent.name.startswith("data-")
-    assert [r["model"] for r in vs["rows"]] == ["teacher", "pytorch-fp32 (reference)", "gguf-q8_0"]
+    assert [r["model"] for r in vs["rows"]] == ["teacher", "student (fp32)", "gguf-q8_0"]
     assert vs["rows"][0]["kl_to_teacher"] == pytest.approx(0, abs=1e-6) and vs["rows"][0]["top1_vs_teacher"] == 1
     assert all(r["kl_to_teacher"] > 0 for r in vs["rows"][1:])  # a 2-step random student is not its teacher
     assert len(vs["answers"]) == 5 and all(len(a["answers"]) == 3 for a in vs["answers"])

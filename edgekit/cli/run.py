@@ -74,7 +74,7 @@ def print_against_teacher(summary: dict) -> None:
     for q in summary["answers"]:
         print(f"\n{q['question']}")
         for label, text in q["answers"].items():
-            one_line = " ".join(text.split())
+            one_line = " ".join(text.split()) or repr(text[:40])  # only whitespace: show which
             print(f"  {label}: {one_line[:160] + ('…' if len(one_line) > 160 else '')}")
 
 

@@ -47,6 +47,7 @@ GREEDY_PROMPT = "Explain in a few sentences why the sky is blue."
 GREEDY_TOKENS = 64
 MAX_TOKENS = FidelityConfig().max_tokens  # held-out tokens scored when not given: the fidelity config's default
 TEACHER_LABEL = "teacher"
+STUDENT_LABEL = "student (fp32)"  # the reference, in what is scored against the teacher: the float student
 
 
 def open_export(folder: Path, n_ctx: int, threads: int | None = None) -> tuple[runtimes.Session, dict]:
@@ -153,7 +154,7 @@ def fidelity(reference: Path, exports: list[Path], *, texts: list[Path] | None =
                          **_against_teacher(vs_teacher, str(p)), "greedy_match": same, "greedy_text": tok.decode(out)})
         answers = None
         if teach is not None:
-            models = [(TEACHER_LABEL, teach), (rows[0]["label"], ref),
+            models = [(TEACHER_LABEL, teach), (STUDENT_LABEL, ref),
                       *((r["label"], s) for r, (s, _) in zip(rows[1:], sessions))]
             answers = _answers(tok, questions, models)
     finally:
@@ -220,7 +221,7 @@ def _answers(tok, questions: list[list[int]], models: list[tuple[str, runtimes.S
         for label, session in models:
             for row, ids in zip(out, questions):
                 row["answers"][label] = tok.decode(session.generate(ids, ANSWER_TOKENS, eos_ids=stop),
-                                                   skip_special_tokens=True).strip()
+                                                   skip_special_tokens=True)
                 progress.update(1)
     return out
 
@@ -259,7 +260,7 @@ def against_teacher(report: dict) -> list[dict]:
     teacher = report.get("teacher")
     if not teacher:
         return []
-    rows = [teacher, *report["rows"]]
+    rows = [teacher, {**report["rows"][0], "label": STUDENT_LABEL}, *report["rows"][1:]]
     return [{"model": r["label"], "size_bytes": r.get("size_bytes"), "perplexity": r["perplexity"],
              "kl_to_teacher": r["kl_to_teacher"], "top1_vs_teacher": r["top1_vs_teacher"]} for r in rows]
 

@@ -107,8 +107,8 @@ def test_every_row_is_scored_against_the_teacher_and_answers_the_questions(tiny_
     assert q4["kl_to_teacher"] == pytest.approx(q4["kl_mean"], rel=1e-4)  # teacher = reference: the same measure
     assert [a["question"] for a in same["answers"]] == list(QUESTIONS)
     for a in same["answers"]:
-        assert list(a["answers"]) == ["teacher", ref["label"], q4["label"]]
-        assert a["answers"]["teacher"] == a["answers"][ref["label"]]  # one model, greedy: one answer
+        assert list(a["answers"]) == ["teacher", report.STUDENT_LABEL, q4["label"]]
+        assert a["answers"]["teacher"] == a["answers"][report.STUDENT_LABEL]  # one model, greedy: one answer
 
     other = report.run(tiny_bpe_llama_dir, paths, max_tokens=200, teacher=tiny_bpe_other_dir)
     assert other["path"] != same["path"]  # the teacher is in the id
@@ -116,7 +116,7 @@ def test_every_row_is_scored_against_the_teacher_and_answers_the_questions(tiny_
         assert r["kl_to_teacher"] > 0.01 and r["top1_vs_teacher"] < 1.0, r["label"]
     md = report.to_markdown(other.result)
     assert "KL to teacher" in md and f"**{QUESTIONS[0]}**" in md and "| teacher |" in md
-    assert [r["model"] for r in report.against_teacher(other.result)] == ["teacher", ref["label"], q4["label"]]
+    assert [r["model"] for r in report.against_teacher(other.result)] == ["teacher", report.STUDENT_LABEL, q4["label"]]
 
     plain = report.run(tiny_bpe_llama_dir, paths, max_tokens=200)
     assert "teacher" not in plain.result and "answers" not in plain.result
