@@ -128,8 +128,8 @@ def fidelity(reference: Path, exports: list[Path], *, texts: list[Path] | None =
                 ref_logits = ref.logits(ids)
                 ref_logp = metrics.log_softmax(ref_logits[:-1])
                 tallies["reference"].add(ref_logp, ref_logits, targets)
-                teacher_logp = _teacher_logp(teach, ids, ref_logits, teacher, reference) if teach is not None else None
                 if teach is not None:
+                    teacher_logp = _teacher_logp(teach, ids, ref_logits, teacher, reference)
                     vs_teacher[TEACHER_LABEL].add(teacher_logp, teacher_logp, targets)
                     vs_teacher["reference"].add(teacher_logp, ref_logits, targets)
                 for p, (session, _) in zip(exports, sessions):

@@ -132,3 +132,16 @@ def test_a_teacher_with_another_vocabulary_is_refused(tiny_bpe_llama_dir, tiny_l
     paths = [str(tiny_export(tiny_bpe_llama_dir, "gguf", "q4_0"))]
     with pytest.raises(ModelError, match="vocabulary"):
         report.run(tiny_bpe_llama_dir, paths, max_tokens=50, teacher=tiny_llama_dir)
+
+
+def test_fidelity_cli_takes_a_teacher(tiny_bpe_llama_dir, tiny_bpe_other_dir, tiny_export, home, capsys):
+    import json
+
+    from edgekit.cli import main
+
+    path = str(tiny_export(tiny_bpe_llama_dir, "gguf", "q4_0"))
+    assert main(["fidelity", path, "--teacher", str(tiny_bpe_other_dir), "--max-tokens", "64", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "KL to teacher" in out and "| teacher |" in out
+    assert main(["fidelity", path, "--max-tokens", "64", "--json", "-q"]) == 0
+    assert "kl_to_teacher" not in json.loads(capsys.readouterr().out)["rows"][1]
