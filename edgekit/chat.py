@@ -17,6 +17,17 @@ from edgekit.errors import ModelError
 # Stands in for message content while rendering, to find where content starts and ends.
 SENTINEL = "\u2063EDGEKIT_SENTINEL\u2063"
 
+# The five fixed questions every model of a run answers greedily, side by side (teacher, float student, each
+# export), in the fidelity report and at the end of `edgekit run`: the same questions for every model and run.
+QUESTIONS = (
+    "What is the capital of France?",
+    "Explain in a few sentences why the sky is blue.",
+    "Give me three tips for staying focused while studying.",
+    "Write a Python function that returns the sum of a list of numbers.",
+    "If I have 3 apples and buy 5 more, how many apples do I have?",
+)
+ANSWER_TOKENS = 64  # new tokens at most per answer
+
 
 @dataclass(frozen=True)
 class ChatFormat:
@@ -102,6 +113,23 @@ def chat_format(tokenizer, model=None) -> ChatFormat:
                          "template adds no special token after an assistant turn and it has no eos token")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
     return ChatFormat(eot_text=eot_text, stop_ids=frozenset(stop_ids), pad_id=pad)
+
+
+def question_ids(tokenizer, question: str) -> list[int]:
+    """Token ids a model answers ``question`` from: the chat template's user turn and generation prompt, or the
+    question itself when the tokenizer has no template."""
+    if getattr(tokenizer, "chat_template", None):
+        text = render(tokenizer, [{"role": "user", "content": question}], add_generation_prompt=True)
+    else:
+        text = question
+    return encode(tokenizer, text)
+
+
+def end_of_turn_ids(tokenizer) -> frozenset[int]:
+    """The ids that end an answer: the chat template's end-of-turn and eos, or only eos without a template."""
+    if getattr(tokenizer, "chat_template", None):
+        return chat_format(tokenizer).stop_ids
+    return frozenset() if tokenizer.eos_token_id is None else frozenset({int(tokenizer.eos_token_id)})
 
 
 def encode(tokenizer, text: str) -> list[int]:

@@ -254,9 +254,13 @@ def _fidelity_rows(fidelity: dict | None, src: Path) -> list[dict]:
     if not isinstance(fidelity, dict) or fidelity.get("schema") != "edgekit.fidelity/1":
         raise ConfigError("fidelity report is not an edgekit.fidelity/1 report (schema key); pass the report.json "
                           "written by `edgekit quantize report`")
+    teacher = fidelity.get("teacher") or {}
+    against = {"teacher": teacher.get("path"), "teacher_perplexity": teacher.get("perplexity")} if teacher else {}
     return [{"reference": fidelity.get("reference"), "perplexity": r.get("perplexity"),
              "ppl_delta_pct": r.get("ppl_delta_pct"), "kl_mean": r.get("kl_mean"),
-             "top1_agreement": r.get("top1_agreement")}
+             "top1_agreement": r.get("top1_agreement"),
+             **({**against, "kl_to_teacher": r.get("kl_to_teacher"), "top1_vs_teacher": r.get("top1_vs_teacher")}
+                if teacher else {})}
             for r in fidelity.get("rows") or [] if r.get("artifact") == src.name]
 
 
@@ -412,11 +416,15 @@ def model_card(m: dict) -> str:
                   f"{_mb(m['min_ram_bytes'])} of its {_mb(d['memory_budget_bytes'])} budget on {d['runtime']} "
                   f"-- {verdict}.", ""]
     if m["quality"]:
-        lines += ["## Quality", "", "| perplexity | Δppl vs reference | mean KL | top-1 agreement |",
-                  "|---:|---:|---:|---:|"]
+        vs_teacher = any("kl_to_teacher" in q for q in m["quality"])  # distilled: scored against its teacher too
+        lines += ["## Quality", "", "| perplexity | Δppl vs reference | mean KL | top-1 agreement |"
+                  + (" KL to teacher | top-1 vs teacher | teacher perplexity |" if vs_teacher else ""),
+                  "|---:|---:|---:|---:|" + ("---:|---:|---:|" if vs_teacher else "")]
         for q in m["quality"]:
             lines.append(f"| {_num(q['perplexity'], '.3f')} | {_num(q['ppl_delta_pct'], '+.2f')}% | "
-                         f"{_num(q['kl_mean'], '.4f')} | {_num(q['top1_agreement'], '.1%')} |")
+                         f"{_num(q['kl_mean'], '.4f')} | {_num(q['top1_agreement'], '.1%')} |"
+                         + (f" {_num(q.get('kl_to_teacher'), '.4f')} | {_num(q.get('top1_vs_teacher'), '.1%')} | "
+                            f"{_num(q.get('teacher_perplexity'), '.3f')} |" if vs_teacher else ""))
         lines.append("")
     if m["speed"]:
         lines += ["## Speed", "", "| runtime | measured on | decode tok/s (median) | peak RSS |", "|---|---|---:|---:|"]

@@ -43,9 +43,9 @@ def run(recipe_path: Path, *, trust_remote_code: bool = False) -> dict:
     record: dict = {"recipe": str(recipe_path), "name": recipe.name, "device": recipe.device, "stages": []}
     t_run = time.perf_counter()
     with artifact.locked(artifact.STORE_LOCK):
-        model = _distill(recipe, record, trust_remote_code)
+        model, teacher, heldout = _distill(recipe, record, trust_remote_code)
         exports = _exports(recipe, model, record)
-        fidelity = _fidelity(recipe, model, exports, record)
+        fidelity = _fidelity(recipe, model, exports, record, teacher, heldout)
         bench = _bench(recipe, exports, fidelity, record)
         _package(recipe, exports, fidelity, bench, record)
     record["seconds"] = round(time.perf_counter() - t_run, 1)
@@ -63,19 +63,26 @@ def _stage(record: dict, name: str, path: str | Path | None, reused: bool, t0: f
     log.info("%-9s %s %s (%.0fs)", name, "reused" if reused else "done ", path or "", seconds)
 
 
-def _distill(recipe, record: dict, trust_remote_code: bool) -> str:
-    """The model later stages use: the distilled student's folder, or the teacher when distill is null."""
+def _distill(recipe, record: dict, trust_remote_code: bool) -> tuple[str, str | None, Path | None]:
+    """The model later stages use (the distilled student's folder, or the teacher when distill is null); the
+    teacher it was distilled from and the data stage's held-out teacher-written chats (both None without
+    distillation)."""
     t0 = time.perf_counter()
     if recipe.distill is None:
         teacher = models.resolve_teacher(recipe.teacher, trust_remote_code=trust_remote_code)
         _stage(record, "teacher", teacher.path, not teacher.converted, t0)
-        return str(teacher.path)
+        return str(teacher.path), None, None
     a = distill_stage.run(recipe.distill_config(), trust_remote_code=trust_remote_code)
     ev = a.result.get("evaluation", {}).get("models", {})
     quality = {k: {m: round(v[m], 4) for m in ("perplexity", "kl_to_teacher", "top1_agreement") if m in v}
                for k, v in ev.items()}
     _stage(record, "distill", a.path, a.reused, t0, student=a.result.get("student"), evaluation=quality)
-    return str(a.path)
+    heldout = Path(a.result["artifacts"]["data"]) / "heldout.jsonl"
+    return str(a.path), a.result["teacher"]["path"], heldout if _has_text(heldout) else None
+
+
+def _has_text(path: Path) -> bool:
+    return path.is_file() and bool(path.read_text(encoding="utf-8").strip())
 
 
 def _exports(recipe, model: str, record: dict) -> list[Path]:
@@ -90,15 +97,27 @@ def _exports(recipe, model: str, record: dict) -> list[Path]:
     return paths
 
 
-def _fidelity(recipe, model: str, exports: list[Path], record: dict) -> dict | None:
-    """The fidelity report (an ``edgekit.fidelity/1`` dict), or None when the recipe has no fidelity."""
+def _fidelity(recipe, model: str, exports: list[Path], record: dict, teacher: str | None = None,
+              heldout: Path | None = None) -> dict | None:
+    """The fidelity report (an ``edgekit.fidelity/1`` dict), or None when the recipe has no fidelity.
+
+    After distillation every row is scored against the teacher too, on the recipe's ``fidelity.texts`` or else
+    the data stage's held-out chats (the teacher's own answers, which the bundled set is not for another teacher).
+    """
     if recipe.fidelity is None:
         return None
     t0 = time.perf_counter()
-    a = fidelity_stage.run(Path(model), exports, texts=recipe.fidelity.texts or None, max_tokens=recipe.fidelity.max_tokens)
-    rows = {r["label"]: {k: r[k] for k in ("kl_mean", "top1_agreement", "perplexity", "greedy_match")}
+    texts = recipe.fidelity.texts or ([heldout] if heldout else None)
+    a = fidelity_stage.run(Path(model), exports, texts=texts, max_tokens=recipe.fidelity.max_tokens,
+                           teacher=Path(teacher) if teacher else None)
+    rows = {r["label"]: {k: r[k] for k in ("kl_mean", "top1_agreement", "perplexity", "greedy_match",
+                                           "kl_to_teacher", "top1_vs_teacher") if k in r}
             for r in a.result["rows"]}
     _stage(record, "fidelity", a.path, a.reused, t0, rows=rows)
+    if teacher:
+        record["against_teacher"] = {"teacher": teacher, "texts": a.result["texts"],
+                                     "rows": fidelity_stage.against_teacher(a.result),
+                                     "answers": a.result.get("answers") or []}
     return a.result
 
 

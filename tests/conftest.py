@@ -163,6 +163,22 @@ def tiny_bpe_llama_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_bpe_other_dir(tmp_path_factory, tiny_bpe_llama_dir) -> Path:
+    """Another tiny random Llama with ``tiny_bpe_llama_dir``'s tokenizer and shape but other weights (seed 1): a
+    different model over the same vocabulary, e.g. a teacher the first one was not distilled from."""
+    import torch
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-bpe-other")
+    for f in tiny_bpe_llama_dir.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name != "config.json":
+            shutil.copy2(f, folder / f.name)
+    torch.manual_seed(1)
+    LlamaForCausalLM(AutoConfig.from_pretrained(tiny_bpe_llama_dir)).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def family_dir(tmp_path_factory):
     """``family_dir(family)``: a tiny random model of ``family`` (see tests/families.py), built once per session."""
     from tests.families import build_tiny

@@ -160,6 +160,18 @@ def test_package_takes_speed_and_quality_rows_of_this_artifact_only(exports, tmp
         package(gguf, out_dir=tmp_path, bench={"runs": []})
 
 
+def test_model_card_shows_the_exports_quality_against_the_teacher(exports, tmp_path):
+    gguf = exports["gguf"]
+    fidelity = {"schema": "edgekit.fidelity/1", "reference": "ref",
+                "teacher": {"path": "/teachers/t", "perplexity": 9.25, "kl_to_teacher": 0.0, "top1_vs_teacher": 1.0},
+                "rows": [{"artifact": gguf.name, "perplexity": 12.5, "ppl_delta_pct": 1.5, "kl_mean": 0.01,
+                          "top1_agreement": 0.97, "kl_to_teacher": 0.4321, "top1_vs_teacher": 0.625}]}
+    m = package(gguf, out_dir=tmp_path, fidelity=fidelity, context=256)["manifest"]
+    assert m["quality"][0]["kl_to_teacher"] == 0.4321 and m["quality"][0]["teacher"] == "/teachers/t"
+    card = (tmp_path / m["name"] / "README.md").read_text()
+    assert "KL to teacher" in card and "0.4321" in card and "62.5%" in card and "9.250" in card
+
+
 def _run_standalone(script: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a loader from another folder with ``import edgekit`` made impossible: it must need only the runtime."""
     code = ("import runpy, sys; sys.modules['edgekit'] = None; "

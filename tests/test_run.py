@@ -54,6 +54,14 @@ def test_run_end_to_end_then_reuse_then_one_changed_key(tiny_bpe_llama_dir, home
     stages = _stages(first)
     assert list(stages) == ["distill", "export gguf-q8_0", "fidelity", "bench", "package gguf"]
     assert not any(s["reused"] for s in first["stages"])
+    vs = first["against_teacher"]  # what ships, scored against the teacher on the data stage's held-out chats
+    held = Path(vs["texts"][0])
+    assert vs["teacher"] == str(tiny_bpe_llama_dir) and len(vs["texts"]) == 1
+    assert held.name == "heldout.jsonl" and held.parent.name.startswith("data-")
+    assert [r["model"] for r in vs["rows"]] == ["teacher", "student (fp32)", "gguf-q8_0"]
+    assert vs["rows"][0]["kl_to_teacher"] == pytest.approx(0, abs=1e-6) and vs["rows"][0]["top1_vs_teacher"] == 1
+    assert all(r["kl_to_teacher"] > 0 for r in vs["rows"][1:])  # a 2-step random student is not its teacher
+    assert len(vs["answers"]) == 5 and all(len(a["answers"]) == 3 for a in vs["answers"])
     bundle = stages["package gguf"]["path"]
     assert main(["verify", stages["package gguf"]["tarball"] or bundle, "-q"]) == 0
     capsys.readouterr()
@@ -64,6 +72,16 @@ def test_run_end_to_end_then_reuse_then_one_changed_key(tiny_bpe_llama_dir, home
     assert all(s["reused"] for s in again["stages"]), [(s["stage"], s["reused"]) for s in again["stages"]]
     assert [s["path"] for s in again["stages"]] == [s["path"] for s in first["stages"]]
     assert time.perf_counter() - t0 < 30
+    assert again["against_teacher"] == first["against_teacher"]
+
+    assert main(["run", str(recipe), "-q"]) == 0  # reused again, and the printout ends with the teacher table
+    out = capsys.readouterr().out
+    table = out[out.index("against the teacher"):]
+    assert "KL to teacher" in table and "top-1 vs teacher" in table
+    for row in vs["rows"]:
+        assert row["model"] in table and f"{row['kl_to_teacher']:.4f}" in table
+    for a in vs["answers"]:
+        assert a["question"] in table
 
     _recipe(tmp_path, tiny_bpe_llama_dir, quant="q4_0")  # change one export key: distill is reused
     assert main(["run", str(recipe), "--json", "-q"]) == 0
@@ -77,6 +95,25 @@ def test_run_end_to_end_then_reuse_then_one_changed_key(tiny_bpe_llama_dir, home
     assert Path(stages["export gguf-q8_0"]["path"]).name in listed
     assert main(["show", Path(stages["fidelity"]["path"]).name[:16]]) == 0
     assert json.loads(capsys.readouterr().out)["stage"] == "fidelity"
+
+
+def test_run_without_distillation_has_no_teacher_table(tiny_bpe_llama_dir, home, tmp_path, capsys):
+    recipe = tmp_path / "plain.yaml"
+    recipe.write_text(f"""
+name: plain
+teacher: {tiny_bpe_llama_dir}
+device: laptop-x86
+context: 256
+distill: null
+exports:
+  - {{format: gguf, quant: q8_0}}
+fidelity: {{max_tokens: 64}}
+bench: null
+package: null
+""")
+    assert main(["run", str(recipe), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "fidelity" in out and "against the teacher" not in out and "KL to teacher" not in out
 
 
 def test_invalid_recipe_is_refused_before_any_work(tmp_path, home, capsys):

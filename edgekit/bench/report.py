@@ -28,6 +28,7 @@ from edgekit.units import format_bandwidth, format_bytes, format_flops
 log = logging.getLogger(__name__)
 
 QUALITY_KEYS = ("perplexity", "kl_mean", "kl_p99", "top1_agreement")
+TEACHER_KEYS = ("kl_to_teacher", "top1_vs_teacher")  # in a fidelity report made with the teacher
 DASH = "–"
 
 
@@ -35,7 +36,8 @@ DASH = "–"
 
 
 def join_quality(results: dict, fidelity_reports: Iterable[dict]) -> dict:
-    """A copy of ``results`` whose runs carry ``quality`` {perplexity, kl_mean, kl_p99, top1_agreement}.
+    """A copy of ``results`` whose runs carry ``quality`` {perplexity, kl_mean, kl_p99, top1_agreement} (and
+    kl_to_teacher, top1_vs_teacher when the report scored against the teacher).
 
     A run matches the fidelity row whose ``artifact`` is its export folder's name; runs of the
     ``pytorch`` runtime get the reference row. Unmatched runs get ``quality: None``; a later report
@@ -45,7 +47,7 @@ def join_quality(results: dict, fidelity_reports: Iterable[dict]) -> dict:
     reference = None
     for report in fidelity_reports:
         for row in report.get("rows", []):
-            quality = {k: row.get(k) for k in QUALITY_KEYS}
+            quality = {k: row.get(k) for k in QUALITY_KEYS} | {k: row[k] for k in TEACHER_KEYS if k in row}
             if row.get("format") == "pytorch":
                 reference = quality
             elif row.get("artifact"):
@@ -94,8 +96,13 @@ def _when(created: str | None) -> str:
     return f"{day} {time[:5]} UTC"
 
 
-def _cells(run: dict, prompts: list[str]) -> dict[str, str]:
-    """One run's table cells as text (shared by Markdown and HTML)."""
+def _against_teacher(runs: list[dict]) -> bool:
+    """True when a fidelity report scored these runs against the teacher (their tables gain two columns)."""
+    return any((r.get("quality") or {}).get("kl_to_teacher") is not None for r in runs)
+
+
+def _cells(run: dict, prompts: list[str], teacher: bool = False) -> dict[str, str]:
+    """One run's table cells as text (shared by Markdown and HTML); ``teacher``: with the columns against it."""
     m = run.get("metrics") or {}
     q = run.get("quality") or {}
     decode = m.get("decode_tok_s")
@@ -114,6 +121,9 @@ def _cells(run: dict, prompts: list[str]) -> dict[str, str]:
     cells["ppl"] = _num(q.get("perplexity"), ".3f")
     cells["mean KL"] = _num(q.get("kl_mean"), ".3g")
     cells["top-1"] = _num(q.get("top1_agreement"), ".1%")
+    if teacher:
+        cells["KL to teacher"] = _num(q.get("kl_to_teacher"), ".3g")
+        cells["top-1 vs teacher"] = _num(q.get("top1_vs_teacher"), ".1%")
     status = run.get("status", "?")
     cells["status"] = status if status == "ok" else f"{status}: {run.get('reason') or 'no reason given'}"
     return cells
@@ -182,7 +192,7 @@ def to_markdown(results: dict, projections: list[dict], title: str | None = None
              "Quality is measured against the PyTorch fp32 reference.", ""]
     for host, runs in _groups(results["runs"], "measured_on").items():
         lines += [f"## Measured on {host}: {results['host'].get('cpu')}", ""]
-        cells = [_cells(r, prompts) for r in runs]
+        cells = [_cells(r, prompts, _against_teacher(runs)) for r in runs]
         header = list(cells[0])
         lines += _md_table(header, [list(c.values()) for c in cells], set(range(2, len(header) - 1)))
         lines.append("")
@@ -323,7 +333,7 @@ def _runs_table(results: dict) -> str:
     prompts = _prompts(results)
     out = []
     for host, runs in _groups(results["runs"], "measured_on").items():
-        cells = [_cells(r, prompts) for r in runs]
+        cells = [_cells(r, prompts, _against_teacher(runs)) for r in runs]
         head = "".join(f'<th{" class=status" if k == "status" else ""}>{_e(k)}</th>' for k in cells[0])
         body = "".join("<tr>" + "".join(f'<td{" class=status" if k == "status" else ""}>{_html_cell(k, v, run)}</td>'
                                         for k, v in c.items()) + "</tr>" for run, c in zip(runs, cells))

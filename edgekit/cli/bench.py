@@ -25,7 +25,10 @@ def add_commands(sub, common) -> None:
                         help="ppl, KL and top-1 of exports vs the full-precision PyTorch model; greedy parity")
     fi.add_argument("artifacts", nargs="+", type=Path, help="export artifact folders")
     fi.add_argument("--reference", help="full-precision model (default: the one the first export came from)")
-    fi.add_argument("--text", action="append", type=Path, help="held-out text (JSONL/txt; default: bundled set)")
+    fi.add_argument("--teacher", help="also score the reference and every export against this teacher (the model "
+                    "the reference was distilled from: folder, hub id or 'default'), and answer fixed questions")
+    fi.add_argument("--text", action="append", type=Path, help="held-out text (JSONL/txt; default: bundled set; "
+                    "with --teacher, give the teacher's own held-out chats, e.g. heldout.jsonl of a data artifact)")
     fi.add_argument("--max-tokens", type=int, help=f"default {default(FidelityConfig, 'max_tokens')}")
     fi.add_argument("--threads", type=int)
     fi.add_argument("--trust-remote-code", action="store_true")
@@ -65,8 +68,9 @@ def cmd_fidelity(args) -> int:
         reference = read_manifest(args.artifacts[0])["config"]["model_path"]
     cfg = fidelity_config(args)
     ref = models.resolve_teacher(reference, trust_remote_code=args.trust_remote_code)
+    teacher = models.resolve_teacher(args.teacher, trust_remote_code=args.trust_remote_code) if args.teacher else None
     report = fidelity_stage.run(ref.path, args.artifacts, texts=cfg.texts or None, max_tokens=cfg.max_tokens,
-                                threads=args.threads)
+                                threads=args.threads, teacher=teacher.path if teacher else None)
     if args.json:
         emit_json(report)
         return 0

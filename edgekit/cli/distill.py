@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from edgekit import models
+from edgekit import artifact, models
 from edgekit.cli.options import default
 from edgekit.cli.output import emit_json, params
 from edgekit.distill import evaluate, pipeline
@@ -46,7 +46,10 @@ def add_commands(sub, common) -> None:
     ev = sub.add_parser("eval", parents=[common], help="perplexity, KL and top-1 agreement of a model vs a teacher")
     ev.add_argument("model", help="HF folder (e.g. a distilled student), .gguf, hub id or 'default'")
     ev.add_argument("--against", default="default", help="the teacher (default: the embedded one)")
-    ev.add_argument("--data", required=True, help="held-out JSONL (e.g. heldout.jsonl of a data artifact)")
+    ev.add_argument("--data", required=True, help="held-out JSONL (e.g. heldout.jsonl of a data artifact); prompts "
+                    "without an answer are answered by the teacher first (cached in the artifact store)")
+    ev.add_argument("--export", action="append", type=Path, default=[],
+                    help="also score this export artifact folder against the teacher (repeatable)")
     ev.add_argument("--prompt", action="append", help="also generate greedily for this prompt (repeatable)")
     ev.add_argument("--max-sequences", type=int, default=default(EvalSpec, "max_sequences"))
     ev.add_argument("--max-seq-len", type=int, default=default(DataConfig, "max_seq_len"))
@@ -135,6 +138,10 @@ def cmd_eval(args) -> int:
     from transformers import AutoTokenizer
 
     examples = check_sources([Path(args.data)], key="--data")  # before any model is resolved
+    for p in args.export:
+        if not (Path(p) / artifact.MANIFEST).is_file():
+            raise ConfigError(f"--export {p} is not an export artifact folder (no manifest.json); pass a folder made "
+                              "by `edgekit export` / `edgekit quantize`")
     model = models.resolve_teacher(args.model, trust_remote_code=args.trust_remote_code)
     teacher = models.resolve_teacher(args.against, trust_remote_code=args.trust_remote_code)
     for m in (model, teacher):
@@ -142,9 +149,15 @@ def cmd_eval(args) -> int:
             raise ConfigError(f"--max-seq-len {args.max_seq_len} is longer than {m.name} was trained for "
                               f"({m.arch.max_context} positions, max_position_embeddings in {m.path / 'config.json'}); "
                               f"pass --max-seq-len {m.arch.max_context} or less")
+    examples = evaluate.answered(examples, [Path(args.data)], teacher.path,
+                                 artifact.content_id(str(teacher.path), teacher.files), args.max_seq_len)
     tok = AutoTokenizer.from_pretrained(str(teacher.path))
     seqs = tokenize_examples(examples, tok, args.max_seq_len)[:args.max_sequences]
-    report = evaluate.evaluate({model.name: model.path}, teacher.path, seqs, args.prompt or [], args.max_new_tokens)
+    if not evaluate.has_targets(seqs):
+        raise ConfigError(f"--data {args.data} gives nothing to score: no example has an answer or text of 2 or more "
+                          "tokens after the first; add assistant answers, prompts for the teacher, or longer text")
+    report = evaluate.evaluate({model.name: model.path}, teacher.path, seqs, args.prompt or [], args.max_new_tokens,
+                               exports=args.export)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -60,7 +60,22 @@ def cmd_run(args) -> int:
             print(f"report   {st['path']}/report.html")
         if st["stage"].startswith("package"):
             print(f"bundle   {st['path']}" + (f"  ({st['tarball']})" if st.get("tarball") else ""))
+    if record.get("against_teacher"):
+        print_against_teacher(record["against_teacher"])
     return 0
+
+
+def print_against_teacher(summary: dict) -> None:
+    """What ships, scored against the teacher: one row per model, then every model's answer to each question."""
+    rows = [[r["model"], format_bytes(r["size_bytes"]) if r.get("size_bytes") else "-", f"{r['perplexity']:.3f}",
+             f"{r['kl_to_teacher']:.4f}", f"{100 * r['top1_vs_teacher']:.1f}%"] for r in summary["rows"]]
+    print(f"\nagainst the teacher {summary['teacher']} on held-out {', '.join(summary['texts'])}:")
+    print(table(rows, ["model", "size", "ppl", "KL to teacher", "top-1 vs teacher"], right={1, 2, 3, 4}))
+    for q in summary["answers"]:
+        print(f"\n{q['question']}")
+        for label, text in q["answers"].items():
+            one_line = " ".join(text.split()) or repr(text[:40])  # only whitespace: show which
+            print(f"  {label}: {one_line[:160] + ('…' if len(one_line) > 160 else '')}")
 
 
 def cmd_runs(args) -> int:

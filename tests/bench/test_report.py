@@ -46,6 +46,18 @@ def test_join_quality_matches_runs_to_fidelity_rows_by_artifact_folder_name(resu
     assert results == before  # the input is left as it was
 
 
+
+def test_runs_gain_the_teacher_columns_only_when_fidelity_scored_against_the_teacher(results, fidelity_report):
+    plain = report.to_markdown(report.join_quality(results, [fidelity_report]), [])
+    assert "KL to teacher" not in plain
+    with_teacher = copy.deepcopy(fidelity_report)
+    for row in with_teacher["rows"]:
+        row.update(kl_to_teacher=0.25, top1_vs_teacher=0.625)
+    joined = report.join_quality(results, [with_teacher])
+    assert _run(joined, "gguf-q4_1", "llama.cpp")["quality"]["kl_to_teacher"] == 0.25
+    md = report.to_markdown(joined, [])
+    assert "| KL to teacher | top-1 vs teacher |" in md and "| 0.25 | 62.5% |" in md
+
 def test_join_quality_gives_pytorch_runs_the_reference_row_and_unmatched_runs_none(joined):
     assert _run(joined, "pytorch-fp32", "pytorch")["quality"]["kl_mean"] == 0.0
     assert _run(joined, "gguf-q2_k", "llama.cpp")["quality"] is None  # no fidelity row for its artifact

@@ -49,3 +49,62 @@ def test_a_different_model_disagrees_and_the_report_has_every_row(pair, tiny_lla
     assert report["generations"][0]["prompt"] == "w5 w6 w7" and "teacher" in report["generations"][0]
     md = to_markdown(report)
     assert "| other |" in md and "| teacher |" in md
+
+
+# --------------------------------------------------------------------------- `edgekit eval` on user files
+
+
+def _jsonl(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_eval_of_prompts_only_data_scores_the_teachers_answers_once(tiny_bpe_llama_dir, tiny_bpe_other_dir,
+                                                                    tiny_export, home, tmp_path, capsys, monkeypatch):
+    """Prompts without answers: the teacher answers them (a data artifact, reused by a rerun), then the model and
+    every --export are scored on those answers."""
+    import json
+
+    from edgekit.cli import main
+    from edgekit.distill import data as data_stage
+
+    prompts = _jsonl(tmp_path / "prompts.jsonl", [
+        {"prompt": "Hello world, how are you today?"},
+        {"messages": [{"role": "user", "content": "The quick brown fox jumps over the lazy dog."}]},
+        {"prompt": "def add(a, b):"}, {"prompt": "1234567890 apples and 42 oranges"}])
+    calls = []
+    real = data_stage.generate_responses
+    monkeypatch.setattr(data_stage, "generate_responses", lambda *a, **k: calls.append(1) or real(*a, **k))
+    export = tiny_export(tiny_bpe_other_dir, "gguf", "q8_0")
+    args = ["eval", str(tiny_bpe_other_dir), "--against", str(tiny_bpe_llama_dir), "--data", str(prompts),
+            "--export", str(export), "--prompt", "Hello world", "--max-new-tokens", "4", "--json", "-q"]
+    assert main(args) == 0
+    rep = json.loads(capsys.readouterr().out)
+    rows = rep["models"]
+    assert list(rows)[0] == "teacher" and "gguf-q8_0" in rows and len(rows) == 3
+    assert rows["teacher"]["kl_to_teacher"] == pytest.approx(0, abs=1e-6) and rows["teacher"]["tokens"] > 0
+    student = next(v for k, v in rows.items() if k not in ("teacher", "gguf-q8_0"))
+    assert student["kl_to_teacher"] > 0 and student["tokens"] == rows["teacher"]["tokens"]
+    assert rows["gguf-q8_0"]["tokens"] == student["tokens"]
+    assert rows["gguf-q8_0"]["kl_to_teacher"] == pytest.approx(student["kl_to_teacher"], rel=0.05)  # q8_0 of it
+    assert set(rep["generations"][0]) == {"prompt", "teacher", "gguf-q8_0", *(k for k in rows if k != "teacher")}
+    assert calls == [1] and len(list((home / "artifacts").glob("data-*"))) == 1
+
+    assert main(args) == 0  # the teacher's answers are reused, not generated again
+    assert json.loads(capsys.readouterr().out)["models"] == rows and calls == [1]
+
+
+@pytest.mark.parametrize("rows, says", [
+    ([], "is empty"),
+    ([{"text": "a"}], "nothing to score"),
+    ([{"prompt": "hi", "response": "x"}, {"bad": 1}], "unknown record shape"),
+])
+def test_eval_of_bad_data_is_one_line_and_exit_2(rows, says, tiny_bpe_llama_dir, home, tmp_path, capsys):
+    from edgekit.cli import main
+
+    data = _jsonl(tmp_path / "data.jsonl", rows)
+    assert main(["eval", str(tiny_bpe_llama_dir), "--against", str(tiny_bpe_llama_dir), "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err and "Traceback" not in err

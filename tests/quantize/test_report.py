@@ -90,3 +90,58 @@ def test_teacher_quantize_and_fidelity_through_the_cli(teacher, teacher_home, mo
     assert q4["kl_mean"] > 3 * q8["kl_mean"]
     assert cal["kl_mean"] < 0.9 * q4["kl_mean"]
     assert q8["size_bytes"] > q4["size_bytes"] == cal["size_bytes"]
+
+
+def test_every_row_is_scored_against_the_teacher_and_answers_the_questions(tiny_bpe_llama_dir, tiny_bpe_other_dir,
+                                                                           tiny_export, home):
+    """Teacher = reference: KL 0 and top-1 100 % for the float model, the same answers; another teacher: KL > 0.
+    The teacher is part of the artifact id; without one the report is as before."""
+    from edgekit.chat import QUESTIONS
+
+    paths = [str(tiny_export(tiny_bpe_llama_dir, "gguf", "q4_0"))]
+    same = report.run(tiny_bpe_llama_dir, paths, max_tokens=200, teacher=tiny_bpe_llama_dir)
+    ref, q4 = same["rows"]
+    assert same["teacher"]["kl_to_teacher"] == pytest.approx(0, abs=1e-6)
+    assert ref["kl_to_teacher"] == pytest.approx(0, abs=1e-6) and ref["top1_vs_teacher"] == 1.0
+    assert same["teacher"]["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-5)
+    assert q4["kl_to_teacher"] == pytest.approx(q4["kl_mean"], rel=1e-4)  # teacher = reference: the same measure
+    assert [a["question"] for a in same["answers"]] == list(QUESTIONS)
+    for a in same["answers"]:
+        assert list(a["answers"]) == ["teacher", report.STUDENT_LABEL, q4["label"]]
+        assert a["answers"]["teacher"] == a["answers"][report.STUDENT_LABEL]  # one model, greedy: one answer
+
+    other = report.run(tiny_bpe_llama_dir, paths, max_tokens=200, teacher=tiny_bpe_other_dir)
+    assert other["path"] != same["path"]  # the teacher is in the id
+    for r in other["rows"]:
+        assert r["kl_to_teacher"] > 0.01 and r["top1_vs_teacher"] < 1.0, r["label"]
+    md = report.to_markdown(other.result)
+    assert "KL to teacher" in md and f"**{QUESTIONS[0]}**" in md and "| teacher |" in md
+    assert [r["model"] for r in report.against_teacher(other.result)] == ["teacher", report.STUDENT_LABEL, q4["label"]]
+
+    plain = report.run(tiny_bpe_llama_dir, paths, max_tokens=200)
+    assert "teacher" not in plain.result and "answers" not in plain.result
+    assert "kl_to_teacher" not in plain["rows"][1]
+    assert "KL to teacher" not in report.to_markdown(plain.result) and report.against_teacher(plain.result) == []
+    again = report.run(tiny_bpe_llama_dir, paths, max_tokens=200, teacher=tiny_bpe_other_dir)
+    assert again["reused"] and again["path"] == other["path"] and again["answers"] == other["answers"]
+
+
+def test_a_teacher_with_another_vocabulary_is_refused(tiny_bpe_llama_dir, tiny_llama_dir, tiny_export, home):
+    from edgekit.errors import ModelError
+
+    paths = [str(tiny_export(tiny_bpe_llama_dir, "gguf", "q4_0"))]
+    with pytest.raises(ModelError, match="vocabulary"):
+        report.run(tiny_bpe_llama_dir, paths, max_tokens=50, teacher=tiny_llama_dir)
+
+
+def test_fidelity_cli_takes_a_teacher(tiny_bpe_llama_dir, tiny_bpe_other_dir, tiny_export, home, capsys):
+    import json
+
+    from edgekit.cli import main
+
+    path = str(tiny_export(tiny_bpe_llama_dir, "gguf", "q4_0"))
+    assert main(["fidelity", path, "--teacher", str(tiny_bpe_other_dir), "--max-tokens", "64", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "KL to teacher" in out and "| teacher |" in out
+    assert main(["fidelity", path, "--max-tokens", "64", "--json", "-q"]) == 0
+    assert "kl_to_teacher" not in json.loads(capsys.readouterr().out)["rows"][1]
