@@ -121,12 +121,13 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
 
+    from transformers import AutoTokenizer
+
     from edgekit import artifact
     from edgekit.distill import evaluate as eval_stage
     from edgekit.distill.config import DistillConfig
     from edgekit.distill.pipeline import run
     from edgekit.distill.tokenize import tokenize_examples
-    from transformers import AutoTokenizer
 
     budget = args.minutes * 60
     base = {"teacher": "default", "student": {"device": args.device, "target_decode_tok_s": args.target_decode_tok_s},
