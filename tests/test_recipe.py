@@ -68,7 +68,7 @@ def test_quick_recipe_builds_stage_configs():
     assert isinstance(cfg, DistillConfig)
     assert cfg.train.time_budget_s == 240 and cfg.train.steps is None
     assert cfg.student.device == "pi-5-8gb" and cfg.student.format == "gguf" and cfg.student.quant == "q4_k_m"
-    assert cfg.student.target_decode_tok_s == 120 and cfg.data.synthetic_prompts == 48
+    assert cfg.student.target_decode_tok_s == 120 and cfg.data.synthetic_prompts == 192 and cfg.data.batch_size == 32
     exports = r.export_configs(model="/some/student")
     assert all(isinstance(e, ExportConfig) and e.model == "/some/student" for e in exports)
     assert [e.label for e in exports] == ["gguf-q4_k_m-calibrated", "onnx-int4"]
