@@ -217,12 +217,13 @@ def _load_teacher(teacher_dir: Path, teacher_gguf: Path | None = None, cfg: Data
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     if cfg is not None and choose_backend(cfg, teacher_gguf) == "llama.cpp":
-        sampler = ParallelSampler(_batched_copy(teacher_gguf, work), slots=cfg.batch_size)
+        gguf = _batched_copy(teacher_gguf, work)
+        sampler = ParallelSampler(gguf, slots=cfg.batch_size)
         try:
             sampler.generation_config = GenerationConfig.from_pretrained(str(teacher_dir))
         except OSError:
             sampler.generation_config = None
-        log.info("teacher data from %s in llama.cpp, %d sequences in flight", teacher_gguf, cfg.batch_size)
+        log.info("teacher data from %s in llama.cpp, %d sequences in flight", gguf, cfg.batch_size)
         return sampler
     try:
         model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), use_safetensors=True)
