@@ -51,7 +51,8 @@ def main() -> None:
     from edgekit.export.pipeline import ExportConfig
     from edgekit.export.pipeline import run as export
     from edgekit.models import resolve_teacher
-    from edgekit.quantize.report import heldout_sequences, open_export
+    from edgekit.quantize.report import heldout_sequences
+    from edgekit.runtimes import open_export
 
     teacher = resolve_teacher(args.teacher)
     tok = AutoTokenizer.from_pretrained(str(teacher.path))

@@ -34,7 +34,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -42,14 +41,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -124,6 +115,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from edgekit import artifact
+    from edgekit.devices import cpu_name
     from edgekit.distill import evaluate as eval_stage
     from edgekit.distill.config import DistillConfig
     from edgekit.distill.pipeline import run

@@ -31,11 +31,6 @@ TARGETS = ["gguf-q4_0", "gguf-q4_k_m", "onnx-int4", "executorch-8da4w"]
 KL_RATIO = 1.1  # an int4 export's KL to the teacher may be at most this multiple of the float student's
 
 
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def main() -> None:
@@ -60,6 +55,7 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     from edgekit import artifact
+    from edgekit.devices import cpu_name
     from edgekit.distill import train as train_stage
     from edgekit.distill.config import DistillConfig, QatConfig
     from edgekit.distill.pipeline import run as distill
@@ -140,7 +136,7 @@ def main() -> None:
               + " / ".join(f"{100 * x['top1_agreement']:.1f}%" for x in (p, m, q)) + " | "
               + " / ".join(f"{x['perplexity']:.2f}" for x in (p, m, q)) + f" | {'yes' if r['met'] else 'NO'} |")
     result = {"benchmark": "qat", "date": time.strftime("%Y-%m-%d"),
-              "command": "python benchmarks/qat.py " + " ".join(sys.argv[1:]), "cpu": _cpu(),
+              "command": "python benchmarks/qat.py " + " ".join(sys.argv[1:]), "cpu": cpu_name(),
               "student": float_run["student"], "float_training": float_run["training"],
               "fidelity": fid, "targets": table, "wall_s": round(time.time() - t0, 1)}
     out = Path(args.out)

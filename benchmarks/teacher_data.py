@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -38,14 +37,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -64,6 +55,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from edgekit import models
+    from edgekit.devices import cpu_name
     from edgekit.distill import data as data_stage
     from edgekit.distill.config import DataConfig
     from edgekit.distill.synth import generate_responses

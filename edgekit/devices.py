@@ -262,6 +262,11 @@ def _cpuinfo() -> tuple[str, list[str]]:
     return name, [f for f in ISA_FLAGS if f in flags]
 
 
+def cpu_name() -> str:
+    """This CPU's model name (``AMD EPYC ...``), as /proc/cpuinfo gives it; else what ``platform`` knows."""
+    return _cpuinfo()[0]
+
+
 def cpu_flags() -> list[str]:
     """This CPU's ISA flags in edgekit's vocabulary (``avx2``, ``amx``, ``neon``, ``dotprod`` ...)."""
     return _cpuinfo()[1]

@@ -95,17 +95,6 @@ def answered(examples: list[dict], sources: list[Path], teacher_dir: Path, teach
             for line in (folder / name).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def open_export(folder: Path, context: int):
-    """A session on an export artifact folder (every position's logits) and its manifest."""
-    folder = Path(folder)
-    manifest = artifact.read_manifest(folder)
-    if manifest.get("stage") != "export":
-        raise ConfigError(f"{folder} is a {manifest.get('stage')!r} artifact, not an export; pass --export folders "
-                          "made by `edgekit export` / `edgekit quantize`")
-    runtime = runtimes.for_format(manifest["format"], full_logits=True)
-    return runtime.session(folder, None, context=context, all_logits=True), manifest
-
-
 def score_exports(sessions: list, teacher, sequences: list[dict]) -> list[dict]:
     """:func:`score` for export sessions (one sequence at a time), the teacher's forward shared by all of them."""
     import numpy as np
@@ -173,7 +162,7 @@ def _evaluate_exports(exports: list[Path], teacher, tok, sequences: list[dict], 
     opened = []
     try:
         for p in exports:
-            opened.append(open_export(Path(p), context))
+            opened.append(runtimes.open_export(Path(p), context))
         scores = score_exports([s for s, _ in opened], teacher, sequences)
         rows, gens = {}, {}
         stop = end_of_turn_ids(tok) if tok else ()

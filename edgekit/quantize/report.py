@@ -50,21 +50,6 @@ TEACHER_LABEL = "teacher"
 STUDENT_LABEL = "student (fp32)"  # the reference, in what is scored against the teacher: the float student
 
 
-def open_export(folder: Path, n_ctx: int, threads: int | None = None) -> tuple[runtimes.Session, dict]:
-    """A session on an export artifact folder, in the first installed runtime that scores its format, and its manifest.
-
-    The ``.pte`` returns last-position logits only, so ExecuTorch's full-sequence logits take one program
-    call per token.
-    """
-    folder = Path(folder)
-    manifest = artifact.read_manifest(folder)
-    if manifest.get("stage") != "export":
-        raise ModelError(f"{folder} is a {manifest.get('stage')!r} artifact, not an export; pass folders made by "
-                         "`edgekit export` / `edgekit quantize`")
-    runtime = runtimes.for_format(manifest["format"], full_logits=True)
-    return runtime.session(folder, threads, context=n_ctx, all_logits=True), manifest
-
-
 def heldout_sequences(tokenizer, paths: list[Path] | None, max_tokens: int, max_len: int) -> list[list[int]]:
     """Token ids of the held-out texts (chat template applied), each cut to ``max_len``, ``max_tokens`` in all."""
 
@@ -121,7 +106,7 @@ def fidelity(reference: Path, exports: list[Path], *, texts: list[Path] | None =
     t0 = time.perf_counter()
     try:
         for p in exports:
-            sessions.append(open_export(Path(p), n_ctx, threads))
+            sessions.append(runtimes.open_export(Path(p), n_ctx, threads))
         with bar(total=sum(map(len, seqs)), desc="fidelity", unit="tok") as progress:
             for ids in seqs:
                 targets = ids[1:]

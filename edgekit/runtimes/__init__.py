@@ -249,6 +249,22 @@ def _version_key(version: str) -> tuple[int, ...]:
     return tuple(int(n) for n in re.findall(r"\d+", version.split("+")[0].split("-")[0])[:4])
 
 
+def open_export(folder: Path, context: int, threads: int | None = None) -> tuple[Session, dict]:
+    """A session on an export artifact folder, in the first installed runtime that scores its format (every
+    position's logits), and its manifest.
+
+    The ``.pte`` returns last-position logits only, so ExecuTorch's full-sequence logits take one program
+    call per token.
+    """
+    folder = Path(folder)
+    manifest = artifact.read_manifest(folder)
+    if manifest.get("stage") != "export":
+        raise ModelError(f"{folder} is a {manifest.get('stage')!r} artifact, not an export; pass folders made by "
+                         "`edgekit export` / `edgekit quantize`")
+    runtime = for_format(manifest["format"], full_logits=True)
+    return runtime.session(folder, threads, context=context, all_logits=True), manifest
+
+
 def greedy(session: Session, ids: list[int], n: int, eos_ids=()) -> list[int]:
     """Up to ``n`` greedy tokens after ``ids`` through ``prefill`` / ``decode``; stops after one in ``eos_ids``."""
     stop = {int(i) for i in eos_ids}

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edgekit import metrics
+from edgekit import metrics, runtimes
 from edgekit.quantize import report
 
 
@@ -65,7 +65,7 @@ def test_fidelity_refuses_a_non_export_folder(tiny_bpe_llama_dir, tmp_path):
     folder.mkdir()
     artifact.write_manifest(folder, "distill", {})
     with pytest.raises(EdgekitError, match="not an export"):
-        report.open_export(folder, 128)
+        runtimes.open_export(folder, 128)
 
 
 @pytest.mark.slow
