@@ -228,23 +228,24 @@ def runtime_for(fmt: str, device: DeviceProfile) -> str:
     )
 
 
-def attention_heads_for(hidden: int, teacher: Architecture, align: int) -> tuple[int, int]:
+def attention_heads_for(hidden: int, teacher: Architecture) -> tuple[int, int]:
     """(heads, kv_heads) for a student of width ``hidden`` that pruning can carve out of the teacher.
 
-    Heads are selected, never invented: whole kv groups are kept (kv_heads <= the teacher's)
-    and each keeps at most the teacher's number of query heads per group. The query width
-    (heads x head_dim) stays within ``hidden`` and, where some choice allows it, is a multiple
-    of the quant block so the output projection does not fall back to another type.
+    Heads are selected, never invented: whole kv groups are kept (kv_heads <= the teacher's) and
+    each keeps at most the teacher's number of query heads per group; the most heads that fit win,
+    with the most kv heads they allow. Heads are not given up to make the query width (heads x
+    head_dim) a multiple of the quant block: on the embedded teacher a 22 x 512 student keeping 6
+    of 9 heads agreed with the teacher on 47.5 % of held-out answer tokens after 4 minutes of
+    distillation, against 39.2 % for the 4 heads whose width is a K-quant multiple
+    (benchmarks/RESULTS.md); the price is one small matrix per layer (the attention output) in a
+    5- or 8-bit fallback type.
     """
     group_max = max(1, teacher.heads // teacher.kv_heads)
-    options = []
     for heads in range(max(1, min(teacher.heads, hidden // teacher.head_dim)), 0, -1):
         for kv in range(min(teacher.kv_heads, heads), 0, -1):
             if heads % kv == 0 and heads // kv <= group_max:
-                options.append((heads, kv))
-                break
-    aligned = [o for o in options if (o[0] * teacher.head_dim) % align == 0]
-    return (aligned or options or [(1, 1)])[0]
+                return heads, kv
+    return 1, 1
 
 
 def candidate_shapes(teacher: Architecture, align: int) -> list[Architecture]:
@@ -254,7 +255,7 @@ def candidate_shapes(teacher: Architecture, align: int) -> list[Architecture]:
         step += 1
     shapes = []
     for h in range(teacher.hidden_size - teacher.hidden_size % step, 0, -step):
-        heads, kv = attention_heads_for(h, teacher, align)
+        heads, kv = attention_heads_for(h, teacher)
         inter = max(align, int(teacher.intermediate_size * h / teacher.hidden_size) // align * align)
         inter = min(inter, teacher.intermediate_size)
         shapes.append(teacher.with_shape(hidden_size=h, heads=heads, kv_heads=kv, intermediate_size=inter))
