@@ -22,6 +22,7 @@ the same batches it would have seen. Multi-process runs go through ``accelerate`
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import math
@@ -125,6 +126,17 @@ def _latest_checkpoint(work: Path) -> Path | None:
             return ckpt
         log.warning("checkpoint %s is incomplete or damaged; trying an older one", ckpt)
     return None
+
+
+def _labelled_positions(mask):
+    """Positions (of the shifted sequence) where any row of the batch has a label; None when that is all of them."""
+    keep = mask.any(0).nonzero().flatten()
+    return None if len(keep) in (0, mask.shape[1]) else keep
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    """transformers' causal LMs take ``logits_to_keep`` (an index tensor computes the head at those positions only)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def _step_of(line: str) -> int | None:
@@ -258,6 +270,9 @@ def train(cfg: TrainConfig, student_dir: Path, out_dir: Path, sequences: list[di
     student, opt = acc.prepare(student, opt)
     model = acc.unwrap_model(student)
     autocast = torch.autocast(acc.device.type, dtype=torch.bfloat16) if _use_bf16(cfg) else nullcontext()
+    # dense targets (online teacher, features) keep every position; the cache's sparse targets slice along
+    head_slicing = (source.sparse_mode is not None and not online and projector is None
+                    and _accepts_logits_to_keep(model))
 
     def progress_now() -> float:
         if cfg.time_budget_s:
@@ -291,16 +306,26 @@ def train(cfg: TrainConfig, student_dir: Path, out_dir: Path, sequences: list[di
             labels = batch["labels"][:, 1:]
             mask = labels != -100
             step_tokens += int(batch["attention_mask"].sum())
+            # The output head only where some sequence has a label (the answers): prompts are a third of the
+            # tokens, and the head (vocab x hidden) is a third of a small student's compute.
+            keep = _labelled_positions(mask) if head_slicing else None
             with autocast:
                 out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              output_hidden_states=projector is not None)
-            logits = out.logits[:, :-1].float()
+                              output_hidden_states=projector is not None,
+                              **({"logits_to_keep": keep} if keep is not None else {}))
+            if keep is not None:
+                labels, mask = labels[:, keep], mask[:, keep]
+                logits = out.logits.float()
+            else:
+                logits = out.logits[:, :-1].float()
             kd = logits.new_zeros(())
             feat = logits.new_zeros(())
             if cfg.kd_weight > 0 or projector is not None:
                 if source.sparse_mode and not online:
-                    kd = sparse_forward_kl(logits, batch["indices"][:, :-1], batch["values"][:, :-1],
-                                           source.sparse_mode, cfg.temperature, mask)
+                    indices, values = batch["indices"][:, :-1], batch["values"][:, :-1]
+                    if keep is not None:
+                        indices, values = indices[:, keep], values[:, keep]
+                    kd = sparse_forward_kl(logits, indices, values, source.sparse_mode, cfg.temperature, mask)
                 else:
                     use_assistant = assistant is not None and progress_now() < cfg.assistant_fraction
                     target_model = assistant if use_assistant else teacher

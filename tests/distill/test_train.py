@@ -96,6 +96,35 @@ def test_full_vocabulary_topk_cache_trains_like_the_online_teacher(models, tmp_p
     assert gap < 0.05 * moved, (gap, moved)
 
 
+def test_output_head_on_answer_positions_only_trains_exactly_like_the_full_head(models, tmp_path, monkeypatch):
+    """With a cache the head runs only where some row has a label; prompts of different lengths per row."""
+    from transformers import AutoModelForCausalLM
+
+    import edgekit.distill.train as train_mod
+
+    d, seqs = models
+    ragged = [{"input_ids": s["input_ids"], "labels": [-100] * (2 + i % 7) + s["input_ids"][2 + i % 7:]}
+              for i, s in enumerate(seqs)]
+    cache = build(CacheConfig(k=16), AutoModelForCausalLM.from_pretrained(d / "teacher"), ragged, tmp_path / "cache")
+    cfg = TrainConfig(steps=6, **FAST)
+    sliced = train(cfg, d / "student", tmp_path / "sliced", cache_dir=cache)
+    monkeypatch.setattr(train_mod, "_accepts_logits_to_keep", lambda model: False)
+    full = train(cfg, d / "student", tmp_path / "full", cache_dir=cache)
+    a, b = weights(sliced), weights(full)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert [r["loss"] for r in metrics(sliced)] == pytest.approx([r["loss"] for r in metrics(full)], rel=1e-4)
+    assert not torch.equal(a["model.norm.weight"], weights(d / "student")["model.norm.weight"])
+
+
+def test_labelled_positions_skip_prompt_columns_only():
+    from edgekit.distill.train import _labelled_positions
+
+    mask = torch.tensor([[False, False, True, True], [False, True, True, False]])
+    assert _labelled_positions(mask).tolist() == [1, 2, 3]
+    assert _labelled_positions(torch.ones(2, 3, dtype=torch.bool)) is None
+    assert _labelled_positions(torch.zeros(2, 3, dtype=torch.bool)) is None
+
+
 def test_online_only_options_and_bad_configs_are_refused(models, tmp_path):
     d, seqs = models
     with pytest.raises(ConfigError, match="needs a teacher"):
