@@ -135,3 +135,46 @@ def end_of_turn_ids(tokenizer) -> frozenset[int]:
 def encode(tokenizer, text: str) -> list[int]:
     """Token ids of chat text. Chat templates put any BOS in the text themselves; the tokenizer must not add another."""
     return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def eot_text_for(example: dict, tokenizer) -> str | None:
+    """The end-of-turn text for a chat example (None for a text example, which needs no chat template)."""
+    return chat_format(tokenizer).eot_text if "messages" in example else None
+
+
+def labelled_ids(example: dict, tokenizer, eot_text: str | None) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` of an example: labels are the ids of what the assistant said, -100 elsewhere.
+
+    Chat examples render with the tokenizer's chat template; labels cover each assistant turn's content
+    and its end-of-turn token (not the end-of-turn of a ``truncated`` answer, which the teacher never
+    ended); system/user text and template markup are -100. Text examples: every token is a label.
+    ``eot_text`` is :func:`eot_text_for` the example (pass it once for a list of examples).
+    """
+    if "text" in example:
+        ids = encode(tokenizer, example["text"])
+        return ids, list(ids)
+    messages = example["messages"]
+    if not tokenizer.is_fast:
+        raise ModelError(f"the tokenizer in {tokenizer.name_or_path} is a slow (Python) tokenizer without offsets; "
+                         "add a tokenizer.json so a fast tokenizer loads")
+    full = render(tokenizer, messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        upto = render(tokenizer, messages[:i + 1])
+        if not (full.startswith(before) and full.startswith(upto) and len(before) <= len(upto)):
+            raise ModelError(f"the chat template in {tokenizer.name_or_path} does not render conversations "
+                             "incrementally (a prefix of a conversation renders differently inside it), so "
+                             "assistant tokens cannot be located for label masking")
+        start, end = len(before), len(upto)
+        eot = full.rfind(eot_text, start, end) if eot_text else -1
+        if eot >= 0:
+            last_truncated = example.get("truncated") and i == len(messages) - 1
+            end = eot if last_truncated else eot + len(eot_text)
+        spans.append((start, end))
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    labels = [tid if any(s <= a < e for s, e in spans) else -100
+              for tid, (a, _) in zip(enc.input_ids, enc.offset_mapping)]
+    return list(enc.input_ids), labels

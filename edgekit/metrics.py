@@ -45,13 +45,18 @@ class Tally:
         self.n = 0
         self.kls: list[np.ndarray] = []
 
-    def add(self, ref_logp, logits, targets) -> None:
-        """Score positions ``0..len(targets)-1``: ``ref_logp`` [T, V] log-probs, ``logits`` [>=T, V], ``targets`` [T]."""
+    def add(self, ref_logp, logits, targets, scored=None) -> None:
+        """Score positions ``0..len(targets)-1``: ``ref_logp`` [T, V] log-probs, ``logits`` [>=T, V], ``targets`` [T];
+        with ``scored`` (T booleans), only the positions it marks (e.g. a chat's answer tokens)."""
         import numpy as np
 
         targets = np.asarray(targets, dtype=np.int64).reshape(-1)
         ref_logp = np.asarray(ref_logp, dtype=np.float32)[: len(targets)]
-        logp = log_softmax(np.asarray(logits)[: len(targets)])
+        logits = np.asarray(logits)[: len(targets)]
+        if scored is not None:
+            keep = np.asarray(scored, dtype=bool).reshape(-1)[: len(targets)]
+            targets, ref_logp, logits = targets[keep], ref_logp[keep], logits[keep]
+        logp = log_softmax(logits)
         self.nll += float(-np.take_along_axis(logp, targets[:, None], -1).sum(dtype=np.float64))
         self.kls.append(kl_divergence(ref_logp, logp))
         self.agree += int((logp.argmax(-1) == ref_logp.argmax(-1)).sum())

@@ -115,7 +115,7 @@ def _fidelity(recipe, model: str, exports: list[Path], record: dict, teacher: st
             for r in a.result["rows"]}
     _stage(record, "fidelity", a.path, a.reused, t0, rows=rows)
     if teacher:
-        record["against_teacher"] = {"teacher": teacher, "texts": a.result["texts"],
+        record["against_teacher"] = {"teacher": teacher, "texts": a.result["texts"], "tokens": a.result["tokens"],
                                      "rows": fidelity_stage.against_teacher(a.result),
                                      "answers": a.result.get("answers") or []}
     return a.result

@@ -69,7 +69,8 @@ def print_against_teacher(summary: dict) -> None:
     """What ships, scored against the teacher: one row per model, then every model's answer to each question."""
     rows = [[r["model"], format_bytes(r["size_bytes"]) if r.get("size_bytes") else "-", f"{r['perplexity']:.3f}",
              f"{r['kl_to_teacher']:.4f}", f"{100 * r['top1_vs_teacher']:.1f}%"] for r in summary["rows"]]
-    print(f"\nagainst the teacher {summary['teacher']} on held-out {', '.join(summary['texts'])}:")
+    tokens = f"{summary['tokens']} answer tokens of " if summary.get("tokens") else ""
+    print(f"\nagainst the teacher {summary['teacher']} on {tokens}held-out {', '.join(summary['texts'])}:")
     print(table(rows, ["model", "size", "ppl", "KL to teacher", "top-1 vs teacher"], right={1, 2, 3, 4}))
     for q in summary["answers"]:
         print(f"\n{q['question']}")

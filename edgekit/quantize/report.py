@@ -3,7 +3,8 @@
 For every export artifact (each run by the first installed runtime the registry has for its
 format that gives every position's logits: GGUF in llama.cpp, ONNX in our onnxruntime loop,
 ExecuTorch programs in ExecuTorch's runtime) and the same held-out texts, one pass computes
-(:mod:`edgekit.metrics`), token by token against the PyTorch fp32 reference: the export's
+(:mod:`edgekit.metrics`), token by token against the PyTorch fp32 reference, on the answer tokens of
+held-out chats (the user's turn is given to a deployed model, not predicted by it): the export's
 perplexity, the mean KL divergence KL(reference || export) and its 99th percentile, and top-1
 agreement (the same argmax) -- the measures llama.cpp's ``--kl-divergence`` tool reports. A 64-token
 greedy generation from a fixed chat prompt is run in every runtime and compared
@@ -26,13 +27,22 @@ the end of the turn; the answers go side by side into the report.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
 from pathlib import Path
 
 from edgekit import artifact, metrics, runtimes
-from edgekit.chat import ANSWER_TOKENS, QUESTIONS, apply_chat_template, end_of_turn_ids, question_ids, render_text
+from edgekit.chat import (
+    ANSWER_TOKENS,
+    QUESTIONS,
+    apply_chat_template,
+    end_of_turn_ids,
+    eot_text_for,
+    labelled_ids,
+    question_ids,
+)
 from edgekit.errors import ModelError
 from edgekit.integrity import check_model_path
 from edgekit.progress import bar
@@ -47,24 +57,38 @@ GREEDY_PROMPT = "Explain in a few sentences why the sky is blue."
 GREEDY_TOKENS = 64
 MAX_TOKENS = FidelityConfig().max_tokens  # held-out tokens scored when not given: the fidelity config's default
 TEACHER_LABEL = "teacher"
+SCORED = "answers"  # which held-out tokens are scored: a chat's answer tokens (every token of plain text)
 STUDENT_LABEL = "student (fp32)"  # the reference, in what is scored against the teacher: the float student
 
 
-def heldout_sequences(tokenizer, paths: list[Path] | None, max_tokens: int, max_len: int) -> list[list[int]]:
-    """Token ids of the held-out texts (chat template applied), each cut to ``max_len``, ``max_tokens`` in all."""
-
-    seqs, total = [], 0
+def heldout_scored(tokenizer, paths: list[Path] | None, max_tokens: int, max_len: int
+                   ) -> list[tuple[list[int], list[bool]]]:
+    """Held-out texts as ``(ids, scored)``: token ids (chat template applied, cut to ``max_len``) and, per next-token
+    target ``ids[1:]``, whether it is scored -- the assistant's tokens of a chat (what a deployed model writes; the
+    user's prompt is given, not predicted), every token of plain text. ``max_tokens`` scored targets in all."""
+    seqs, total, eot_text = [], 0, None
     for e in load_examples(paths or [DEFAULT_HELDOUT]):
-        ids = tokenizer(render_text(e, tokenizer), add_special_tokens=False).input_ids[:max_len]
-        ids = ids[: max(0, max_tokens - total)] if total + len(ids) > max_tokens else ids
-        if len(ids) >= 2:
-            seqs.append(ids)
-            total += len(ids)
+        if eot_text is None:
+            eot_text = eot_text_for(e, tokenizer)
+        ids, labels = labelled_ids(e, tokenizer, eot_text)
+        ids, scored = ids[:max_len], [label != -100 for label in labels[1:max_len]]
+        if total + sum(scored) > max_tokens:  # cut at the target that reaches the budget
+            n = next(i for i, c in enumerate(itertools.accumulate(scored)) if c >= max_tokens - total)
+            ids, scored = ids[:n + 2], scored[:n + 1]
+        if len(ids) >= 2 and any(scored):
+            seqs.append((ids, scored))
+            total += sum(scored)
         if total >= max_tokens:
             break
     if not seqs:
-        raise ModelError("no held-out text to score: the files give no sequence of 2 or more tokens")
+        raise ModelError("no held-out text to score: the files give no sequence with an answer (or text) of 1 or "
+                         "more tokens after its first")
     return seqs
+
+
+def heldout_sequences(tokenizer, paths: list[Path] | None, max_tokens: int, max_len: int) -> list[list[int]]:
+    """Token ids of the held-out texts (:func:`heldout_scored`, without the marks)."""
+    return [ids for ids, _ in heldout_scored(tokenizer, paths, max_tokens, max_len)]
 
 
 def greedy_prompt(tokenizer, prompt: str = GREEDY_PROMPT) -> list[int]:
@@ -93,7 +117,7 @@ def fidelity(reference: Path, exports: list[Path], *, texts: list[Path] | None =
         if n_teacher and n_reference and n_teacher != n_reference:
             _vocab_mismatch(teacher, n_teacher, reference, n_reference)
     tok = AutoTokenizer.from_pretrained(str(reference))
-    seqs = heldout_sequences(tok, texts, max_tokens, max_len)
+    seqs = heldout_scored(tok, texts, max_tokens, max_len)
     prompt = greedy_prompt(tok)
     questions = [question_ids(tok, q) for q in QUESTIONS] if teacher is not None else []
     n_ctx = max(max_len, len(prompt) + greedy_tokens, *(len(q) + ANSWER_TOKENS for q in questions)) + 16
@@ -107,21 +131,21 @@ def fidelity(reference: Path, exports: list[Path], *, texts: list[Path] | None =
     try:
         for p in exports:
             sessions.append(runtimes.open_export(Path(p), n_ctx, threads))
-        with bar(total=sum(map(len, seqs)), desc="fidelity", unit="tok") as progress:
-            for ids in seqs:
+        with bar(total=sum(len(ids) for ids, _ in seqs), desc="fidelity", unit="tok") as progress:
+            for ids, scored in seqs:
                 targets = ids[1:]
                 ref_logits = ref.logits(ids)
                 ref_logp = metrics.log_softmax(ref_logits[:-1])
-                tallies["reference"].add(ref_logp, ref_logits, targets)
+                tallies["reference"].add(ref_logp, ref_logits, targets, scored)
                 if teach is not None:
                     teacher_logp = _teacher_logp(teach, ids, ref_logits, teacher, reference)
-                    vs_teacher[TEACHER_LABEL].add(teacher_logp, teacher_logp, targets)
-                    vs_teacher["reference"].add(teacher_logp, ref_logits, targets)
+                    vs_teacher[TEACHER_LABEL].add(teacher_logp, teacher_logp, targets, scored)
+                    vs_teacher["reference"].add(teacher_logp, ref_logits, targets, scored)
                 for p, (session, _) in zip(exports, sessions):
                     logits = session.logits(ids)[:-1]
-                    tallies[str(p)].add(ref_logp, logits, targets)
+                    tallies[str(p)].add(ref_logp, logits, targets, scored)
                     if teach is not None:
-                        vs_teacher[str(p)].add(teacher_logp, logits, targets)
+                        vs_teacher[str(p)].add(teacher_logp, logits, targets, scored)
                 progress.update(len(ids))
         ref_greedy = ref.generate(prompt, greedy_tokens, eos_ids=())
         rows = [{"label": "pytorch-fp32 (reference)", "format": "pytorch", "quant": "fp32", "path": str(reference),
@@ -151,7 +175,8 @@ def fidelity(reference: Path, exports: list[Path], *, texts: list[Path] | None =
     ref_ppl = rows[0]["perplexity"]
     for r in rows:
         r["ppl_delta_pct"] = 100 * (r["perplexity"] / ref_ppl - 1)
-    report = {"schema": "edgekit.fidelity/1", "reference": str(reference), "tokens": sum(len(s) - 1 for s in seqs),
+    report = {"schema": "edgekit.fidelity/1", "reference": str(reference), "tokens": sum(sum(m) for _, m in seqs),
+              "scored": SCORED,
               "sequences": len(seqs), "texts": [str(p) for p in (texts or [DEFAULT_HELDOUT])],
               "greedy_prompt": GREEDY_PROMPT, "greedy_tokens": greedy_tokens,
               "reference_greedy": tok.decode(ref_greedy),
@@ -217,7 +242,7 @@ def _folder_weight_bytes(folder: Path) -> int:
 
 def to_markdown(report: dict) -> str:
     teacher = report.get("teacher")
-    lines = [f"Fidelity against {report['reference']} on {report['tokens']} held-out tokens "
+    lines = [f"Fidelity against {report['reference']} on {report['tokens']} held-out answer tokens "
              f"({report['sequences']} sequences); greedy: {report['greedy_tokens']} tokens of pure argmax."
              + (f" Against the teacher {teacher['path']} too (KL(teacher || model), top-1 vs the teacher's argmax)."
                 if teacher else ""), "",
@@ -260,8 +285,9 @@ def run(reference: Path, exports: list[Path], *, texts: list[Path] | None = None
     the artifact's ``result``. With ``teacher``, the id includes the teacher and the questions asked."""
     ids = {"reference": artifact.folder_id(Path(reference)),
            "exports": [artifact.content_id(artifact.read_manifest(Path(p))["files"]) for p in exports],
-           "texts": [artifact.sha256_file(Path(t)) for t in (texts or [DEFAULT_HELDOUT])], "max_tokens": max_tokens}
-    config = {"max_tokens": max_tokens, "threads": threads}
+           "texts": [artifact.sha256_file(Path(t)) for t in (texts or [DEFAULT_HELDOUT])], "max_tokens": max_tokens,
+           "scored": SCORED}
+    config = {"max_tokens": max_tokens, "threads": threads, "scored": SCORED}
     if teacher is not None:  # no teacher: the same id as before teachers were scored
         ids["teacher"] = artifact.folder_id(Path(teacher))
         config.update(teacher=str(teacher), questions=list(QUESTIONS), answer_tokens=ANSWER_TOKENS)

@@ -36,6 +36,39 @@ def test_tally_of_identical_logits_is_zero_kl_full_agreement():
     assert r["kl_mean"] == pytest.approx(0.0, abs=1e-6) and r["top1_agreement"] == 1.0
 
 
+def test_tally_scores_only_the_marked_positions():
+    ref = torch.randn(5, 9)
+    cand = torch.randn(5, 9).numpy()
+    targets = torch.randint(0, 9, (5,))
+    scored = [False, True, False, True, True]
+    marked, picked = metrics.Tally(), metrics.Tally()
+    marked.add(F.log_softmax(ref, -1), cand, targets, scored)
+    keep = torch.tensor(scored)
+    picked.add(F.log_softmax(ref[keep], -1), cand[keep.numpy()], targets[keep])
+    assert marked.result() == pytest.approx(picked.result())
+    assert marked.result()["tokens"] == 3
+
+
+def test_heldout_chats_are_scored_on_the_answers_only(tiny_bpe_llama_dir, tmp_path):
+    """The user's turn and the template markup are given to a deployed model, not predicted: not scored."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_bpe_llama_dir))
+    chat = {"messages": [{"role": "user", "content": "name a colour please"},
+                         {"role": "assistant", "content": "blue is a colour"}]}
+    f = tmp_path / "held.jsonl"
+    f.write_text(json.dumps(chat) + "\n" + json.dumps({"text": "plain words all scored"}) + "\n")
+    (ids, scored), (text_ids, text_scored) = report.heldout_scored(tok, [f], 10_000, 512)
+    answer = tok.decode([t for t, s in zip(ids[1:], scored) if s])
+    assert answer.startswith("blue is a colour") and "name a colour" not in answer
+    assert 0 < sum(scored) < len(scored)
+    assert all(text_scored) and len(text_scored) == len(text_ids) - 1
+    (cut, cut_scored), = report.heldout_scored(tok, [f], 3, 512)  # the budget counts scored targets
+    assert sum(cut_scored) == 3 and len(cut) == len(cut_scored) + 1 and cut_scored[-1]
+
+
 def test_fidelity_of_tiny_exports(tiny_bpe_llama_dir, tiny_export, home):
     """f32 GGUF and fp32 ONNX reproduce PyTorch; q4_0 is measurably lossy; greedy parity is counted."""
     paths = [str(tiny_export(tiny_bpe_llama_dir, f, q))
@@ -112,8 +145,10 @@ def test_every_row_is_scored_against_the_teacher_and_answers_the_questions(tiny_
 
     other = report.run(tiny_bpe_llama_dir, paths, max_tokens=200, teacher=tiny_bpe_other_dir)
     assert other["path"] != same["path"]  # the teacher is in the id
+    # (top-1 is no test here: two random tied-embedding models both predict the token they read on answer text)
     for r in other["rows"]:
-        assert r["kl_to_teacher"] > 0.01 and r["top1_vs_teacher"] < 1.0, r["label"]
+        assert r["kl_to_teacher"] > 0.01, r["label"]
+    assert other["teacher"]["perplexity"] != pytest.approx(other["rows"][0]["perplexity"], rel=1e-3)
     md = report.to_markdown(other.result)
     assert "KL to teacher" in md and f"**{QUESTIONS[0]}**" in md and "| teacher |" in md
     assert [r["model"] for r in report.against_teacher(other.result)] == ["teacher", report.STUDENT_LABEL, q4["label"]]
