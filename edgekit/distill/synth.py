@@ -125,31 +125,39 @@ def synthesize_prompts(model, tokenizer, n: int, seed: int, batch_size: int, *,
     prompt. Each round samples ``batch_size`` continuations (seeded by ``seed`` and
     the round number, so rounds replay identically), keeps those that ended the turn,
     pass :func:`prompt_problem` and are new after normalisation. Rounds stop at ``n``
-    prompts or after ``4 x ceil(n / batch_size)`` rounds. ``journal`` (a JSONL file)
+    prompts or after ``4 x ceil(n / batch_size)`` rounds. In llama.cpp the rounds the acceptance
+    rate so far says are still needed are sampled in one continuous batch (``batch_size`` slots),
+    which gives each round the same samples as alone without waiting for every round's slowest
+    sample. ``journal`` (a JSONL file)
     records every round's raw samples, so an interrupted run replays them instead of
     sampling again. ``stats`` counts the rejections by reason.
     """
-    import torch
-
     chat = chat_format(tokenizer, model)
     prefix_ids = encode(tokenizer, pre_query_prefix(tokenizer, system_prompt))
     stats = Counter() if stats is None else stats
     replay = [r["samples"] for r in artifact.read_journal(journal)] if journal else []
     prompts, seen = [], set()
     max_rounds = max(4, 4 * math.ceil(n / batch_size))
+    kept, tried = 0, 0  # the acceptance rate so far, which sizes how many rounds llama.cpp samples at once
     with bar(total=n, desc="synthetic prompts", unit="prompt") as progress:
         for round_ in range(max_rounds):
             if len(prompts) >= n:
                 break
-            if round_ < len(replay):
-                samples = replay[round_]
-            else:
-                torch.manual_seed(_seed_from(seed, "magpie", round_))
-                samples = _sample_prompt_round(model, tokenizer, prefix_ids, chat, batch_size,
-                                               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                               seed=_seed_from(seed, "magpie", round_))
-                if journal:
-                    artifact.append_journal(journal, [{"round": round_, "samples": samples}], fault="data.journal")
+            if round_ >= len(replay):
+                # llama.cpp: the rounds that should give the prompts still missing go in one continuous batch
+                # (a round alone waits for its slowest sample while the other slots idle); each sample keeps
+                # its round's seed, so the rounds are the ones sampled one at a time
+                rate = kept / tried if tried else 0.65  # before any round: about what the embedded teacher gives
+                ahead = math.ceil((n - len(prompts)) / max(0.1, rate) / batch_size)
+                rounds = range(round_, min(max_rounds, round_ + (ahead if isinstance(model, ParallelSampler) else 1)))
+                for r, samples in _sample_prompt_rounds(model, tokenizer, prefix_ids, chat, batch_size, rounds,
+                                                        max_new_tokens=max_new_tokens, temperature=temperature,
+                                                        top_p=top_p, seed=seed):
+                    replay.append(samples)  # journaled as each round is whole: a kill loses the rounds in flight
+                    if journal:
+                        artifact.append_journal(journal, [{"round": r, "samples": samples}], fault="data.journal")
+            samples = replay[round_]
+            tried += len(samples)
             for text, stopped in samples:
                 problem = "truncated" if not stopped else prompt_problem(text, system_prompt)
                 key = normalise_text(text)
@@ -160,6 +168,7 @@ def synthesize_prompts(model, tokenizer, n: int, seed: int, batch_size: int, *,
                     continue
                 seen.add(key)
                 prompts.append(text)
+                kept += 1
                 progress.update(1)
                 if len(prompts) >= n:
                     break
@@ -171,18 +180,42 @@ def synthesize_prompts(model, tokenizer, n: int, seed: int, batch_size: int, *,
     return prompts
 
 
-def _sample_prompt_round(model, tokenizer, prefix_ids: list[int], chat: ChatFormat, n: int, *, max_new_tokens: int,
-                         temperature: float, top_p: float, seed: int = 0) -> list[list]:
-    """``n`` continuations of the pre-query prefix as ``[text, ended_the_turn]`` pairs."""
+def _span(i: int, n: int) -> range:
+    return range(i * n, (i + 1) * n)
+
+
+def _sample_prompt_rounds(model, tokenizer, prefix_ids: list[int], chat: ChatFormat, n: int, rounds: Sequence[int], *,
+                          max_new_tokens: int, temperature: float, top_p: float, seed: int = 0):
+    """Yields ``(round, samples)`` in round order, each round as soon as it is whole: ``n`` continuations of the
+    pre-query prefix as ``[text, ended_the_turn]`` pairs.
+
+    Every sample is seeded by (seed, round, index), so a round gives the same samples whether it is sampled
+    alone or with others (llama.cpp: one continuous batch over all rounds; PyTorch: one generate per round).
+    """
+    import torch
+
+    def decoded(rows):
+        return [[tokenizer.decode(ids, skip_special_tokens=True).strip(), stop is not None] for ids, stop in rows]
+
+    rounds = list(rounds)
     if isinstance(model, ParallelSampler):
         requests = [SampleRequest(prefix_ids, max_new_tokens, temperature, top_p, chat.stop_ids,
-                                  _seed_from(seed, "magpie", j)) for j in range(n)]
-        results = dict(model.run(requests))
-        rows = [(results[j].tokens, results[j].stop) for j in range(n)]
-        return [[tokenizer.decode(ids, skip_special_tokens=True).strip(), stop is not None] for ids, stop in rows]
-    rows = _sample(model, [prefix_ids], max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                   stop_ids=chat.stop_ids, pad_id=chat.pad_id, num_return_sequences=n)
-    return [[tokenizer.decode(ids, skip_special_tokens=True).strip(), stop is not None] for ids, stop in rows]
+                                  _seed_from(_seed_from(seed, "magpie", r), "magpie", j))
+                    for r in rounds for j in range(n)]
+        results, next_round = {}, 0
+        with bar(total=len(requests), desc=f"sampling {len(rounds)} rounds", unit="sample") as progress:
+            for k, result in model.run(requests):
+                results[k] = result
+                progress.update(1)
+                while next_round < len(rounds) and all(i in results for i in _span(next_round, n)):
+                    whole = [results[i] for i in _span(next_round, n)]
+                    yield rounds[next_round], decoded([(res.tokens, res.stop) for res in whole])
+                    next_round += 1
+        return
+    for r in rounds:
+        torch.manual_seed(_seed_from(seed, "magpie", r))
+        yield r, decoded(_sample(model, [prefix_ids], max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_p=top_p, stop_ids=chat.stop_ids, pad_id=chat.pad_id, num_return_sequences=n))
 
 
 # --------------------------------------------------------------------------- teacher responses

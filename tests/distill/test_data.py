@@ -237,11 +237,12 @@ def _scripted_rounds(monkeypatch, rounds):
     """Make each sampling round return the next scripted list of [text, ended_the_turn]; count calls."""
     calls = []
 
-    def fake_round(model, tokenizer, prefix_ids, chat, n, **kw):
-        calls.append(n)
-        return [list(s) for s in rounds[len(calls) - 1]]
+    def fake_rounds(model, tokenizer, prefix_ids, chat, n, which, **kw):
+        for r in which:
+            calls.append(n)
+            yield r, [list(s) for s in rounds[len(calls) - 1]]
 
-    monkeypatch.setattr(synth, "_sample_prompt_round", fake_round)
+    monkeypatch.setattr(synth, "_sample_prompt_rounds", fake_rounds)
     return calls
 
 
@@ -280,7 +281,7 @@ def test_synthesize_prompts_journal_replays_rounds_instead_of_sampling_again(cha
     def must_not_sample(*a, **kw):
         raise AssertionError("sampled again although the journal holds every round")
 
-    monkeypatch.setattr(synth, "_sample_prompt_round", must_not_sample)
+    monkeypatch.setattr(synth, "_sample_prompt_rounds", must_not_sample)
     assert synthesize_prompts(None, chat_tok, 2, seed=0, batch_size=1, journal=journal) == first
 
 

@@ -98,3 +98,24 @@ def test_backend_choice_and_its_refusals(tiny_gguf):
     assert data.choose_backend(DataConfig(backend="pytorch"), tiny_gguf) == "pytorch"
     with pytest.raises(ConfigError, match="came from a GGUF"):
         data.choose_backend(DataConfig(backend="llama.cpp"), None)
+
+
+def test_magpie_rounds_sampled_together_equal_rounds_sampled_alone(tiny_gguf, tiny_bpe_llama_dir):
+    """The data stage samples several prompt rounds in one continuous batch: each round is what it is alone."""
+    from transformers import AutoTokenizer
+
+    from edgekit.chat import ChatFormat
+    from edgekit.distill import synth
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_bpe_llama_dir))
+    chat = ChatFormat(eot_text="", stop_ids=frozenset({2}), pad_id=2)
+    kw = dict(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=5)
+    sampler = ParallelSampler(tiny_gguf, slots=3, threads=1)
+    try:
+        together = list(synth._sample_prompt_rounds(sampler, tok, [1, 5, 9], chat, 4, range(3), **kw))
+        alone = [next(synth._sample_prompt_rounds(sampler, tok, [1, 5, 9], chat, 4, [r], **kw)) for r in range(3)]
+    finally:
+        sampler.close()
+    assert [r for r, _ in together] == [0, 1, 2] and together == alone
+    together = [samples for _, samples in together]
+    assert [len(r) for r in together] == [4, 4, 4] and together[0] != together[1]  # each round has its own seeds
