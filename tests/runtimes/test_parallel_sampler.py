@@ -92,6 +92,28 @@ def test_pick_keeps_the_nucleus_and_reports_the_untempered_log_probability():
     assert len({_pick(flat, 1.0, 0.99, rng)[0] for _ in range(400)} - set(range(256))) > 0
 
 
+def test_pick_without_a_nucleus_draws_the_token_a_full_sort_draws():
+    """top_p 1 (Magpie's prompts) skips sorting the vocabulary when the draw lands in the top 256: same tokens."""
+    def full_sort(logits, temperature, u):
+        p = np.exp((logits.astype(np.float64) - logits.max()) / temperature)
+        p /= p.sum()
+        order = np.argsort(-p, kind="stable")
+        mass = np.cumsum(p[order])
+        keep = int(np.searchsorted(mass, 1 - 1e-12)) + 1
+        return int(order[min(int(np.searchsorted(mass[:keep], u * mass[keep - 1], side="right")), keep - 1)])
+
+    g = np.random.default_rng(3)
+    tail = 0
+    for scale in (0.3, 1.5, 4.0):  # flat (most draws in the tail) to peaked (most in the top 256)
+        logits = (g.normal(size=4096) * scale).astype(np.float32)
+        for seed in range(60):
+            token, _ = _pick(logits, 0.8, 1.0, np.random.default_rng(seed))
+            assert token == full_sort(logits, 0.8, np.random.default_rng(seed).random()), (scale, seed)
+            p = np.exp(logits.astype(np.float64) / 0.8)
+            tail += int(np.sum(p > p[token]) >= 256)
+    assert 0 < tail < 180  # both paths were taken
+
+
 def test_backend_choice_and_its_refusals(tiny_gguf):
     assert data.choose_backend(DataConfig(), None) == "pytorch"
     assert data.choose_backend(DataConfig(), tiny_gguf) == "llama.cpp"  # no GPU here
