@@ -178,3 +178,12 @@ def labelled_ids(example: dict, tokenizer, eot_text: str | None) -> tuple[list[i
     labels = [tid if any(s <= a < e for s, e in spans) else -100
               for tid, (a, _) in zip(enc.input_ids, enc.offset_mapping)]
     return list(enc.input_ids), labels
+
+
+def labelled_sequences(examples, tokenizer):
+    """:func:`labelled_ids` of each example in turn, the end-of-turn text found once for the list."""
+    eot_text = None
+    for example in examples:
+        if eot_text is None:
+            eot_text = eot_text_for(example, tokenizer)
+        yield labelled_ids(example, tokenizer, eot_text)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from edgekit.chat import eot_text_for, labelled_ids
+from edgekit.chat import eot_text_for, labelled_ids, labelled_sequences
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +28,8 @@ def tokenize_example(example: dict, tokenizer, max_seq_len: int) -> dict:
 
 def tokenize_examples(examples: list[dict], tokenizer, max_seq_len: int) -> list[dict]:
     """:func:`tokenize_example` for a list, with one warning saying how many were cut to ``max_seq_len``."""
-    out, cut, eot_text = [], 0, None
-    for example in examples:
-        if eot_text is None:
-            eot_text = eot_text_for(example, tokenizer)
-        input_ids, labels = labelled_ids(example, tokenizer, eot_text)
+    out, cut = [], 0
+    for input_ids, labels in labelled_sequences(examples, tokenizer):
         cut += len(input_ids) > max_seq_len
         out.append({"input_ids": input_ids[:max_seq_len], "labels": labels[:max_seq_len]})
     if cut:

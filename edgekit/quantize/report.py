@@ -39,8 +39,7 @@ from edgekit.chat import (
     QUESTIONS,
     apply_chat_template,
     end_of_turn_ids,
-    eot_text_for,
-    labelled_ids,
+    labelled_sequences,
     question_ids,
 )
 from edgekit.errors import ModelError
@@ -66,11 +65,8 @@ def heldout_scored(tokenizer, paths: list[Path] | None, max_tokens: int, max_len
     """Held-out texts as ``(ids, scored)``: token ids (chat template applied, cut to ``max_len``) and, per next-token
     target ``ids[1:]``, whether it is scored -- the assistant's tokens of a chat (what a deployed model writes; the
     user's prompt is given, not predicted), every token of plain text. ``max_tokens`` scored targets in all."""
-    seqs, total, eot_text = [], 0, None
-    for e in load_examples(paths or [DEFAULT_HELDOUT]):
-        if eot_text is None:
-            eot_text = eot_text_for(e, tokenizer)
-        ids, labels = labelled_ids(e, tokenizer, eot_text)
+    seqs, total = [], 0
+    for ids, labels in labelled_sequences(load_examples(paths or [DEFAULT_HELDOUT]), tokenizer):
         ids, scored = ids[:max_len], [label != -100 for label in labels[1:max_len]]
         if total + sum(scored) > max_tokens:  # cut at the target that reaches the budget
             n = next(i for i, c in enumerate(itertools.accumulate(scored)) if c >= max_tokens - total)
