@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 from edgekit.arch import Architecture, config_from_gguf
 from edgekit.artifact import atomic_write_bytes, disk_error
 from edgekit.errors import ModelError, RecipeError
-from edgekit.integrity import check_gguf
+from edgekit.integrity import gguf_table
 from edgekit.progress import bar
 from edgekit.quantize.schemes import SchemeTable, get_scheme
 
@@ -421,39 +421,14 @@ def read_gguf(path: Path) -> dict:
 
     Each tensor is ``{name, type, shape, nbytes}`` with ``type`` a lowercase ggml
     type name (``q4_k``) and ``shape`` in ggml order: ``shape[0]`` is the row length.
+    Read by :func:`edgekit.integrity.gguf_table`, the same walk that checks the header.
     """
-    from gguf import GGUFReader, GGUFValueType
-
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path} does not exist; export the model first")
-    check_gguf(path)  # GGUFReader maps the file and trusts the header: check the header against the size first
-    try:
-        reader = GGUFReader(path)
-        size = path.stat().st_size
-        tensors = []
-        for t in reader.tensors:
-            end = int(t.data_offset) + int(t.n_bytes)
-            if end > size:
-                raise ValueError(f"tensor {t.name} ends at byte {end} but the file has {size}")
-            tensors.append({"name": t.name, "type": t.tensor_type.name.lower(),
-                            "shape": [int(s) for s in t.shape], "nbytes": int(t.n_bytes)})
-        metadata, n_vocab = {}, None
-        for key, field in reader.fields.items():
-            if key.startswith("GGUF."):
-                continue
-            if field.types and field.types[0] == GGUFValueType.ARRAY:
-                if key == "tokenizer.ggml.tokens":
-                    n_vocab = len(field.data)
-                continue
-            metadata[key] = field.contents()
-        del reader
-    except ModelError:
-        raise
-    except Exception as e:  # gguf-py raises ValueError/IndexError/... on garbage; numpy on truncation
-        reason = (str(e).splitlines() or [type(e).__name__])[0] or type(e).__name__
-        raise ModelError(f"{path} is not a readable GGUF (truncated or corrupt: {reason}); re-export it") from e
-    arch = metadata.get("general.architecture")
-    return {"path": str(path), "arch": arch, "size_bytes": size, "n_tensors": len(tensors),
+    table = gguf_table(path)
+    tensors = table["tensors"]
+    return {"path": str(path), "arch": table["metadata"].get("general.architecture"),
+            "size_bytes": path.stat().st_size, "n_tensors": len(tensors),
             "params": sum(math.prod(t["shape"]) for t in tensors), "tensors": tensors,
-            "n_vocab": n_vocab, "metadata": metadata}
+            "n_vocab": table["arrays"].get("tokenizer.ggml.tokens"), "metadata": table["metadata"]}

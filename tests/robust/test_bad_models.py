@@ -117,6 +117,25 @@ def test_the_embedded_teachers_gguf_passes_quickly():
     assert time.perf_counter() - t < 2  # header only: 49k tokens and merges are skipped, not read
 
 
+def test_the_header_walk_reads_what_gguf_py_reads():
+    """read_gguf (integrity.gguf_table's walk) against gguf-py's GGUFReader on the embedded teacher: every scalar and
+    string value, the vocabulary's length and every tensor's name, type, shape and size."""
+    from gguf import GGUFReader, GGUFValueType
+
+    from edgekit.models import embedded_gguf_path
+    from edgekit.quantize.gguf import read_gguf
+
+    path = embedded_gguf_path()
+    got, reader = read_gguf(path), GGUFReader(path)
+    fields = {k: f for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    scalars = {k: f.contents() for k, f in fields.items() if f.types[0] != GGUFValueType.ARRAY}
+    assert got["metadata"] == scalars and "tokenizer.chat_template" in scalars
+    assert got["n_vocab"] == len(fields["tokenizer.ggml.tokens"].data) == 49152
+    assert got["tensors"] == [{"name": t.name, "type": t.tensor_type.name.lower(), "shape": [int(d) for d in t.shape],
+                               "nbytes": int(t.n_bytes)} for t in reader.tensors]
+    assert integrity.gguf_table(path)["arrays"]["tokenizer.ggml.merges"] == len(fields["tokenizer.ggml.merges"].data)
+
+
 def test_external_data_inside_the_folder_is_accepted(exports, tmp_path):
     folder = _external_copy(exports["onnx"], tmp_path)
     assert integrity.check_onnx(folder / "model.onnx") > 0
