@@ -149,8 +149,8 @@ def test_converted_teacher_matches_llama_cpp_on_the_same_gguf(teacher):
     """Top-1 next-token agreement at every position between PyTorch (dequantized) and llama.cpp (Q4_1)."""
     import torch
 
-    from edgekit.runtimes.llamacpp import open_llama
     from edgekit.models import load_model, load_tokenizer
+    from edgekit.runtimes.llamacpp import open_llama
 
     tok = load_tokenizer(teacher)
     messages = [{"role": "user", "content": "Name three primary colors and explain why the sky is blue."}]
