@@ -1,7 +1,7 @@
 """ExecuTorch export: .pte round trips through ExecuTorch's runtime against PyTorch, quantized variants, bad files.
 
 The tests that export (the tiny BPE Llama once per quant from the session's store, ~30-40 s each on 2 cores,
-and the real embedded teacher at 8da4w) are marked slow; the checks that refuse before any lowering stay fast.
+and the real embedded teacher's first layers at 8da4w) are marked slow; the checks that refuse before any lowering stay fast.
 """
 
 from __future__ import annotations
@@ -214,22 +214,36 @@ def test_missing_pte_is_named(tmp_path):
 # --------------------------------------------------------------------------- the real teacher (slow)
 
 
+SLICE_LAYERS = 6  # of the teacher's 30
+
+
 @pytest.mark.slow
-def test_teacher_8da4w_runs_and_mostly_agrees_with_pytorch(teacher, tmp_path_factory):
-    """On ~1 000 held-out tokens; benchmarks/executorch_bench.py measured KL 0.33 / top-1 72 % on 16 302 of them."""
-    from edgekit.models import load_model, load_tokenizer
+def test_8da4w_of_the_real_teachers_first_layers_runs_and_mostly_agrees_with_pytorch(teacher, tmp_path_factory):
+    """The real teacher's weights, cut to its first 6 of 30 layers (its own norm and tied head), at 8da4w on ~1 000
+    held-out tokens: measured KL 0.107 / top-1 83.3 % (2-core EPYC, 2026-12-06). Lowering costs ~9 s per layer, so
+    the whole teacher (280 s here) is measured by benchmarks/executorch_bench.py instead (KL 0.33 / top-1 72 % on
+    16 302 tokens); a broken grid or lowering gives a KL of several nats either way."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgekit.hf import copy_hf_files
+    from edgekit.models import load_tokenizer
     from edgekit.quantize.report import heldout_sequences
 
-    folder = tmp_path_factory.mktemp("teacher-et") / "8da4w"
-    summary = export_executorch(teacher.path, folder, "8da4w", context=768, progress=False)
-    assert summary["model_bytes"] < 130e6  # fp32 is ~650 MB
-    model, tok = load_model(teacher).eval(), load_tokenizer(teacher)
-    seqs = heldout_sequences(tok, None, 1024, 512)
-    lm = _et(folder)
+    root = tmp_path_factory.mktemp("teacher-slice")
+    src = root / "model"
+    model = AutoModelForCausalLM.from_pretrained(str(teacher.path), num_hidden_layers=SLICE_LAYERS,
+                                                 dtype=torch.float32, use_safetensors=True).eval()
+    model.save_pretrained(src, safe_serialization=True)
+    copy_hf_files(teacher.path, src, keep=("config.json",))  # the tokenizer and templates; the cut config stays
+    summary = export_executorch(src, root / "8da4w", "8da4w", context=768, progress=False)
+    assert summary["model_bytes"] < 0.45 * sum(p.numel() * 4 for p in model.parameters())  # 0.35: 70 MB of 198
+    seqs = heldout_sequences(load_tokenizer(teacher), None, 1024, 512)
+    lm = _et(root / "8da4w")
     ref = np.concatenate([_torch_logits(model, ids) for ids in seqs])
     got = np.concatenate([lm.logits(ids) for ids in seqs])
     kl, top1 = kl_and_top1(ref, got)
-    assert kl < 0.5 and top1 >= 0.6, (kl, top1)
+    assert kl < 0.25 and top1 >= 0.7, (kl, top1)
 
 
 def test_rotate_half_matrix_is_transformers_rotate_half():
