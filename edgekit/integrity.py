@@ -316,7 +316,7 @@ def gguf_table(path: Path) -> dict:
                 if vtype != 4 or not value or value & (value - 1):
                     raise h.fail(f"general.alignment is {value!r} (must be a power of two stored as uint32; corrupt)")
                 alignment = value
-        tensors, names, table = [], set(), []
+        tensors, offsets, names = [], [], set()
         for i in range(n_tensors):
             h.where = f"tensor info {i + 1} of {n_tensors}"
             name = h.string(what="a tensor name")
@@ -341,12 +341,12 @@ def gguf_table(path: Path) -> dict:
             if offset % alignment:
                 raise h.fail(f"tensor {name!r} starts at data offset {offset}, not a multiple of the alignment "
                              f"{alignment} (corrupt)")
-            tensors.append((offset, numel // block * type_size, name))
-            table.append({"name": name, "type": GGMLQuantizationType(ttype).name.lower(), "shape": dims,
-                          "nbytes": numel // block * type_size})
+            tensors.append({"name": name, "type": GGMLQuantizationType(ttype).name.lower(), "shape": dims,
+                            "nbytes": numel // block * type_size})
+            offsets.append(offset)
     data_start = -(-h.pos // alignment) * alignment
     total, at = 0, 0
-    for offset, nbytes, name in sorted(tensors):
+    for offset, nbytes, name in sorted((o, t["nbytes"], t["name"]) for o, t in zip(offsets, tensors)):
         if offset < at:
             raise h.fail(f"tensor {name!r} at data offset {offset} overlaps the tensor before it (corrupt)")
         end = data_start + offset + nbytes
@@ -354,7 +354,7 @@ def gguf_table(path: Path) -> dict:
             raise h.fail(f"tensor {name!r} needs bytes up to {end} but the file has {size} (truncated, or the "
                          "header claims more data than there is)")
         at, total = offset + nbytes, total + nbytes
-    return {"metadata": metadata, "arrays": arrays, "tensors": table, "data_bytes": total}
+    return {"metadata": metadata, "arrays": arrays, "tensors": tensors, "data_bytes": total}
 
 
 # --------------------------------------------------------------------------- ONNX
