@@ -220,7 +220,7 @@ SLICE_LAYERS = 6  # of the teacher's 30
 @pytest.mark.slow
 def test_8da4w_of_the_real_teachers_first_layers_runs_and_mostly_agrees_with_pytorch(teacher, tmp_path_factory):
     """The real teacher's weights, cut to its first 6 of 30 layers (its own norm and tied head), at 8da4w on ~1 000
-    held-out tokens: measured KL 0.107 / top-1 83.3 % (2-core EPYC, 2026-12-06). Lowering costs ~9 s per layer, so
+    held-out tokens: measured KL 0.107 / top-1 83.3 % (2-core EPYC, 2026-12-07). Lowering costs ~9 s per layer, so
     the whole teacher (280 s here) is measured by benchmarks/executorch_bench.py instead (KL 0.33 / top-1 72 % on
     16 302 tokens); a broken grid or lowering gives a KL of several nats either way."""
     import torch
