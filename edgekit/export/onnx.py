@@ -52,6 +52,7 @@ from edgekit.arch import Architecture
 from edgekit.errors import ModelError, RecipeError, one_line
 from edgekit.export.calibration import default_texts
 from edgekit.export.exporter import Exporter
+from edgekit.export.onnx_graph import build_decoder
 from edgekit.export.onnx_quant import QUANT_OPS, OnnxQuant, quantize, save
 from edgekit.hf import copy_hf_files, read_json, special_token_ids
 from edgekit.progress import quiet, steps
@@ -61,6 +62,10 @@ from edgekit.runtimes.onnxruntime import GENAI_CONFIG, MODEL_FILE, OrtSession, o
 
 log = logging.getLogger(__name__)
 
+# Families exported as the fused graph (edgekit.export.onnx_graph); any other goes through optimum's trace.
+FUSED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3")
+FUSED_TOOL = ("edgekit.export.onnx_graph: onnxruntime contrib ops (GroupQueryAttention with rotary, "
+              "SkipSimplifiedLayerNormalization), built with onnx.helper from the safetensors")
 DATA_FILE = "model.onnx.data"  # external tensor data, only when the model passes protobuf's 2 GB limit
 OPSET = 18
 
@@ -114,7 +119,8 @@ def export_onnx(model_dir: Path, out_dir: Path, quant: str = "fp32", *, calibrat
     import onnx
 
     timings: dict[str, float] = {}
-    tools = {"graph": _optimum_tool()}
+    fused = arch.family.name in FUSED_FAMILIES
+    tools = {"graph": FUSED_TOOL if fused else _optimum_tool()}
     start = time.perf_counter()
     n_steps = 5 if spec.algorithm == "awq" else 4
     with steps(progress, n_steps, f"export onnx {spec.name}") as step_bar, artifact.atomic_dir(out_dir) as tmp:
@@ -128,8 +134,12 @@ def export_onnx(model_dir: Path, out_dir: Path, quant: str = "fp32", *, calibrat
             step_bar.update(1)
             artifact.fault_point("onnx.step")
         t = time.perf_counter()
-        _optimum_export(source, work, "fp16" if spec.kind == "fp16" else "fp32")
-        model = onnx.load(str(work / MODEL_FILE))
+        dtype = "fp16" if spec.kind == "fp16" else "fp32"
+        if fused:
+            model = build_decoder(source, dtype)
+        else:
+            _optimum_export(source, work, dtype)
+            model = onnx.load(str(work / MODEL_FILE))
         graph_inputs = {i.name for i in model.graph.input}
         timings["export_s"] = time.perf_counter() - t
         step_bar.update(1)
@@ -174,6 +184,7 @@ def export_onnx(model_dir: Path, out_dir: Path, quant: str = "fp32", *, calibrat
         "model_bytes": files[MODEL_FILE] + files.get(DATA_FILE, 0),
         "copied_from_model_dir": copied,
         "opset": OPSET,
+        "graph": "fused" if fused else "optimum",
         "tools": tools,
         "ops": ops,
         "quantized_ops": {k: v for k, v in ops.items() if k in QUANT_OPS},
@@ -208,12 +219,17 @@ GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3"
 def genai_config(model_dir: Path, filename: str = MODEL_FILE, graph_inputs: set[str] | None = None) -> dict:
     """onnxruntime-genai's ``genai_config.json`` for the graph :func:`export_onnx` writes from ``model_dir``.
 
-    ``graph_inputs``: the graph's input names; inputs it lacks are left out (optimum's Gemma 3 graph
-    derives positions from the attention mask and has no ``position_ids``).
+    ``graph_inputs``: the graph's input names; inputs it lacks are left out (the fused graph and optimum's
+    Gemma 3 graph derive positions from the attention mask and have no ``position_ids``). A fused graph
+    attends with GroupQueryAttention, so onnxruntime-genai may hand it one preallocated K/V buffer that the
+    op updates in place.
     """
     model_dir = Path(model_dir)
     cfg = _read_json(model_dir / "config.json")
     arch = Architecture.from_hf_config(cfg, str(model_dir / "config.json"))
+    fused = arch.family.name in FUSED_FAMILIES
+    if graph_inputs is None:
+        graph_inputs = {"input_ids", "attention_mask"} | (set() if fused else {"position_ids"})
     gen = _read_json(model_dir / "generation_config.json", required=False)
     bos, eos, pad = special_token_ids(model_dir)
     return {
@@ -229,8 +245,7 @@ def genai_config(model_dir: Path, filename: str = MODEL_FILE, graph_inputs: set[
                 "inputs": {
                     "input_ids": "input_ids",
                     "attention_mask": "attention_mask",
-                    **({"position_ids": "position_ids"} if graph_inputs is None or "position_ids" in graph_inputs
-                       else {}),
+                    **({"position_ids": "position_ids"} if "position_ids" in graph_inputs else {}),
                     "past_key_names": "past_key_values.%d.key",
                     "past_value_names": "past_key_values.%d.value",
                 },
@@ -258,9 +273,9 @@ def genai_config(model_dir: Path, filename: str = MODEL_FILE, graph_inputs: set[
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            # optimum's graph concatenates past and new K/V (no GroupQueryAttention), so GenAI must not
-            # hand it one preallocated shared buffer.
-            "past_present_share_buffer": False,
+            # GroupQueryAttention writes the new K/V into the preallocated cache in place; optimum's graph
+            # concatenates past and new K/V, so GenAI must not hand it one shared buffer.
+            "past_present_share_buffer": fused,
             "repetition_penalty": float(gen.get("repetition_penalty") or 1.0),
             "temperature": float(gen.get("temperature") or 1.0),
             "top_k": int(gen.get("top_k") or 50),
@@ -308,12 +323,11 @@ def _optimum_export(model_dir: Path, work: Path, dtype: str) -> None:
 # --------------------------------------------------------------------------- step 2: quantization
 
 def prefill_inputs(ids: list[int], layers: int, kv_heads: int, head_dim: int, dtype) -> dict:
-    """The graph's inputs for one batch-1 prefill of ``ids`` with an empty K/V cache."""
+    """The fused graph's inputs for one batch-1 prefill of ``ids`` with an empty K/V cache."""
     import numpy as np
 
     n = len(ids)
-    feed = {"input_ids": np.asarray([ids], dtype=np.int64), "attention_mask": np.ones((1, n), dtype=np.int64),
-            "position_ids": np.arange(n, dtype=np.int64)[None]}
+    feed = {"input_ids": np.asarray([ids], dtype=np.int64), "attention_mask": np.ones((1, n), dtype=np.int64)}
     empty = np.zeros((1, kv_heads, 0, head_dim), dtype=dtype)
     for i in range(layers):
         feed[f"past_key_values.{i}.key"] = empty

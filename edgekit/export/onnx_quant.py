@@ -135,7 +135,9 @@ def _quantize_int8(model, work: Path):
         # 8-bit weights gave KL 3e-6 to fp32 with exact (VNNI, NEON) kernels but 1.5e-4 where pairs saturate.
         quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=True,
                          weight_type=QuantType.QInt8, use_external_data_format=large,
-                         extra_options={"MatMulConstBOnly": True})
+                         # onnx's shape inference cannot type the outputs of contrib ops (the fused graph's
+                         # GroupQueryAttention): their activations are the graph's float type
+                         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
     return onnx.load(str(dst))
 
 

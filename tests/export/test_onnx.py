@@ -73,7 +73,10 @@ def test_fp32_export_folder_has_model_config_and_tokenizer(exports):
     assert not any(n.startswith(".") for n in names)  # no work folder left behind
     assert summary["files"] == {p.name: p.stat().st_size for p in folder.iterdir()}
     assert summary["quant"] == "fp32" and summary["quantized_ops"] == {} and summary["ops"]["MatMul"] > 0
-    assert "optimum" in summary["tools"]["graph"]
+    # the fused graph: one GroupQueryAttention per layer, RMSNorm fused with the residual add, no K/V Concat
+    assert summary["graph"] == "fused" and "GroupQueryAttention" in summary["tools"]["graph"]
+    assert summary["ops"]["GroupQueryAttention"] == 2 and summary["ops"]["SkipSimplifiedLayerNormalization"] == 4
+    assert "Concat" not in summary["ops"] and sum(summary["ops"].values()) < 40
     assert not list(folder.parent.glob(".fp32*"))  # the temporary sibling was renamed away
 
 
@@ -114,12 +117,14 @@ def test_genai_config_matches_the_graph_and_tokenizer(exports, tiny_bpe_llama_di
     for i in range(dec["num_hidden_layers"]):
         assert dec["inputs"]["past_key_names"] % i in inputs and dec["inputs"]["past_value_names"] % i in inputs
         assert dec["outputs"]["present_key_names"] % i in outputs
-    assert {dec["inputs"][k] for k in ("input_ids", "attention_mask", "position_ids")} <= inputs
+    assert {dec["inputs"][k] for k in ("input_ids", "attention_mask")} == inputs - {
+        n for n in inputs if n.startswith("past_key_values.")}  # GroupQueryAttention derives positions from the mask
+    assert "position_ids" not in dec["inputs"]
     tok = json.loads((folder / "tokenizer.json").read_text())
     ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
     assert ids["<|im_end|>"] in cfg["model"]["eos_token_id"]
     assert cfg["model"]["pad_token_id"] == ids["<|endoftext|>"] and cfg["model"]["bos_token_id"] == ids["<|im_start|>"]
-    assert cfg["search"]["do_sample"] is False and cfg["search"]["past_present_share_buffer"] is False
+    assert cfg["search"]["do_sample"] is False and cfg["search"]["past_present_share_buffer"] is True
     assert "intra_op_num_threads" not in dec["session_options"]
 
 
