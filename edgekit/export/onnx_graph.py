@@ -136,9 +136,16 @@ def build_decoder(model_dir: Path, dtype: str = "fp32"):
         else:
             wq, wk, wv = (w.get(f"{p}.self_attn.{n}_proj.weight") for n in "qkv")
         bias = (lambda n: w.get(f"{p}.self_attn.{n}_proj.bias")) if fam.attn_bias else (lambda n: None)
-        q = linear(h, f"{p}.self_attn.q_proj", wq, bias("q"))
-        k = linear(h, f"{p}.self_attn.k_proj", wk, bias("k"))
-        v = linear(h, f"{p}.self_attn.v_proj", wv, bias("v"))
+        # One matmul for q, k and v (GroupQueryAttention splits the packed result itself): on the teacher's int4
+        # export decode is ~6 % faster than three. Families with q/k norms keep three (the norms sit between).
+        if not fam.qk_norm:
+            b = np.concatenate([bias("q"), bias("k"), bias("v")]) if fam.attn_bias else None
+            q = linear(h, f"{p}.self_attn.qkv_proj", np.concatenate([wq, wk, wv]), b)
+            k = v = ""
+        else:
+            q = linear(h, f"{p}.self_attn.q_proj", wq, bias("q"))
+            k = linear(h, f"{p}.self_attn.k_proj", wk, bias("k"))
+            v = linear(h, f"{p}.self_attn.v_proj", wv, bias("v"))
         if fam.qk_norm:
             q = _head_norm(g, q, norm_weight(f"{p}.self_attn.q_norm.weight"), eps, hd, f"/model/layers.{i}/q_norm")
             k = _head_norm(g, k, norm_weight(f"{p}.self_attn.k_norm.weight"), eps, hd, f"/model/layers.{i}/k_norm")

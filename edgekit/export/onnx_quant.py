@@ -64,7 +64,7 @@ def quantize(model, spec: OnnxQuant, work: Path):
                "asymmetric, accuracy_level 4")
     if bits == 4:
         model = _quantize_rtn(model, HEAD_BLOCK, HEAD_BITS, 4, include=[head_node.name, *more])
-        weights += (f"; LM head and {len(more)} v_proj/down_proj of the use_more_bits layers {HEAD_BITS}-bit, "
+        weights += (f"; LM head and {len(more)} qkv or v_proj / down_proj of the use_more_bits layers {HEAD_BITS}-bit, "
                     f"block {HEAD_BLOCK} (llama.cpp's _M mix)")
     if spec.algorithm == "awq":
         weights = "edgekit.quantize.awq activation-aware scaling (PyTorch), then " + weights
@@ -99,13 +99,14 @@ def _materialize_tied_head(model) -> str | None:
 
 
 def _more_bits_nodes(model) -> list[str]:
-    """The v_proj and down_proj MatMuls that llama.cpp's ``_M`` mixes give more bits (``use_more_bits`` layers).
+    """The v_proj (or the packed qkv holding it) and down_proj MatMuls that llama.cpp's ``_M`` mixes give more bits
+    (``use_more_bits`` layers).
 
     llama.cpp keeps attn_v and ffn_down at Q6_K in the first and last eighth of the layers and every
     third layer between; the 4-bit ONNX exports do the same with 8-bit blocks, the most sensitive
     matrices of a small model getting the bits (on the teacher: KL to fp32 roughly halves for +7 % size).
     """
-    pattern = re.compile(r"/model/layers\.(\d+)/(self_attn/v_proj|mlp/down_proj)/MatMul$")
+    pattern = re.compile(r"/model/layers\.(\d+)/(self_attn/v_proj|self_attn/qkv_proj|mlp/down_proj)/MatMul$")
     found = [(int(m.group(1)), n.name) for n in model.graph.node if n.op_type == "MatMul"
              and (m := pattern.search(n.name))]
     layers = 1 + max((i for i, _ in found), default=-1)

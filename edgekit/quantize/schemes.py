@@ -293,7 +293,7 @@ GGUF_SCHEMES = tuple(Scheme("gguf", n, d, _gguf_layout(n, base), mult, calibrate
 
 def _dense_layout(
     weight_bytes: Callable[[int, int], int], dtype: str, embed_bytes: int, embed_dtype: str,
-    head_bytes: Callable[[int, int], int] | None = None, mix: bool = False,
+    head_bytes: Callable[[int, int], int] | None = None, mix: bool = False, packed_qkv: bool = False,
 ) -> Callable[[Architecture], list[Tensor]]:
     """Layout for exporters that store the embedding (a Gather) and every linear separately.
 
@@ -302,7 +302,9 @@ def _dense_layout(
     them. The MatMulNBits ONNX exports (``embed_dtype="shared"``) quantize the LM head with
     ``head_bytes`` and let a tied embedding read that same copy (GatherBlockQuantized), so the
     vocabulary matrix is stored once. ``mix`` also gives v_proj and down_proj of the
-    :func:`use_more_bits` layers ``head_bytes`` (llama.cpp's ``_M`` idea, as the int4 exports do).
+    :func:`use_more_bits` layers ``head_bytes`` (llama.cpp's ``_M`` idea, as the int4 exports do);
+    with ``packed_qkv`` (the fused ONNX graph's one q/k/v matmul, in families without q/k norms) q_proj
+    and k_proj share v_proj's bits there.
     """
 
     def layout(a: Architecture) -> list[Tensor]:
@@ -321,9 +323,13 @@ def _dense_layout(
         for i in range(a.layers):
             b = f"layers.{i}."
             out.append(Tensor(b + "input_layernorm", h, 1, "fp32", 4 * h, "norm"))
-            lin(b + "q_proj", h, q, "attention")
-            lin(b + "k_proj", h, kv, "attention")
             more = mix and use_more_bits(i, a.layers)
+            if more and packed_qkv and not a.family.qk_norm:
+                lin(b + "q_proj", h, q, "attention", head_bytes, "int8-b32")
+                lin(b + "k_proj", h, kv, "attention", head_bytes, "int8-b32")
+            else:
+                lin(b + "q_proj", h, q, "attention")
+                lin(b + "k_proj", h, kv, "attention")
             if more:
                 lin(b + "v_proj", h, kv, "attention", head_bytes, "int8-b32")
             else:
@@ -383,15 +389,16 @@ ONNX_SCHEMES = (
     ),
     Scheme(
         "onnx", "int4", "int4 MatMulNBits, block 32, fp32 scale + 4-bit zero point per block (5.125 bpw); "
-        "LM head, tied embedding and the _M mix's v_proj/down_proj int8",
-        _dense_layout(_blockwise(4, 32, 4, 4), "int4-b32", 0, "shared", head_bytes=_blockwise(8, 32, 4, 8), mix=True),
+        "LM head, tied embedding and the _M mix's qkv (v_proj with q/k norms)/down_proj int8",
+        _dense_layout(_blockwise(4, 32, 4, 4), "int4-b32", 0, "shared", head_bytes=_blockwise(8, 32, 4, 8), mix=True,
+                      packed_qkv=True),
         32, calibrate=True,
         options=_onnx("int4", 32, "rtn", "int4 MatMulNBits, block 32, asymmetric, round to nearest; LM head int8"),
     ),
     Scheme(
         "onnx", "int4-b128", "int4 MatMulNBits, block 128 (4.28 bpw); LM head, tied embedding and _M mix int8",
         _dense_layout(_blockwise(4, 128, 4, 4), "int4-b128", 0, "shared", head_bytes=_blockwise(8, 32, 4, 8),
-                      mix=True),
+                      mix=True, packed_qkv=True),
         128,
         options=_onnx("int4", 128, "rtn", "int4 MatMulNBits, block 128, asymmetric, round to nearest; LM head int8"),
     ),

@@ -167,7 +167,7 @@ def test_int8_uses_per_channel_matmulinteger_on_every_weight_matmul(exports):
     folder, summary = exports["int8-dynamic"]
     model = onnx.load(str(folder / "model.onnx"))
     ops = op_counts(model)
-    linears = 2 * 7 + 1  # q, k, v, o, gate, up, down per layer + the LM head
+    linears = 2 * 5 + 1  # qkv (packed), o, gate, up, down per layer + the LM head
     assert ops["MatMulInteger"] == summary["quantized_ops"]["MatMulInteger"] == linears
     inits = {t.name: t for t in model.graph.initializer}
     assert not [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]  # none left fp32
@@ -187,7 +187,7 @@ def test_int8_dynamic_weights_cannot_saturate_a_16_bit_pair_sum(exports):
     model = onnx.load(str(exports["int8-dynamic"][0] / "model.onnx"))
     inits = {t.name: t for t in model.graph.initializer}
     weights = [numpy_helper.to_array(inits[n.input[1]]) for n in model.graph.node if n.op_type == "MatMulInteger"]
-    assert len(weights) == 2 * 7 + 1
+    assert len(weights) == 2 * 5 + 1
     for w in weights:
         assert np.abs(w.astype(np.int32)).max() <= 64  # reduce_range: 7-bit weights
         pairs = np.abs(w[0::2].astype(np.int32)) + np.abs(w[1::2].astype(np.int32))  # adjacent along K
@@ -202,13 +202,14 @@ def test_matmulnbits_exports_have_their_bits_block_and_a_quantized_embedding(exp
     folder, summary = exports[quant]
     model = onnx.load(str(folder / "model.onnx"))
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-    assert len(nbits) == 2 * 7 + 1 and summary["block_size"] == block
+    assert len(nbits) == 2 * 5 + 1 and summary["block_size"] == block
     head = next(n for n in nbits if "logits" in n.output)
     for node in nbits:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         # the LM head (shared with the tied embedding) stays 8-bit, block 32, as llama.cpp keeps its output;
-        # so do v_proj and down_proj of the layers llama.cpp's use_more_bits picks (of 2 layers: the last)
-        more = "/layers.1/self_attn/v_proj/" in node.name or "/layers.1/mlp/down_proj/" in node.name
+        # so do the packed qkv (which holds v_proj) and down_proj of the layers llama.cpp's use_more_bits picks
+        # (of 2 layers: the last)
+        more = "/layers.1/self_attn/qkv_proj/" in node.name or "/layers.1/mlp/down_proj/" in node.name
         want = (8, 32) if node is head or (bits == 4 and more) else (bits, block)
         assert (attrs["bits"], attrs["block_size"]) == want, node.name
         assert attrs.get("accuracy_level", 0) == 4

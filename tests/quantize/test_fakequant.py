@@ -199,10 +199,25 @@ def _onnx_dequantized(model_path: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def _unpacked(stored: dict[str, np.ndarray], arch: Architecture) -> dict[str, np.ndarray]:
+    """The fused graph's packed q/k/v MatMulNBits split back into its q_proj, k_proj and v_proj rows (each row is
+    quantized on its own, so the split rows are exactly what three separate matmuls would hold)."""
+    out = {}
+    for name, w in stored.items():
+        if "qkv_proj" in name:
+            q, k, v = np.split(w, [arch.q_dim, arch.q_dim + arch.kv_dim])
+            for part, rows in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+                out[name.replace("qkv_proj", part)] = rows
+        else:
+            out[name] = w
+    return out
+
+
 @pytest.mark.slow
 def test_onnx_int4_grids_equal_the_exported_matmulnbits(narrow, exporter_output):
     path, _ = exporter_output(narrow, "onnx", "int4")
-    stored = _onnx_dequantized(path / "model.onnx")
+    stored = _unpacked(_onnx_dequantized(path / "model.onnx"), _arch(narrow))
+    assert any("qkv_proj" in n for n in _onnx_dequantized(path / "model.onnx"))  # the fused graph packs q/k/v
     hf = _hf_weights(narrow)
     plan = fakequant.plan_grids("onnx-int4", _arch(narrow))
     assert {k for k in plan.grids.values()} == {"int4-b32", "int8-b32"}
