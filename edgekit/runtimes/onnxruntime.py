@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from edgekit import registry
+from edgekit.arch import DEFAULT_CONTEXT
 from edgekit.errors import ModelError, one_line
 from edgekit.integrity import load_checked_onnx
 from edgekit.runtimes import NO_GPU, GenerationStats, Runtime, hf_tokenizer
@@ -136,9 +137,15 @@ class OrtSession:
         past_type = next(i.type for i in self.session.get_inputs() if i.name == self.past_names[0][0])
         self.kv_dtype = np.float16 if past_type == "tensor(float16)" else np.float32
         self.output_names = [self.logits_name] + [n for pair in self.present_names for n in pair]
+        # A GroupQueryAttention graph (genai's past_present_share_buffer) updates one preallocated cache in place:
+        # prefill/decode bind the same buffer as past and present instead of copying a growing cache every step.
+        # (CPU buffers: on CUDA the cache is fed as before.)
+        self.shared = (bool(genai.get("search", {}).get("past_present_share_buffer"))
+                       and self.providers[0] == "CPUExecutionProvider")
+        self.buffer_len = min(context or self.context or DEFAULT_CONTEXT, self.context or DEFAULT_CONTEXT)
         self.stats = GenerationStats()
         self._tokenize = None
-        self._past, self._pos, self._token = None, 0, None
+        self._past, self._pos, self._token, self._buffers, self._io = None, 0, None, None, None
 
     def tokenize(self, text: str) -> list[int]:
         if self._tokenize is None:
@@ -178,18 +185,52 @@ class OrtSession:
         return logits.astype(self.np.float32, copy=False)
 
     def prefill(self, ids: list[int]) -> int:
-        logits, self._past = self.forward(list(ids))
+        if self.shared:
+            logits = self._step(list(ids), 0)
+        else:
+            logits, self._past = self.forward(list(ids))
         self._pos, self._token = len(ids), int(logits[-1].argmax())
         return self._token
 
     def decode(self, n: int) -> list[int]:
         out = []
         for _ in range(n):
-            logits, self._past = self.forward([self._token], self._past, self._pos)
+            if self.shared:
+                logits = self._step([self._token], self._pos)
+            else:
+                logits, self._past = self.forward([self._token], self._past, self._pos)
             self._pos += 1
             self._token = int(logits[-1].argmax())
             out.append(self._token)
         return out
+
+    def _step(self, ids: list[int], start: int):
+        """One run with the K/V cache in preallocated ``[1, kv_heads, buffer_len, head_dim]`` buffers bound as both
+        past and present (GroupQueryAttention writes the new positions in place); returns the logits."""
+        np = self.np
+        if start + len(ids) > self.buffer_len:
+            raise ModelError(f"{self.folder}: {start + len(ids)} positions do not fit the {self.buffer_len}-position "
+                             "K/V cache; open the session with a larger context")
+        if self._buffers is None:  # allocated and bound once; each step rebinds the small inputs and the logits
+            import onnxruntime as ort
+
+            shape = (1, self.kv_heads, self.buffer_len, self.head_dim)
+            self._buffers = [(ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype)),
+                              ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype)))
+                             for _ in range(self.layers)]
+            self._io = io = self.session.io_binding()
+            io.bind_output(self.logits_name)  # first: get_outputs() lists outputs in binding order
+            for (k_in, v_in), (k_out, v_out), (k, v) in zip(self.past_names, self.present_names, self._buffers):
+                io.bind_ortvalue_input(k_in, k)
+                io.bind_ortvalue_input(v_in, v)
+                io.bind_ortvalue_output(k_out, k)
+                io.bind_ortvalue_output(v_out, v)
+        io = self._io
+        io.bind_cpu_input(self.input_names["input_ids"], np.asarray([ids], dtype=np.int64))
+        io.bind_cpu_input(self.input_names["attention_mask"], np.ones((1, start + len(ids)), dtype=np.int64))
+        io.bind_output(self.logits_name)  # unallocated again: its shape follows the number of ids
+        self.session.run_with_iobinding(io)
+        return io.get_outputs()[0].numpy()[0]
 
     def generate(self, ids: list[int], n: int, eos_ids=(), greedy: bool = True, seed: int = 0) -> list[int]:
         """New token ids after ``ids`` (the prompt is not included); stops after an id in ``eos_ids``.
@@ -222,7 +263,7 @@ class OrtSession:
         return out
 
     def close(self) -> None:
-        self._past = None
+        self._past = self._buffers = self._io = None
         self.session = None
 
 

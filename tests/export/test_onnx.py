@@ -15,7 +15,7 @@ import pytest
 
 from edgekit.errors import ModelError, RecipeError
 from edgekit.export.onnx import QUANTS, export_onnx, genai_config, resolve_quant
-from edgekit.runtimes.onnxruntime import check_onnx, op_counts
+from edgekit.runtimes.onnxruntime import OrtSession, check_onnx, op_counts
 
 TEXT = "The quick brown fox jumps over the lazy dog. Hello world, 42 apples!"
 HELD_OUT = "Quantization trades bits for accuracy; how are you today, lazy fox? def add(a, b): return 1234567890"
@@ -100,6 +100,27 @@ def test_decode_with_cache_equals_full_recompute(exports, torch_lm):
         steps.append(logits[-1])
     assert past[0][0].shape[2] == len(ids) - 1  # the cache grew one position per step
     np.testing.assert_allclose(np.stack(steps), full[7:-1], atol=1e-4)
+
+
+@pytest.mark.parametrize("quant", ["fp32", "int4"])
+def test_in_place_cache_decodes_the_tokens_of_the_growing_cache_and_of_genai(exports, torch_lm, quant):
+    """prefill/decode bind one preallocated cache as past and present (GroupQueryAttention writes in place);
+    generate feeds a growing cache: both give the same greedy tokens as onnxruntime-genai's shared buffer."""
+    from edgekit.runtimes.onnxruntime_genai import genai_generate
+
+    _, tok = torch_lm
+    folder = exports[quant][0]
+    ids = tok(TEXT + " " + HELD_OUT)["input_ids"][:24]
+    lm = OrtSession(folder, threads=1, context=64)
+    assert lm.shared and lm.buffer_len == 64
+    in_place = [lm.prefill(ids)] + lm.decode(30)
+    assert lm._buffers[0][0].shape() == [1, 2, 64, 16]  # one buffer, never regrown
+    growing = _ort(folder).generate(ids, 31)
+    assert in_place == growing == genai_generate(folder, ids, 31)
+    lm.prefill(ids[:5])  # a new sequence reuses the buffer: positions past the prompt are ignored
+    assert lm.decode(10) == _ort(folder).generate(ids[:5], 11)[1:]
+    with pytest.raises(ModelError, match="do not fit the 64-position K/V cache"):
+        lm.decode(60)
 
 
 def test_genai_config_matches_the_graph_and_tokenizer(exports, tiny_bpe_llama_dir):
