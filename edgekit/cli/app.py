@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.debug:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read by transformers at import
-        for noisy in ("transformers", "huggingface_hub", "urllib3", "filelock", "gguf", "optimum", "onnxruntime",
+        for noisy in ("transformers", "huggingface_hub", "urllib3", "filelock", "gguf", "onnxruntime",
                       "torchao", "executorch", "torch", "torch.utils._pytree"):  # torch resets its root logger
             logging.getLogger(noisy).setLevel(logging.ERROR)
         warnings.filterwarnings("ignore")

@@ -2,11 +2,13 @@
 
 What does each step:
 
-1. The graph: optimum-onnx's ``main_export`` (task ``text-generation-with-past``) traces the
-   PyTorch model (fp32; fp16 for ``fp16``) with torch's TorchScript ONNX exporter at opset 18.
-   Inputs: ``input_ids``, ``attention_mask``, ``position_ids``, ``past_key_values.{i}.key/value``;
-   outputs: ``logits``, ``present.{i}.key/value`` (the K/V cache grows by concatenation).
-   Optimum stores a tied embedding once: the LM head multiplies by ``Transpose(embed_tokens)``.
+1. The graph: :mod:`edgekit.export.onnx_graph` builds the fused decoder from the safetensors (fp32; fp16 for
+   ``fp16``) at opset 18 with onnxruntime's contrib ops: GroupQueryAttention (rotary inside, the K/V cache
+   updated in place when onnxruntime-genai shares its buffer), SkipSimplifiedLayerNormalization, one packed
+   q/k/v MatMul per layer (families without q/k norms). Inputs: ``input_ids``, ``attention_mask``,
+   ``past_key_values.{i}.key/value``; outputs: ``logits``, ``present.{i}.key/value``. A tied LM head
+   multiplies by ``Transpose(embed_tokens)``. Every supported family gets this graph; the earlier path
+   (optimum's TorchScript trace, 3,000+ nodes per decode step) is gone, as no family needs it.
 2. The weights (int8 and int4 quants), with ``onnxruntime.quantization``:
 
    - ``int8``: weight-only int8 MatMulNBits (block 32, asymmetric, accuracy_level 4).
@@ -42,9 +44,7 @@ import json
 import logging
 import shutil
 import time
-import warnings
 from collections.abc import Mapping
-from importlib.metadata import version
 from pathlib import Path
 
 from edgekit import __version__, artifact, registry
@@ -55,15 +55,13 @@ from edgekit.export.exporter import Exporter
 from edgekit.export.onnx_graph import build_decoder
 from edgekit.export.onnx_quant import QUANT_OPS, OnnxQuant, quantize, save
 from edgekit.hf import copy_hf_files, read_json, special_token_ids
-from edgekit.progress import quiet, steps
+from edgekit.progress import steps
 from edgekit.quantize.awq import awq_scaled_copy
 from edgekit.quantize.schemes import Scheme, SchemeTable
 from edgekit.runtimes.onnxruntime import GENAI_CONFIG, MODEL_FILE, OrtSession, op_counts
 
 log = logging.getLogger(__name__)
 
-# Families exported as the fused graph (edgekit.export.onnx_graph); any other goes through optimum's trace.
-FUSED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3")
 FUSED_TOOL = ("edgekit.export.onnx_graph: onnxruntime contrib ops (GroupQueryAttention with rotary, "
               "SkipSimplifiedLayerNormalization), built with onnx.helper from the safetensors")
 DATA_FILE = "model.onnx.data"  # external tensor data, only when the model passes protobuf's 2 GB limit
@@ -116,11 +114,8 @@ def export_onnx(model_dir: Path, out_dir: Path, quant: str = "fp32", *, calibrat
         log.info("no calibration text given for %s: using edgekit's %d built-in samples", spec.name,
                  len(calibration_texts))
 
-    import onnx
-
     timings: dict[str, float] = {}
-    fused = arch.family.name in FUSED_FAMILIES
-    tools = {"graph": FUSED_TOOL if fused else _optimum_tool()}
+    tools = {"graph": FUSED_TOOL}
     start = time.perf_counter()
     n_steps = 5 if spec.algorithm == "awq" else 4
     with steps(progress, n_steps, f"export onnx {spec.name}") as step_bar, artifact.atomic_dir(out_dir) as tmp:
@@ -134,12 +129,7 @@ def export_onnx(model_dir: Path, out_dir: Path, quant: str = "fp32", *, calibrat
             step_bar.update(1)
             artifact.fault_point("onnx.step")
         t = time.perf_counter()
-        dtype = "fp16" if spec.kind == "fp16" else "fp32"
-        if fused:
-            model = build_decoder(source, dtype)
-        else:
-            _optimum_export(source, work, dtype)
-            model = onnx.load(str(work / MODEL_FILE))
+        model = build_decoder(source, "fp16" if spec.kind == "fp16" else "fp32")
         graph_inputs = {i.name for i in model.graph.input}
         timings["export_s"] = time.perf_counter() - t
         step_bar.update(1)
@@ -184,7 +174,7 @@ def export_onnx(model_dir: Path, out_dir: Path, quant: str = "fp32", *, calibrat
         "model_bytes": files[MODEL_FILE] + files.get(DATA_FILE, 0),
         "copied_from_model_dir": copied,
         "opset": OPSET,
-        "graph": "fused" if fused else "optimum",
+        "graph": "fused",
         "tools": tools,
         "ops": ops,
         "quantized_ops": {k: v for k, v in ops.items() if k in QUANT_OPS},
@@ -219,17 +209,14 @@ GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3"
 def genai_config(model_dir: Path, filename: str = MODEL_FILE, graph_inputs: set[str] | None = None) -> dict:
     """onnxruntime-genai's ``genai_config.json`` for the graph :func:`export_onnx` writes from ``model_dir``.
 
-    ``graph_inputs``: the graph's input names; inputs it lacks are left out (the fused graph and optimum's
-    Gemma 3 graph derive positions from the attention mask and have no ``position_ids``). A fused graph
-    attends with GroupQueryAttention, so onnxruntime-genai may hand it one preallocated K/V buffer that the
-    op updates in place.
+    ``graph_inputs``: the graph's input names (default: the fused graph's, which derives positions from the
+    attention mask and has no ``position_ids``). The graph attends with GroupQueryAttention, so
+    onnxruntime-genai may hand it one preallocated K/V buffer that the op updates in place.
     """
     model_dir = Path(model_dir)
     cfg = _read_json(model_dir / "config.json")
     arch = Architecture.from_hf_config(cfg, str(model_dir / "config.json"))
-    fused = arch.family.name in FUSED_FAMILIES
-    if graph_inputs is None:
-        graph_inputs = {"input_ids", "attention_mask"} | (set() if fused else {"position_ids"})
+    graph_inputs = graph_inputs or {"input_ids", "attention_mask"}
     gen = _read_json(model_dir / "generation_config.json", required=False)
     bos, eos, pad = special_token_ids(model_dir)
     return {
@@ -273,9 +260,8 @@ def genai_config(model_dir: Path, filename: str = MODEL_FILE, graph_inputs: set[
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            # GroupQueryAttention writes the new K/V into the preallocated cache in place; optimum's graph
-            # concatenates past and new K/V, so GenAI must not hand it one shared buffer.
-            "past_present_share_buffer": fused,
+            # GroupQueryAttention writes the new K/V into the preallocated cache in place
+            "past_present_share_buffer": True,
             "repetition_penalty": float(gen.get("repetition_penalty") or 1.0),
             "temperature": float(gen.get("temperature") or 1.0),
             "top_k": int(gen.get("top_k") or 50),
@@ -286,38 +272,6 @@ def genai_config(model_dir: Path, filename: str = MODEL_FILE, graph_inputs: set[
 
 def _read_json(path: Path, required: bool = True) -> dict:
     return read_json(path, required, "an HF model folder needs it to export to ONNX")
-
-
-def _optimum_tool() -> str:
-    import torch
-
-    return (f"optimum-onnx {version('optimum-onnx')} main_export (optimum {version('optimum')}), "
-            f"torch {torch.__version__} TorchScript exporter, opset {OPSET}")
-
-
-def _optimum_export(model_dir: Path, work: Path, dtype: str) -> None:
-    try:
-        from optimum.exporters.onnx import main_export
-    except ImportError as e:
-        raise ModelError(f"ONNX export needs optimum-onnx ({e}); pip install optimum-onnx==0.1.0") from e
-    # The trace warns about Python-bool conversions it records as constants (shape checks that hold
-    # for every batch 1 decode); optimum warns that it found the tied weight twice and dedups it.
-    with warnings.catch_warnings(), quiet("optimum", "transformers", "torch.onnx"):
-        warnings.simplefilter("ignore")
-        try:
-            main_export(str(model_dir), output=str(work), task="text-generation-with-past", opset=OPSET,
-                        device="cpu", dtype=dtype, do_validation=False, local_files_only=True,
-                        library_name="transformers")
-        except OSError as e:
-            if e.errno in artifact.DISK_FULL:
-                raise artifact.disk_error(e, work) from e
-            raise ModelError(f"optimum could not export {model_dir} to ONNX: {one_line(e, with_type=True)}") from e
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise ModelError(f"optimum could not export {model_dir} to ONNX: {one_line(e, with_type=True)}") from e
-    if not (work / MODEL_FILE).is_file():
-        written = sorted(p.name for p in work.iterdir())
-        raise ModelError(f"optimum wrote no {MODEL_FILE} for {model_dir} (it wrote {written}); "
-                         "optimum-onnx's layout changed: use the pinned optimum-onnx==0.1.0")
 
 
 # --------------------------------------------------------------------------- step 2: quantization
@@ -385,10 +339,10 @@ def export_artifact(cfg, model, tmp: Path, texts: list[str] | None) -> dict:
             "export": summary}
 
 
-EXPORTER = Exporter("onnx", export_artifact, version=3, default_quant="fp32",
+EXPORTER = Exporter("onnx", export_artifact, version=4, default_quant="fp32",
                     calibrated_names=SchemeTable("onnx", lambda ss: {f"{s.name}-awq": s.name
                                                                      for s in ss if s.calibrate}),
-                    description="optimum's ONNX export, onnxruntime's quantizers, genai_config.json")
+                    description="the fused decoder graph, onnxruntime's quantizers, genai_config.json")
 
 
 def register(reg: registry.Registry) -> None:

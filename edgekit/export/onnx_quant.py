@@ -1,4 +1,4 @@
-"""The ONNX exporter's quantization step: graph surgery on the fp32 graph optimum wrote.
+"""The ONNX exporter's quantization step: graph surgery on the fp32 graph edgekit.export.onnx_graph built.
 
 ``int8-dynamic`` goes through onnxruntime's ``quantize_dynamic``; the MatMulNBits quants through its
 ``MatMulNBitsQuantizer`` (round to nearest), with llama.cpp's ``_M`` mix of more bits for the LM head and

@@ -10,8 +10,8 @@ export reuses the folder, and a changed model or key never reuses stale output.
 - GGUF: the float model is written with ``gguf``'s writer (f32 as the quantizer's
   source), then llama.cpp's own quantizer makes the requested type. ``calibrate``
   computes an importance matrix from calibration text first (llama.cpp's imatrix).
-- ONNX: optimum exports the decoder with its KV cache; onnxruntime's quantization
-  tools make int8 / int4; ``calibrate`` picks the activation-aware int4 variant.
+- ONNX: edgekit builds the fused decoder graph (GroupQueryAttention with the KV cache in
+  place) from the safetensors; onnxruntime's quantization tools make int8 / int4; ``calibrate`` picks the activation-aware int4 variant.
 - ExecuTorch: ``torch.export`` of a static-KV-cache decoder, torchao weight quantization
   (8da8w / 8da4w) and ExecuTorch's XNNPACK lowering, for ``context`` positions.
 

@@ -374,8 +374,8 @@ ONNX_SCHEMES = (
     Scheme("onnx", "fp32", "32-bit float", _dense_layout(lambda r, n: 4 * r * n, "fp32", 4, "fp32"),
            options=_onnx("fp32", description="32-bit float weights")),
     Scheme("onnx", "fp16", "16-bit float", _dense_layout(lambda r, n: 2 * r * n, "fp16", 2, "fp16"),
-           options=_onnx("fp16", description="16-bit float weights, activations and K/V cache (optimum's fp16 "
-                                             "export)")),
+           options=_onnx("fp16", description="16-bit float weights, activations and K/V cache (the fused graph "
+                                             "in fp16)")),
     Scheme(
         "onnx", "int8", "int8 weight-only MatMulNBits, block 32 (fp32 scale + 8-bit zero point); embedding shares it",
         _dense_layout(_blockwise(8, 32, 4, 8), "int8-b32", 0, "shared", head_bytes=_blockwise(8, 32, 4, 8)),
