@@ -21,6 +21,7 @@ from pathlib import Path
 from edgekit import artifact
 from edgekit.errors import ModelError
 from edgekit.progress import quiet
+from edgekit.quantize.gptq import gptq
 from edgekit.quantize.schemes import use_more_bits
 
 EXTERNAL_ABOVE = 1_800_000_000  # bytes of weights above which tensors go to one external data file
@@ -42,7 +43,10 @@ QUANT_OPS = ("MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul", 
               "GatherBlockQuantized")
 
 
-def quantize(model, spec: OnnxQuant, work: Path):
+def quantize(model, spec: OnnxQuant, work: Path, hessians: dict | None = None):
+    """Quantize ``model``'s MatMuls (and embedding) as ``spec`` says; with ``hessians`` (weight initializer name ->
+    ``X^T X`` of its input) the 4-bit matrices are GPTQ-rounded (:mod:`edgekit.quantize.gptq`) instead of rounded
+    to nearest."""
     import onnxruntime
 
     tied = _materialize_tied_head(model)
@@ -59,9 +63,15 @@ def quantize(model, spec: OnnxQuant, work: Path):
     # accuracy_level 4 (int8 dot products): at the default level onnxruntime 1.32's CPU kernel dequantizes
     # 8-bit blocks on every call (~15x slower than fp32) and 4-bit decode is ~38 % slower, for the same KL.
     more = _more_bits_nodes(model) if bits == 4 else []
-    model = _quantize_rtn(model, spec.block_size, bits, 4, exclude=[head_node.name, *more] if bits == 4 else None)
-    weights = (f"{ort} MatMulNBitsQuantizer default algorithm (round to nearest), {bits}-bit, block {spec.block_size}, "
-               "asymmetric, accuracy_level 4")
+    if hessians and bits == 4:
+        n = _gptq_nodes(model, hessians, spec.block_size, skip={head_node.name, *more})
+        weights = (f"edgekit.quantize.gptq (error-compensating rounding on calibration text) for {n} matrices, "
+                   f"{bits}-bit, block {spec.block_size}, asymmetric, accuracy_level 4; the rest {ort} "
+                   "MatMulNBitsQuantizer")
+    else:
+        model = _quantize_rtn(model, spec.block_size, bits, 4, exclude=[head_node.name, *more] if bits == 4 else None)
+        weights = (f"{ort} MatMulNBitsQuantizer default algorithm (round to nearest), {bits}-bit, block "
+                   f"{spec.block_size}, asymmetric, accuracy_level 4")
     if bits == 4:
         model = _quantize_rtn(model, HEAD_BLOCK, HEAD_BITS, 4, include=[head_node.name, *more])
         weights += (f"; LM head and {len(more)} qkv or v_proj / down_proj of the use_more_bits layers {HEAD_BITS}-bit, "
@@ -76,6 +86,40 @@ def quantize(model, spec: OnnxQuant, work: Path):
         _quantize_embedding(model, head_block, head_bits)
         embedding = f"int{head_bits} GatherBlockQuantized, block {head_block}, asymmetric"
     return model, {"weights": weights, "embedding": embedding}
+
+
+def _gptq_nodes(model, hessians: dict, block: int, skip: set[str]) -> int:
+    """Replace every 4-bit MatMul whose weight has a Hessian by a MatMulNBits of its GPTQ codes; returns how many."""
+    import numpy as np
+    import torch
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    done = 0
+    for index, node in enumerate(list(model.graph.node)):
+        if node.op_type != "MatMul" or node.name in skip or node.input[1] not in hessians:
+            continue
+        weight = torch.from_numpy(numpy_helper.to_array(inits[node.input[1]]).T.copy())  # [out, in]
+        q = gptq(weight, hessians[node.input[1]], 4, block)
+        rows, blocks = q.scales.shape
+        codes = q.codes.numpy().reshape(rows, blocks, block)
+        packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)  # low nibble first
+        zeros = q.zeros.numpy().astype(np.uint8)
+        if blocks % 2:
+            zeros = np.concatenate([zeros, np.zeros((rows, 1), np.uint8)], axis=1)
+        zeros = (zeros[:, 0::2] | (zeros[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
+        base = node.input[1].removesuffix(".weight") + ".weight"
+        names = [f"{base}_Q4", f"{base}_scales", f"{base}_zp"]
+        for name, array in zip(names, (packed, q.scales.numpy().astype(np.float32).reshape(-1), zeros)):
+            model.graph.initializer.append(numpy_helper.from_array(array, name))
+        new = _make_node("MatMulNBits", [node.input[0], *names], list(node.output), node.name + "_Q4",
+                         domain="com.microsoft", K=q.k, N=rows, bits=4, block_size=block, accuracy_level=4)
+        model.graph.node.remove(node)
+        model.graph.node.insert(index, new)
+        if not any(node.input[1] in n.input for n in model.graph.node):
+            model.graph.initializer.remove(inits[node.input[1]])
+        done += 1
+    return done
 
 
 def _materialize_tied_head(model) -> str | None:
