@@ -1,7 +1,8 @@
 """The fused ONNX graph against onnxruntime-genai's own model builder and llama.cpp, side by side in one run.
 
 For the embedded teacher (and a student folder with ``--student``) this exports, through edgekit's export stage,
-GGUF q4_k_m, ONNX fp32 and ONNX int4 (edgekit's fused graph), and -- when ``--builder-python`` names a Python
+GGUF q4_k_m and ONNX int4, plain and calibrated (``--calibrate``: AWQ + GPTQ), both edgekit's fused graph,
+and -- when ``--builder-python`` names a Python
 that can run ``onnxruntime_genai.models.builder`` (it needs transformers 5, so it lives in its own environment) --
 the builder's own int4 graph of the same HF folder (``-p int4 -e cpu``). Then:
 
@@ -32,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "out" / "onnx_fused"
-EXPORTS = [("gguf", "q4_k_m"), ("onnx", "fp32"), ("onnx", "int4")]
+EXPORTS = [("gguf", "q4_k_m", False), ("onnx", "int4", False), ("onnx", "int4", True)]  # (format, quant, calibrate)
 
 
 def _builder(python: str, model: Path, out: Path) -> tuple[Path, float]:
@@ -120,13 +121,16 @@ def bench_model(model: str, args) -> dict:
     hf = Path(resolve_teacher(model).path)
     out = OUT / hf.name
     out.mkdir(parents=True, exist_ok=True)
-    paths = {f"{f}-{q}": Path(run(ExportConfig(model=model, format=f, quant=q))["path"]) for f, q in EXPORTS}
+    paths = {f"{f}-{q}{'-cal' if c else ''}": Path(run(ExportConfig(model=model, format=f, quant=q,
+                                                                    calibrate=c))["path"]) for f, q, c in EXPORTS}
     rows = [{"label": "llama.cpp q4_k_m", "folder": str(paths["gguf-q4_k_m"]), "format": "gguf",
              "runtime": "llama.cpp"},
             {"label": "edgekit int4 (fused)", "folder": str(paths["onnx-int4"]), "format": "onnx",
              "runtime": "onnxruntime-genai"},
             {"label": "edgekit int4 (fused)", "folder": str(paths["onnx-int4"]), "format": "onnx",
-             "runtime": "onnxruntime"}]
+             "runtime": "onnxruntime"},
+            {"label": "edgekit int4 calibrated (AWQ + GPTQ)", "folder": str(paths["onnx-int4-cal"]), "format": "onnx",
+             "runtime": "onnxruntime-genai"}]
     builder_s = None
     if args.builder_python:
         folder, builder_s = _builder(args.builder_python, hf, out)

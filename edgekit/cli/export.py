@@ -24,7 +24,7 @@ def add_commands(sub, common) -> None:
                         help=f"executorch: positions of the static KV cache (default {DEFAULT_CONTEXT}, at most the "
                              "model's)")
         sp.add_argument("--calibrate", action="store_true",
-                        help="calibrated 4-bit: importance matrix (gguf) or activation-aware int4 (onnx)")
+                        help="calibrated 4-bit: importance matrix (gguf) or AWQ scaling + GPTQ rounding int4 (onnx)")
         sp.add_argument("--calibration", action="append", type=Path, help="calibration text (JSONL/txt; repeatable)")
         sp.add_argument("--calibration-tokens", type=int, help="at most this many calibration tokens (default "
                                                                f"{default(ExportConfig, 'calibration_tokens')})")

@@ -36,8 +36,8 @@ class ExportConfig(BaseModel):
                                             "or a plugin's)")
     quant: str | None = Field(None, description="scheme name; default: the format exporter's (f16 for gguf, "
                                                 "fp32 for onnx and executorch)")
-    calibrate: bool = Field(False, description="calibrated 4-bit: imatrix for gguf, activation-aware scaling for "
-                                               "onnx int4 and executorch 8da4w")
+    calibrate: bool = Field(False, description="calibrated 4-bit: imatrix for gguf, activation-aware scaling (then "
+                                               "GPTQ rounding) for onnx int4, scaling for executorch 8da4w")
     calibration: list[Path] = Field(default_factory=list,
                                     description="calibration text files (JSONL/txt); default: the bundled set")
     calibration_tokens: int = Field(30_000, gt=0, description="at most this many calibration tokens")
