@@ -1,9 +1,9 @@
 """The fused ONNX graph against onnxruntime-genai's own model builder and llama.cpp, side by side in one run.
 
-For the embedded teacher (and a student folder with ``--student``) this exports, through edgekit's export stage,
-GGUF q4_k_m and ONNX int4, plain and calibrated (``--calibrate``: AWQ + GPTQ), both edgekit's fused graph,
-and -- when ``--builder-python`` names a Python
-that can run ``onnxruntime_genai.models.builder`` (it needs transformers 5, so it lives in its own environment) --
+For each ``--model`` (default: the embedded teacher; a teacher spec or a student folder) this exports,
+through edgekit's export stage, GGUF q4_k_m and ONNX int4, plain and calibrated (``--calibrate``: AWQ +
+GPTQ), both edgekit's fused graph, and -- when ``--builder-python`` names a Python that can run
+``onnxruntime_genai.models.builder`` (it needs transformers 5, so it lives in its own environment) --
 the builder's own int4 graph of the same HF folder (``-p int4 -e cpu``). Then:
 
 - speed: each (folder, runtime) in its own ``edgekit.bench.worker`` subprocess (2 threads by default): prefill
@@ -14,7 +14,7 @@ the builder's own int4 graph of the same HF folder (``-p int4 -e cpu``). Then:
   same tokens for every row;
 - the graphs: node counts and the ops that do the work.
 
-    python benchmarks/onnx_fused.py [--student FOLDER] [--builder-python PYTHON] [--threads 2] [--rounds 2]
+    python benchmarks/onnx_fused.py [--model default --model FOLDER ...] [--builder-python PYTHON] [--threads 2]
 
 Prints a Markdown table per model and writes benchmarks/out/onnx_fused.json.
 """
@@ -37,8 +37,9 @@ EXPORTS = [("gguf", "q4_k_m", False), ("onnx", "int4", False), ("onnx", "int4", 
 
 
 def _builder(python: str, model: Path, out: Path) -> tuple[Path, float]:
-    """onnxruntime-genai's builder int4 CPU graph of ``model`` (in ``out``); transformers 5 refuses a tokenizer_config
-    with ``add_prefix_space: null``, so the builder reads a copy without null entries (the bundles issue fixes the
+    """onnxruntime-genai's builder int4 CPU graph of ``model`` (in ``out``) and the seconds it took; RuntimeError
+    with the builder's last error line when it fails. transformers 5 refuses a tokenizer_config with
+    ``add_prefix_space: null``, so the builder reads a copy without null entries (the bundles issue fixes the
     files themselves)."""
     folder = out / "builder-int4"
     if (folder / "genai_config.json").is_file():
@@ -50,10 +51,13 @@ def _builder(python: str, model: Path, out: Path) -> tuple[Path, float]:
     cfg = json.loads(cfg_path.read_text())
     cfg_path.write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
     t = time.perf_counter()
-    subprocess.run([python, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(folder), "-p", "int4",
-                    "-e", "cpu", "-c", str(out / "builder-cache")], check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
+    done = subprocess.run([python, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(folder), "-p",
+                           "int4", "-e", "cpu", "-c", str(out / "builder-cache")], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - t
+    if done.returncode:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
     # the export-artifact manifest edgekit's bench worker reads to know the folder's format
     (folder / "manifest.json").write_text(json.dumps({
         "stage": "export", "format": "onnx", "quant": "int4", "label": "builder-int4", "files": {},
@@ -131,11 +135,14 @@ def bench_model(model: str, args) -> dict:
              "runtime": "onnxruntime"},
             {"label": "edgekit int4 calibrated (AWQ + GPTQ)", "folder": str(paths["onnx-int4-cal"]), "format": "onnx",
              "runtime": "onnxruntime-genai"}]
-    builder_s = None
+    builder_s = builder_error = None
     if args.builder_python:
-        folder, builder_s = _builder(args.builder_python, hf, out)
-        rows.append({"label": "onnxruntime-genai builder int4", "folder": str(folder), "format": "onnx",
-                     "runtime": "onnxruntime-genai"})
+        try:
+            folder, builder_s = _builder(args.builder_python, hf, out)
+            rows.append({"label": "onnxruntime-genai builder int4", "folder": str(folder), "format": "onnx",
+                         "runtime": "onnxruntime-genai"})
+        except RuntimeError as e:  # reported beside the table: the builder cannot build this model
+            builder_error = str(e)
     for r in rows:
         r["size_bytes"] = _size(Path(r["folder"]))
         if r["format"] == "onnx":
@@ -157,7 +164,8 @@ def bench_model(model: str, args) -> dict:
     for r in rows:
         r["decode_vs_llamacpp"] = r["decode_tok_s"] / llama["decode_tok_s"]
         r["rss_vs_llamacpp"] = r["peak_rss_bytes"] / llama["peak_rss_bytes"]
-    return {"model": model, "hf_folder": str(hf), "builder_s": builder_s, "rows": rows}
+    return {"model": model, "hf_folder": str(hf), "builder_s": builder_s, "builder_error": builder_error,
+            "rows": rows}
 
 
 def to_markdown(result: dict) -> str:
@@ -170,12 +178,15 @@ def to_markdown(result: dict) -> str:
                      f"{r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} ({r['decode_min']:.1f}–{r['decode_max']:.1f})"
                      f" | {r['decode_vs_llamacpp']:.2f} | {r['peak_rss_bytes'] / 1e6:.0f} MB | {r['kl']:.3f} | "
                      f"{100 * r['top1']:.1f} % |")
+    if result.get("builder_error"):
+        lines.append(f"\nonnxruntime-genai's builder failed on this model: `{result['builder_error']}`")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--student", help="also a distilled student's folder (e.g. the quick recipe's)")
+    ap.add_argument("--model", action="append", help="a teacher spec or a distilled student's folder (repeatable; "
+                                                     "default: the embedded teacher)")
     ap.add_argument("--builder-python", help="a Python with onnxruntime-genai and transformers 5 (the builder)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
@@ -186,9 +197,7 @@ def main() -> None:
 
     import psutil
 
-    results = [bench_model("default", args)]
-    if args.student:
-        results.append(bench_model(args.student, args))
+    results = [bench_model(model, args) for model in args.model or ["default"]]
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu,
