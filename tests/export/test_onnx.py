@@ -441,8 +441,8 @@ def test_teacher_int4_runs_and_mostly_agrees_with_fp32(teacher_exports, teacher_
 
     _, tok = teacher_torch
     folder, summary = teacher_exports["int4"]
-    assert summary["quantized_ops"]["MatMulNBits"] == 30 * 7 + 1
-    assert summary["model_bytes"] < 115e6  # the fp32 teacher is ~540 MB; int4 with its 8-bit head and _M mix 109 MB
+    assert summary["quantized_ops"]["MatMulNBits"] == 30 * 5 + 1  # packed qkv, o, gate, up, down per layer + head
+    assert summary["model_bytes"] < 115e6  # the fp32 teacher is ~540 MB; int4 with its 8-bit head and _M mix 113.5 MB
     ids = tok(HELD_OUT + " The sky is blue because sunlight is scattered by the air.")["input_ids"]
     _, top1 = kl_and_top1(_ort(teacher_exports["fp32"][0]).logits(ids), _ort(folder).logits(ids))
     assert top1 >= 0.5
