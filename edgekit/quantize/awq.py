@@ -161,6 +161,15 @@ def _capture(model, sequences: list[list[int]], max_tokens: int) -> dict[tuple[i
             def hook(_module, args, key=(i, key)):
                 found.setdefault(key, []).append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
             hooks.append(linears[0].register_forward_pre_hook(hook))
+    run_hooked(model, sequences, max_tokens, hooks)
+    return {k: torch.cat(v) for k, v in found.items()}
+
+
+def run_hooked(model, sequences: list[list[int]], max_tokens: int, hooks: list) -> None:
+    """Run ``model`` over the first ``max_tokens`` calibration tokens of ``sequences`` (no gradients), then remove
+    ``hooks`` (the forward hooks gathering what the caller needs), also when the run fails."""
+    import torch
+
     seen = 0
     try:
         with torch.no_grad():
@@ -173,7 +182,6 @@ def _capture(model, sequences: list[list[int]], max_tokens: int) -> dict[tuple[i
     finally:
         for h in hooks:
             h.remove()
-    return {k: torch.cat(v) for k, v in found.items()}
 
 
 def awq_scale(model, sequences: list[list[int]], block_size: int = 32, *, grid: int = 20, max_tokens: int = MAX_TOKENS,

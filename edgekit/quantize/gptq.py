@@ -23,6 +23,8 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from edgekit.quantize.awq import run_hooked
+
 if TYPE_CHECKING:
     import torch
 
@@ -132,25 +134,12 @@ def hessians(model, sequences: list[list[int]], modules: dict[str, object], max_
 
     Modules that read the same tensor (q/k/v, gate/up) each get their own copy of the same sum.
     """
-    import torch
-
-    sums: dict[str, torch.Tensor] = {}
+    sums: dict = {}
     hooks = []
     for name, module in modules.items():
         def hook(_module, args, name=name):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
             sums[name] = sums.get(name, 0) + x.T @ x
         hooks.append(module.register_forward_pre_hook(hook))
-    seen = 0
-    try:
-        with torch.no_grad():
-            for ids in sequences:
-                if seen >= max_tokens:
-                    break
-                ids = ids[: max_tokens - seen]
-                model(input_ids=torch.tensor([ids]))
-                seen += len(ids)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_hooked(model, sequences, max_tokens, hooks)
     return sums
