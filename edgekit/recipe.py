@@ -118,6 +118,7 @@ class ExportSpec(_Section):
     format: str = Field(description="registered format: gguf, onnx or executorch")
     quant: str = Field(description="registered scheme of that format, e.g. q4_k_m, int4 (see `edgekit plan`)")
     calibrate: bool = _stage_field(ExportConfig, "calibrate")
+    target: str | None = _stage_field(ExportConfig, "target")
 
 
 class PackageSection(_Section):
@@ -181,6 +182,7 @@ class Recipe(_Section):
                 raise RecipeError(f"{self._where()}: exports.{i}.format: {no_exporter(e.format)}")
             try:
                 out.append(ExportConfig(model=model, format=e.format, quant=e.quant, calibrate=e.calibrate,
+                                        target=e.target,
                                         context=self.context if exporter(e.format).static_context else None,
                                         threads=self.bench.threads if self.bench else None))
             except (ValidationError, RecipeError) as err:

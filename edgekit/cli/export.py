@@ -25,6 +25,8 @@ def add_commands(sub, common) -> None:
                              "model's)")
         sp.add_argument("--calibrate", action="store_true",
                         help="calibrated 4-bit: importance matrix (gguf) or AWQ scaling + GPTQ rounding int4 (onnx)")
+        sp.add_argument("--target", help="with --quant auto (gguf): the file size ('90MB') or bits per weight "
+                                         "('4.8bpw') to fit with the least measured KL; default: q4_k_m's size")
         sp.add_argument("--calibration", action="append", type=Path, help="calibration text (JSONL/txt; repeatable)")
         sp.add_argument("--calibration-tokens", type=int, help="at most this many calibration tokens (default "
                                                                f"{default(ExportConfig, 'calibration_tokens')})")
@@ -35,7 +37,8 @@ def add_commands(sub, common) -> None:
     ex = sub.add_parser("export", parents=[common],
                         help="convert a model to GGUF, ONNX or ExecuTorch (float or quantized)")
     export_args(ex, "gguf: f32 | f16 (default) | bf16 | q8_0 | q4_k_m ...; onnx: fp32 (default) | int8 | int4 | "
-                    "int4-b128; executorch: fp32 (default) | 8da8w | 8da4w")
+                    "int4-b128; executorch: fp32 (default) | 8da8w | 8da4w; gguf auto: per-tensor types "
+                    "for --target")
     ex.set_defaults(func=cmd_export)
     qu = sub.add_parser("quantize", parents=[common],
                         help="quantize a model: llama.cpp (gguf), onnxruntime (onnx) or torchao (executorch)")
@@ -49,7 +52,8 @@ def _export_config(args, require_quant: bool) -> ExportConfig:
         raise RecipeError("edgekit quantize needs --quant (e.g. q4_k_m for gguf, int4 for onnx); "
                           "`edgekit export` without --quant writes the float model")
     return config_from(ExportConfig, "export options", model=args.model, format=args.format, quant=args.quant,
-                       calibrate=args.calibrate, calibration=args.calibration, calibration_tokens=args.calibration_tokens,
+                       calibrate=args.calibrate, target=args.target, calibration=args.calibration,
+                       calibration_tokens=args.calibration_tokens,
                        threads=args.threads, context=args.context, trust_remote_code=args.trust_remote_code)
 
 
@@ -62,6 +66,10 @@ def _print_export(result: dict) -> None:
           f"{metrics['bits_per_weight']:.2f} bits/weight)")
     for fb in metrics.get("fallbacks") or []:
         print(f"fallback {fb['summary'] if isinstance(fb, dict) else fb}")
+    if metrics.get("auto"):
+        a = metrics["auto"]
+        print(f"auto     {', '.join(f'{n} {t}' for t, n in a['types'].items())} (predicted KL {a['predicted_kl']:.4f}, "
+              f"budget {format_bytes(a['budget_bytes'])})")
     if metrics.get("imatrix"):
         print(f"imatrix  {result['path']}/imatrix.safetensors")
     print(f"manifest {result['path']}/manifest.json")

@@ -15,6 +15,7 @@ from edgekit import registry
 from edgekit.arch import DEFAULT_CONTEXT
 from edgekit.errors import RecipeError
 from edgekit.export.exporter import Exporter
+from edgekit.quantize.auto import parse_target
 from edgekit.quantize.schemes import get_scheme, schemes
 
 RESOURCES = Path(__file__).resolve().parent.parent / "resources"
@@ -41,6 +42,9 @@ class ExportConfig(BaseModel):
     calibration: list[Path] = Field(default_factory=list,
                                     description="calibration text files (JSONL/txt); default: the bundled set")
     calibration_tokens: int = Field(30_000, gt=0, description="at most this many calibration tokens")
+    target: str | None = Field(None, description="quant auto only: the file's size ('90MB') or bits per weight "
+                                                 "('4.8bpw') the per-tensor mix must fit; default: the size of "
+                                                 "the format's reference mix (gguf q4_k_m)")
     context: int | None = Field(None, ge=8, description="executorch only: positions of the static KV cache "
                                                          f"(default {DEFAULT_CONTEXT}, at most the model's)")
     threads: int | None = Field(None, gt=0)
@@ -62,6 +66,16 @@ class ExportConfig(BaseModel):
                               f"{self.format} models grow their cache at run time: drop --context")
         if ex.check is not None:
             ex.check(self)
+        auto = bool(scheme.options.get("auto"))
+        if self.target is not None:
+            if not auto:
+                able = [s.name for s in schemes(self.format) if s.options.get("auto")]
+                raise RecipeError(f"target sizes a per-tensor mix (quant {' or '.join(able) or 'auto'}); {self.format} "
+                                  f"{self.quant} has fixed types: drop --target"
+                                  + (f" or use --quant {able[0]}" if able else ""))
+            parse_target(self.target)  # RecipeError naming the accepted forms, before any work
+        if auto:
+            self.calibrate = True  # the sensitivity is measured on calibration text, which also guides rounding
         if self.calibrate and not scheme.calibrate:
             able = [s.name for s in schemes(self.format) if s.calibrate]
             if not able:
@@ -77,4 +91,6 @@ class ExportConfig(BaseModel):
 
     @property
     def label(self) -> str:
+        if get_scheme(self.format, self.quant).options.get("auto"):  # always calibrated; the target tells mixes apart
+            return f"{self.format}-{self.quant}" + (f"-{self.target.replace(' ', '')}" if self.target else "")
         return f"{self.format}-{self.quant}" + ("-calibrated" if self.calibrate else "")

@@ -41,8 +41,10 @@ import math
 import os
 import re
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edgekit import __version__, artifact, registry
 from edgekit.arch import DEFAULT_CONTEXT, MODEL_TYPES
@@ -52,6 +54,7 @@ from edgekit.export.exporter import Exporter
 from edgekit.hf import read_json
 from edgekit.integrity import check_safetensors
 from edgekit.progress import bar
+from edgekit.quantize import auto, ggml
 from edgekit.quantize.gguf import compute_imatrix, quantize_gguf, read_gguf, save_imatrix  # noqa: F401 (read_gguf: public here too)
 from edgekit.quantize.schemes import GGUF_FLOATS
 
@@ -108,7 +111,8 @@ PRE_TOKENIZERS: dict[tuple[str, ...], str] = {
 
 def export_gguf(model_dir: Path, out: Path, dtype: str = "f16", *, name: str | None = None,
                 license: str | None = None, teacher: str | None = None, progress: bool = True,
-                tokenizer_pre: str | None = None) -> dict:
+                tokenizer_pre: str | None = None, types: Mapping[str, str] | None = None,
+                quantize: Callable[[str, Any, str], Any] | None = None) -> dict:
     """Write ``model_dir`` (an HF safetensors folder of a model in edgekit.arch.FAMILIES) as a GGUF at ``out``.
 
     ``dtype`` is f32, f16 or bf16 for the matrices (norms and biases stay f32). ``teacher``
@@ -116,8 +120,11 @@ def export_gguf(model_dir: Path, out: Path, dtype: str = "f16", *, name: str | N
     ``edgekit.teacher``). ``tokenizer_pre`` overrides the detected llama.cpp
     pre-tokenizer name (byte-level BPE only). The file appears at ``out`` only when
     complete; an unsupported model or tokenizer is refused before anything is written.
+    ``types`` gives every matrix its own ggml type (a per-tensor mix); ``quantize(name, f32 array, type)``
+    returns its raw bytes (:func:`edgekit.quantize.ggml.quantize`, the quantizer llama.cpp runs per tensor).
     Returns a summary.
     """
+    import gguf
     import numpy as np
     from gguf import GGMLQuantizationType, GGUFWriter
 
@@ -142,17 +149,29 @@ def export_gguf(model_dir: Path, out: Path, dtype: str = "f16", *, name: str | N
         w.add_base_model_name(0, teacher)
         w.add_string("edgekit.teacher", teacher)
     w.add_string("edgekit.version", __version__)
+    if types:
+        missing = [t["name"] for t in plan if len(t["shape"]) == 2 and t["name"] not in types]
+        if missing or quantize is None:
+            raise ModelError(f"a per-tensor GGUF mix needs a type for every matrix and a quantizer; no type for "
+                             f"{', '.join(missing[:3]) or '(quantizer missing)'}")
+        file_type = 1024  # LLAMA_FTYPE_GUESSED: no single ftype describes a per-tensor mix
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_file_type(file_type)
     _add_hparams(w, hp)
     _add_tokenizer(w, vocab)
 
     total_bytes = params = 0
     for t in plan:
-        t["type"] = "F32" if len(t["shape"]) == 1 else ggml_type
-        t["nbytes"] = math.prod(t["shape"]) * (4 if t["type"] == "F32" else 2)
-        np_dtype = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}[t["type"]]  # BF16 travels as raw bits
-        w.add_tensor_info(t["name"], t["shape"], np.dtype(np_dtype), t["nbytes"],
-                          raw_dtype=GGMLQuantizationType[t["type"]])
+        t["type"] = "F32" if len(t["shape"]) == 1 else (types[t["name"]] if types else ggml_type)
+        if t["type"] in ("F32", "F16", "BF16"):
+            t["nbytes"] = math.prod(t["shape"]) * (4 if t["type"] == "F32" else 2)
+            np_dtype = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}[t["type"]]  # BF16 as raw bits
+        else:
+            block, size = gguf.GGML_QUANT_SIZES[GGMLQuantizationType[t["type"]]]
+            t["nbytes"], np_dtype = t["shape"][0] * (t["shape"][1] // block) * size, np.uint8
+        # gguf-py takes a quantized tensor's shape in bytes per row and turns it back into elements
+        shape = t["shape"] if np_dtype is not np.uint8 else [t["shape"][0], t["nbytes"] // t["shape"][0]]
+        w.add_tensor_info(t["name"], shape, np.dtype(np_dtype), t["nbytes"], raw_dtype=GGMLQuantizationType[t["type"]])
         total_bytes += t["nbytes"]
         params += math.prod(t["shape"])
 
@@ -165,7 +184,10 @@ def export_gguf(model_dir: Path, out: Path, dtype: str = "f16", *, name: str | N
         with _progress(progress, total_bytes, f"writing {out.name}") as b, _open_all(files) as handles:
             for t in plan:
                 src = handles[t["file"]].get_tensor(t["key"]) if t["key"] else None
-                w.write_tensor_data(_convert(src, t, hp))
+                if t["type"] in ("F32", "F16", "BF16"):
+                    w.write_tensor_data(_convert(src, t, hp))
+                else:
+                    w.write_tensor_data(quantize(t["name"], _convert(src, {**t, "type": "F32"}, hp), t["type"]))
                 b.update(t["nbytes"])
                 fault_point("gguf.tensor")
         w.close()
@@ -181,7 +203,8 @@ def export_gguf(model_dir: Path, out: Path, dtype: str = "f16", *, name: str | N
         tmp.unlink(missing_ok=True)
         raise
     size = out.stat().st_size
-    log.info("wrote %s: %s, %d tensors, %s, %.1f MB, tokenizer %s/%s", out, hp["arch"], len(plan), dtype, size / 1e6,
+    log.info("wrote %s: %s, %d tensors, %s, %.1f MB, tokenizer %s/%s", out, hp["arch"], len(plan),
+             "per-tensor mix" if types else dtype, size / 1e6,
              vocab["model"], vocab["pre"])
     return {"path": str(out), "size_bytes": size, "n_tensors": len(plan), "dtype": dtype, "params": params,
             "arch": hp["arch"], "tied_embeddings": hp["tied"], "tokenizer_model": vocab["model"],
@@ -784,6 +807,8 @@ def export_artifact(cfg, model, tmp: Path, texts: list[str] | None) -> dict:
         written = export_gguf(model.path, final, cfg.quant, **meta)
         return {"model_file": final.name, "size_bytes": final.stat().st_size, "export": written,
                 "bits_per_weight": 8 * final.stat().st_size / model.arch.params}
+    if cfg.quant == "auto":
+        return _export_auto(cfg, model, final, texts, meta)
     source = tmp / "source-f32.gguf.tmp"  # the quantizer's input; deleted before the manifest is written
     try:
         export_gguf(model.path, source, "f32", **meta)
@@ -801,6 +826,37 @@ def export_artifact(cfg, model, tmp: Path, texts: list[str] | None) -> dict:
     return {"model_file": final.name, "size_bytes": final.stat().st_size,
             "bits_per_weight": report["bits_per_weight"], "fallbacks": report["fallbacks"],
             "imatrix": texts is not None}
+
+
+def _export_auto(cfg, model, final: Path, texts: list[str], meta: dict) -> dict:
+    """``quant: auto``: measure each matrix's sensitivity, choose its type for the target size
+    (:mod:`edgekit.quantize.auto`), then write the GGUF with each matrix quantized by ggml's own quantizer."""
+    plan = _tensor_plan(_safetensors_keys(model.path), _hparams(_json(model.path / "config.json"), model.path),
+                        model.path)
+    names = {t["key"].removesuffix(".weight"): t["name"] for t in plan if len(t["shape"]) == 2}
+    fixed = sum(4 * math.prod(t["shape"]) for t in plan if len(t["shape"]) == 1)
+    budget = auto.budget_bytes(cfg.target, model.arch)
+    auto.check_budget([tuple(t["shape"]) for t in plan if len(t["shape"]) == 2], fixed, budget)
+    imatrix = compute_imatrix(model.path, texts, max_tokens=cfg.calibration_tokens, names=names)
+    save_imatrix(final.parent / "imatrix.safetensors", imatrix, {"texts": len(texts), "model": model.name})
+    # the measurement depends on the model and the calibration text only, not on the target: kept for other targets
+    cache = artifact.home() / "cache" / ("sensitivity-" + artifact.content_id(
+        artifact.folder_id(model.path), texts, cfg.calibration_tokens, auto.SENSITIVITY_TOKENS,
+        auto.SENSITIVITY_VERSION) + ".json")
+    mix, _ = auto.mix_for(model.path, names, fixed, texts, imatrix, budget, threads=cfg.threads, cache=cache)
+    artifact.fault_point("quantize.done")
+    written = export_gguf(model.path, final, "f32", types=mix.types,
+                          quantize=lambda name, arr, dtype: ggml.quantize(arr, dtype, imatrix.get(name), cfg.threads),
+                          **meta)
+    tensors = read_gguf(final)["tensors"]
+    params = sum(math.prod(t["shape"]) for t in tensors)
+    nbytes = sum(t["nbytes"] for t in tensors)
+    report = {"quant": "auto", "target": cfg.target, **mix.summary(), "size_bytes": final.stat().st_size,
+              "bits_per_weight": round(8 * nbytes / params, 4), "tensors": mix.rows, "path": final.name}
+    artifact.atomic_write_text(final.parent / "quant_report.json", json.dumps(report, indent=2) + "\n")
+    return {"model_file": final.name, "size_bytes": final.stat().st_size, "bits_per_weight": report["bits_per_weight"],
+            "fallbacks": [], "imatrix": True, "auto": {**mix.summary(), "target": cfg.target},
+            "n_tensors": written["n_tensors"]}
 
 
 def _check(cfg) -> None:

@@ -46,6 +46,8 @@ def export_key(cfg: ExportConfig, model_id: str) -> tuple[dict, str]:
     key["exporter"] = exporter(cfg.format).version
     if key.get("context") is None:  # only executorch has one; keeps gguf/onnx ids as they were
         key.pop("context", None)
+    if key.get("target") is None:  # only quant auto has one
+        key.pop("target", None)
     key["calibration"] = [artifact.sha256_file(f) for p in (cfg.calibration or [DEFAULT_CALIBRATION])
                           for f in _files(Path(p))] if cfg.calibrate else []
     return key, model_id

@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 
 # Our scheme name -> llama.cpp's LLAMA_FTYPE_* (names in llama_cpp), from each registered GGUF scheme's options.
 # The float ones convert without quantizing.
-FTYPES: Mapping[str, str] = SchemeTable("gguf", lambda ss: {s.name: s.options["ftype"] for s in ss})
+FTYPES: Mapping[str, str] = SchemeTable("gguf", lambda ss: {s.name: s.options["ftype"] for s in ss
+                                                         if s.options.get("ftype")})
 FLOAT_TYPES = ("f32", "f16", "bf16")
 
 # HF module path inside a Llama -> GGUF weight name (the key llama.cpp's quantizer looks an imatrix entry up by)
@@ -298,13 +299,14 @@ class Imatrix(dict):
 
 
 def compute_imatrix(model_dir: Path, texts: list[str], *, context: int = 512, max_tokens: int = 50_000,
-                    progress: bool = True) -> dict[str, np.ndarray]:
+                    progress: bool = True, names: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
     """llama.cpp's importance matrix for the HF model in ``model_dir``, from calibration ``texts``.
 
     The texts are tokenized (no special tokens added), joined into one stream,
     cut to ``max_tokens`` and run in ``context``-token windows through the fp32
     model. Returns an :class:`Imatrix` (a dict) whose ``meta`` holds the number
-    of tokens and chunks.
+    of tokens and chunks. ``names`` maps module names to GGUF tensor names (the GGUF writer's own table, which
+    covers fused q/k/v and gate/up matrices); without it, Llama's linear names are assumed.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -337,7 +339,7 @@ def compute_imatrix(model_dir: Path, texts: list[str], *, context: int = 512, ma
     handles = []
     for mod_name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and mod is not head:
-            name = _gguf_weight_name(mod_name, model_dir)
+            name = names[mod_name] if names and mod_name in names else _gguf_weight_name(mod_name, model_dir)
             handles.append(mod.register_forward_hook(lambda m, inputs, out, name=name: accumulate(name, inputs[0])))
     head_name = "token_embd.weight" if tied else "output.weight"
     chunks = [stream[i:i + context] for i in range(0, len(stream), context)]

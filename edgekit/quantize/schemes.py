@@ -285,7 +285,13 @@ GGUF_FLOATS = ("f32", "f16", "bf16")  # converted by edgekit's writer; llama.cpp
 # imatrix (calibrate) applies to every quantized type.
 _LLAMA_FTYPE = {"f32": "LLAMA_FTYPE_ALL_F32", **{n: f"LLAMA_FTYPE_MOSTLY_{n.upper()}" for n, *_ in _GGUF[1:]}}
 GGUF_SCHEMES = tuple(Scheme("gguf", n, d, _gguf_layout(n, base), mult, calibrate=n not in GGUF_FLOATS,
-                            options={"ftype": _LLAMA_FTYPE[n]}) for n, base, mult, d in _GGUF)
+                            options={"ftype": _LLAMA_FTYPE[n]}) for n, base, mult, d in _GGUF) + (
+    # Per-tensor types chosen at export time (edgekit.quantize.auto) for a size target that defaults to
+    # q4_k_m's; until then the planner counts q4_k_m's layout, the size auto aims at by default.
+    Scheme("gguf", "auto", "per-tensor types (Q3_K..Q8_0) chosen by measured sensitivity for a size target "
+           "(default: q4_k_m's size); always calibrated", _gguf_layout("q4_k_m", "Q4_K"), 256, calibrate=True,
+           options={"auto": True}),
+)
 
 
 # --------------------------------------------------------------------------- ONNX / onnxruntime

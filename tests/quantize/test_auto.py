@@ -1,0 +1,192 @@
+"""`quant: auto` for GGUF: ggml's per-tensor quantizer, the sensitivity pass, the budgeted choice, the export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgekit.errors import RecipeError
+from edgekit.export.config import ExportConfig
+from edgekit.quantize import auto, ggml
+from edgekit.quantize.gguf import compute_imatrix, quantize_gguf
+
+CALIBRATION = ["The quick brown fox jumps over the lazy dog. Hello world, how are you today?"] * 10 + \
+              ["def add(a, b):\n    return a + b\n"] * 10 + ["1234567890 apples and 42 oranges"] * 10
+
+
+def _tensors(path: Path) -> dict[str, tuple]:
+    from gguf import GGUFReader
+
+    return {t.name: (t.tensor_type.name, np.array(t.data)) for t in GGUFReader(path).tensors}
+
+
+@pytest.fixture(scope="module")
+def wide_llama_dir(tmp_path_factory) -> Path:
+    """A small random Llama whose rows are multiples of 256, so the K-quant ladder applies (tied head)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import _tiny_bpe_tokenizer
+
+    folder = tmp_path_factory.mktemp("wide-llama")
+    _tiny_bpe_tokenizer(folder, 320)
+    tok = AutoTokenizer.from_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+# --------------------------------------------------------------------------- ggml's quantizer
+
+
+@pytest.mark.parametrize("quant,calibrated", [("q4_k_m", False), ("q4_k_m", True), ("q3_k_m", True),
+                                              ("q8_0", False)])
+def test_per_tensor_quantizer_writes_the_bytes_llama_quantize_writes(wide_llama_dir, exporter_output, tmp_path, quant,
+                                                                     calibrated):
+    """Every matrix llama_model_quantize wrote is reproduced byte for byte by ggml.quantize at the same type, from
+    the same f32 data and importance-matrix entry."""
+    f32 = exporter_output(wide_llama_dir, "gguf", "f32")[0]
+    imatrix = compute_imatrix(wide_llama_dir, CALIBRATION, context=64, progress=False) if calibrated else None
+    out = tmp_path / f"{quant}.gguf"
+    quantize_gguf(f32, out, quant, imatrix=imatrix, warn_requant=False)
+    source, quantized = _tensors(f32), _tensors(out)
+    types = set()
+    for name, (dtype, raw) in quantized.items():
+        if dtype in ("F32", "F16"):
+            continue
+        w = source[name][1].astype(np.float32)
+        mine = ggml.quantize(w, dtype, None if imatrix is None else imatrix.get(name), threads=2)
+        assert mine.tobytes() == raw.tobytes(), (name, dtype)
+        types.add(dtype)
+    assert len(types) >= (1 if quant == "q8_0" else 2)  # the _M mixes really had several types (Q4_K and Q6_K)
+
+
+def test_roundtrip_error_falls_with_bits_and_bad_input_is_refused():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 256)).astype(np.float32)
+    errors = [float(((ggml.roundtrip(w, t) - w) ** 2).sum()) for t in auto.LADDER_256]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < errors[0] / 50
+    from edgekit.errors import ModelError
+
+    with pytest.raises(ModelError, match="not a multiple"):
+        ggml.quantize(w[:, :100], "Q4_K")
+    with pytest.raises(ModelError, match="values for rows"):
+        ggml.quantize(w, "Q4_K", np.ones(10, dtype=np.float32))
+
+
+# --------------------------------------------------------------------------- the choice
+
+
+def test_hull_drops_dominated_and_non_convex_options():
+    o = auto.Option
+    hull = auto._hull([o("a", 10, 1.0), o("b", 12, 1.2), o("c", 14, 0.95), o("d", 20, 0.1), o("e", 30, 0.05)])
+    assert [x.dtype for x in hull] == ["a", "d", "e"]  # b is dearer and worse; c lies above the a-d segment
+
+
+def test_choice_spends_the_budget_where_kl_falls_most():
+    o, T = auto.Option, auto.TensorSensitivity
+    sensitive = T("x", 256, 1, [o("Q4_K", 100, 1.0), o("Q8_0", 200, 0.01)], 1.0)
+    robust = T("y", 256, 1, [o("Q4_K", 100, 0.02), o("Q8_0", 200, 0.0)], 0.02)
+    pick = auto.choose([sensitive, robust], fixed_bytes=50, budget=360)
+    assert (pick["x"].dtype, pick["y"].dtype) == ("Q8_0", "Q4_K")
+    both = auto.choose([sensitive, robust], fixed_bytes=50, budget=450)
+    assert (both["x"].dtype, both["y"].dtype) == ("Q8_0", "Q8_0")
+    with pytest.raises(RecipeError, match="below the smallest auto mix"):
+        auto.choose([sensitive, robust], fixed_bytes=50, budget=200)
+
+
+def test_targets_parse_and_wrong_uses_are_refused(tiny_bpe_llama_dir):
+    assert auto.parse_target("4.8bpw") == ("bpw", 4.8)
+    assert auto.parse_target("90MB") == ("bytes", 90e6)
+    for bad in ("fast", "1.5bpw", "-3MB"):
+        with pytest.raises(RecipeError, match="target"):
+            auto.parse_target(bad)
+    cfg = ExportConfig(model=str(tiny_bpe_llama_dir), format="gguf", quant="auto", target="5bpw")
+    assert cfg.calibrate and cfg.label == "gguf-auto-5bpw"
+    assert ExportConfig(model=str(tiny_bpe_llama_dir), format="gguf", quant="auto").label == "gguf-auto"
+    with pytest.raises(RecipeError, match="drop --target or use --quant auto"):
+        ExportConfig(format="gguf", quant="q4_k_m", target="90MB")
+    with pytest.raises(RecipeError, match="neither a size nor bits"):
+        ExportConfig(format="gguf", quant="auto", target="small")
+
+
+# --------------------------------------------------------------------------- sensitivity
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen3", "phi3"])
+def test_restarting_at_any_layer_reproduces_the_float_logits(family_dir, family):
+    """The sensitivity pass re-runs only the layers after a changed tensor from the kept inputs; with nothing
+    changed that must equal the model's own forward pass, from every layer (a family's extra steps included)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(family_dir(family), dtype=torch.float32).eval()
+    seqs = [[5, 9, 17, 33, 2, 8, 40, 41], [3, 4, 5]]
+    tail = auto._Tail(model, seqs)
+    for start in range(len(tail.layers) + 1):
+        for s in range(len(seqs)):
+            got = torch.log_softmax(tail.logits(start, s), -1)
+            assert torch.allclose(got, tail.ref[s], atol=1e-5), (family, start, s)
+    assert tail.kl(0) < 1e-9 and tail.kl(0, embed=True) < 1e-9
+
+
+def test_sensitivity_measures_every_matrix_and_prices_the_ladder(wide_llama_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(wide_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(wide_llama_dir, dtype=torch.float32).eval()
+    names = {f"model.layers.{i}.{m}": f"blk.{i}.{g}.weight" for i in range(3) for m, g in (
+        ("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
+        ("self_attn.o_proj", "attn_output"), ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"),
+        ("mlp.down_proj", "ffn_down"))}
+    names["model.embed_tokens"] = "token_embd.weight"
+    seqs = [tok(t, add_special_tokens=False)["input_ids"] for t in CALIBRATION[::5]]
+    imatrix = compute_imatrix(wide_llama_dir, CALIBRATION, context=64, progress=False, names=names)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    found = auto.sensitivity(model, names, seqs, imatrix, tokens=128, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights restored
+    assert {t.name for t in found} == set(names.values())
+    for t in found:
+        assert [o.dtype for o in t.options] == list(auto.LADDER_256)
+        kls = [o.kl for o in t.options]
+        assert t.measured_kl > 0 and kls[0] == pytest.approx(t.measured_kl)
+        assert kls == sorted(kls, reverse=True) and kls[-1] < kls[0] / 20
+    # the measured cost differs between tensors by more than noise: that is what the choice uses
+    measured = sorted(t.measured_kl for t in found)
+    assert measured[-1] > 3 * measured[0]
+
+
+# --------------------------------------------------------------------------- the export
+
+
+def test_auto_export_fits_the_target_records_its_types_and_runs_in_llama_cpp(wide_llama_dir, home):
+    from edgekit.export import pipeline
+    from edgekit.runtimes.llamacpp import last_logits, open_llama
+
+    small = pipeline.run(ExportConfig(model=str(wide_llama_dir), format="gguf", quant="auto", target="5bpw",
+                                      calibration_tokens=2000))
+    large = pipeline.run(ExportConfig(model=str(wide_llama_dir), format="gguf", quant="auto", target="7bpw",
+                                      calibration_tokens=2000))
+    for a, bpw in ((small, 5.0), (large, 7.0)):
+        folder = Path(a["path"])
+        metrics = a["manifest"]["metrics"]
+        report = json.loads((folder / "quant_report.json").read_text())
+        assert metrics["bits_per_weight"] <= bpw and metrics["auto"]["target"] == f"{bpw:g}bpw"
+        written = {n: t for n, (t, _) in _tensors(folder / "model.gguf").items()}
+        assert {r["name"]: r["type"] for r in report["tensors"]} == {n: t for n, t in written.items() if t != "F32"}
+        assert sum(metrics["auto"]["types"].values()) == len(report["tensors"])
+        llm = open_llama(folder / "model.gguf", n_ctx=64)
+        llm.eval([1, 5, 9, 17])
+        assert np.isfinite(last_logits(llm)).all()
+    assert small["manifest"]["metrics"]["auto"]["predicted_kl"] > large["manifest"]["metrics"]["auto"]["predicted_kl"]
+    # the measurement does not depend on the target: the second export reused the first one's
+    assert len(list((home / "cache").glob("sensitivity-*.json"))) == 1
+    with pytest.raises(RecipeError, match="below the smallest auto mix"):
+        pipeline.run(ExportConfig(model=str(wide_llama_dir), format="gguf", quant="auto", target="2.5bpw"))
