@@ -338,6 +338,17 @@ def _raise_infeasible(teacher, device, scheme, context, runtime, target):
     )
 
 
+def weight_budget(arch: Architecture, device: DeviceProfile, fmt: str, context: int) -> int:
+    """The weight bytes that fit ``device``'s memory budget beside what else the runtime holds for ``arch`` at
+    ``context`` (KV cache, compute buffer, overhead; this module's memory model): the size ``quant: auto`` aims
+    at with ``target: device``."""
+    runtime = runtime_for(fmt, device)
+    mem = memory_model(arch, get_scheme(fmt, "q4_k_m" if fmt == "gguf" else schemes(fmt)[0].name), context, runtime,
+                       _bare_metal(device))
+    # total = (weights + the rest) * (1 + SAFETY_MARGIN) must stay within the budget
+    return int(device.memory_budget / (1 + SAFETY_MARGIN)) - (mem.predicted_rss - mem.weights)
+
+
 # --------------------------------------------------------------------------- the plan
 
 

@@ -27,9 +27,12 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, T
 
 from edgekit import registry
 from edgekit.bench.config import BenchConfig
+from edgekit.devices import load_device
 from edgekit.distill.config import LOSSES, CacheConfig, DataConfig, DistillConfig, QatConfig, StudentSpec, TrainConfig
 from edgekit.errors import RecipeError, validation_problem, yaml_problem
 from edgekit.export.config import ExportConfig, exporter
+from edgekit.models import resolve_teacher
+from edgekit.plan import weight_budget
 from edgekit.quantize.config import FidelityConfig
 from edgekit.units import Duration
 
@@ -118,7 +121,9 @@ class ExportSpec(_Section):
     format: str = Field(description="registered format: gguf, onnx or executorch")
     quant: str = Field(description="registered scheme of that format, e.g. q4_k_m, int4 (see `edgekit plan`)")
     calibrate: bool = _stage_field(ExportConfig, "calibrate")
-    target: str | None = _stage_field(ExportConfig, "target")
+    target: str | None = _stage_field(ExportConfig, "target", "quant auto only: a size ('90MB'), bits per weight "
+                                      "('4.8bpw') or 'device' (what fits the device's memory budget beside the KV "
+                                      "cache at this recipe's context); default: q4_k_m's size")
 
 
 class PackageSection(_Section):
@@ -174,6 +179,15 @@ class Recipe(_Section):
         except ValidationError as e:
             raise RecipeError(f"{self._where()}: distill: " + format_errors(e, None, {})) from e
 
+    def _device_target(self, fmt: str, model: str) -> str:
+        """``target: device``: the weight bytes that fit this recipe's device next to the KV cache, compute buffer
+        and runtime overhead of ``model`` at the recipe's context (the planner's memory model), rounded down."""
+        budget = weight_budget(resolve_teacher(model).arch, load_device(self.device), fmt, self.context)
+        if budget <= 0:
+            raise RecipeError(f"{self._where()}: target: device leaves no memory for weights on {self.device} at "
+                              f"context {self.context}; lower the context or pick a larger device")
+        return f"{int(budget / 1e5) / 10:.1f}MB"
+
     def export_configs(self, model: str = "default") -> list[ExportConfig]:
         """One :class:`ExportConfig` per ``exports`` entry, for ``model`` (the runner passes the student)."""
         out = []
@@ -181,8 +195,9 @@ class Recipe(_Section):
             if e.format not in exporter_formats():
                 raise RecipeError(f"{self._where()}: exports.{i}.format: {no_exporter(e.format)}")
             try:
+                target = self._device_target(e.format, model) if e.target == "device" else e.target
                 out.append(ExportConfig(model=model, format=e.format, quant=e.quant, calibrate=e.calibrate,
-                                        target=e.target,
+                                        target=target,
                                         context=self.context if exporter(e.format).static_context else None,
                                         threads=self.bench.threads if self.bench else None))
             except (ValidationError, RecipeError) as err:

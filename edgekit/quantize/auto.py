@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgekit.arch import Architecture
+from edgekit.artifact import atomic_write_text
 from edgekit.errors import RecipeError
 from edgekit.progress import steps
 from edgekit.quantize import ggml
@@ -71,6 +72,9 @@ def ladder(row: int) -> tuple[str, ...]:
 
 def parse_target(text: object) -> tuple[str, float]:
     """``"4.8bpw"`` -> ("bpw", 4.8); ``"90MB"`` / ``90000000`` -> ("bytes", 9e7). RecipeError otherwise."""
+    if text == "device":
+        raise RecipeError("target: device is the device's memory budget, which only a recipe knows (its `device:`); "
+                          "on the command line give a size ('90MB') or bits per weight ('4.8bpw')")
     if isinstance(text, str) and (m := _BPW.match(text)):
         bpw = float(m.group(1))
         if not 2.0 <= bpw <= 16.0:
@@ -330,8 +334,6 @@ def plan_mix(found: list[TensorSensitivity], fixed_bytes: int, budget: int) -> M
 
 
 def _save(found: list[TensorSensitivity], path: Path) -> None:
-    from edgekit.artifact import atomic_write_text
-
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps({"version": SENSITIVITY_VERSION, "tensors": [asdict(t) for t in found]}))
 

@@ -190,3 +190,33 @@ def test_auto_export_fits_the_target_records_its_types_and_runs_in_llama_cpp(wid
     assert len(list((home / "cache").glob("sensitivity-*.json"))) == 1
     with pytest.raises(RecipeError, match="below the smallest auto mix"):
         pipeline.run(ExportConfig(model=str(wide_llama_dir), format="gguf", quant="auto", target="2.5bpw"))
+
+
+def test_target_device_is_what_fits_beside_the_kv_cache(tiny_bpe_llama_dir, tmp_path):
+    import dataclasses
+
+    import yaml
+
+    from edgekit.devices import load_device
+    from edgekit.models import resolve_teacher
+    from edgekit.plan import memory_model, runtime_for, weight_budget
+    from edgekit.quantize.schemes import get_scheme
+    from edgekit.recipe import load_recipe
+
+    def recipe(device: str, context: int):
+        path = tmp_path / f"{device}-{context}.yaml"
+        path.write_text(yaml.safe_dump({"device": device, "context": context, "distill": None,
+                                        "exports": [{"format": "gguf", "quant": "auto", "target": "device"}]}))
+        return load_recipe(path)
+
+    arch, device = resolve_teacher(str(tiny_bpe_llama_dir)).arch, load_device("pi-zero-2w")
+    (cfg,) = recipe("pi-zero-2w", 256).export_configs(str(tiny_bpe_llama_dir))
+    budget = weight_budget(arch, device, "gguf", 256)
+    mem = memory_model(arch, get_scheme("gguf", "q4_k_m"), 256, runtime_for("gguf", device))
+    # the planner's total (safety margin included) just fits with that many bytes of weights, not with 1 kB more
+    assert dataclasses.replace(mem, weights=budget).total <= device.memory_budget
+    assert dataclasses.replace(mem, weights=budget + 1000).total > device.memory_budget
+    assert cfg.target.endswith("MB") and budget - 100_000 < float(cfg.target[:-2]) * 1e6 <= budget
+    assert cfg.label == f"gguf-auto-{cfg.target}"
+    with pytest.raises(RecipeError, match="only a recipe knows"):
+        ExportConfig(format="gguf", quant="auto", target="device")
