@@ -60,9 +60,11 @@ from edgekit.export.onnx_graph import build_decoder
 from edgekit.export.onnx_quant import QUANT_OPS, OnnxQuant, quantize, save
 from edgekit.hf import copy_hf_files, read_json, special_token_ids
 from edgekit.progress import steps
+from edgekit.quantize import auto
 from edgekit.quantize.awq import awq_scaled_copy
+from edgekit.quantize.gguf import compute_imatrix
 from edgekit.quantize.gptq import hessians
-from edgekit.quantize.schemes import Scheme, SchemeTable
+from edgekit.quantize.schemes import Scheme, SchemeTable, get_scheme, matmul_nbits_bytes
 from edgekit.runtimes.onnxruntime import GENAI_CONFIG, MODEL_FILE, OrtSession, op_counts
 
 log = logging.getLogger(__name__)
@@ -82,14 +84,15 @@ def _quants(schemes: list[Scheme]) -> dict[str, OnnxQuant]:
     for s in schemes:
         o = s.options
         out[s.name] = OnnxQuant(s.name, o["kind"], o.get("block_size", 0), o.get("algorithm", ""),
-                                o.get("description", ""))
+                                o.get("description", ""), bool(o.get("auto")))
     for s in schemes:
         if s.calibrate:
             spec = out[s.name]
             out[f"{s.name}-awq"] = OnnxQuant(
                 f"{s.name}-awq", spec.kind, spec.block_size, "awq",
                 f"{spec.kind} MatMulNBits, block {spec.block_size}, activation-aware (AWQ) scaling then GPTQ "
-                "rounding on calibration text; LM head int8")
+                "rounding on calibration text; LM head int8"
+                + ("; 8-bit matrices chosen by measured sensitivity" if spec.auto else ""), spec.auto)
     return out
 
 
@@ -100,13 +103,15 @@ QUANTS: Mapping[str, OnnxQuant] = SchemeTable("onnx", _quants)
 
 
 def export_onnx(model_dir: Path, out_dir: Path, quant: str = "fp32", *, calibration_texts: list[str] | None = None,
-                block_size: int | None = None, progress: bool = True) -> dict:
+                block_size: int | None = None, progress: bool = True, target: str | None = None,
+                calibration_tokens: int = 30_000) -> dict:
     """Export the HF folder ``model_dir`` to an onnxruntime / onnxruntime-genai folder ``out_dir``.
 
     ``out_dir`` is built in a temporary sibling and renamed into place when complete; it holds
     ``model.onnx`` (plus ``model.onnx.data`` past 2 GB), ``genai_config.json``, the tokenizer
     files, config.json and generation_config.json. Returns a summary: files and sizes, the tool
-    behind each step, op counts and timings.
+    behind each step, op counts and timings. ``target`` is the size of an ``auto`` export (its 8-bit matrices
+    chosen by :mod:`edgekit.quantize.auto`; default int4's size).
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     spec = resolve_quant(quant, block_size)
@@ -121,7 +126,7 @@ def export_onnx(model_dir: Path, out_dir: Path, quant: str = "fp32", *, calibrat
                  len(calibration_texts))
 
     timings: dict[str, float] = {}
-    tools = {"graph": FUSED_TOOL}
+    tools, mix = {"graph": FUSED_TOOL}, None
     start = time.perf_counter()
     n_steps = 5 if spec.algorithm == "awq" else 4
     with steps(progress, n_steps, f"export onnx {spec.name}") as step_bar, artifact.atomic_dir(out_dir) as tmp:
@@ -142,9 +147,12 @@ def export_onnx(model_dir: Path, out_dir: Path, quant: str = "fp32", *, calibrat
         artifact.fault_point("onnx.step")
         t = time.perf_counter()
         if spec.kind in ("int8", "int4"):
+            more = None
+            if spec.auto:  # measured on the float model, before any scaling
+                more, mix = _auto_more_bits(model_dir, model, calibration_texts, target, arch, calibration_tokens)
             # calibrated: GPTQ rounds the AWQ-scaled 4-bit matrices against their calibration inputs
             hessians = _hessians(source, calibration_texts) if spec.algorithm == "awq" else None
-            model, how = quantize(model, spec, work, hessians)
+            model, how = quantize(model, spec, work, hessians, more)
             tools.update(how)
         timings["quantize_s"] = time.perf_counter() - t
         step_bar.update(1)
@@ -188,6 +196,7 @@ def export_onnx(model_dir: Path, out_dir: Path, quant: str = "fp32", *, calibrat
         "quantized_ops": {k: v for k, v in ops.items() if k in QUANT_OPS},
         "calibration_samples": len(calibration_texts) if awq else 0,
         "awq": awq,
+        **({"auto": mix} if spec.auto else {}),
         "eos_token_id": config["model"]["eos_token_id"],
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
@@ -304,6 +313,41 @@ def _hessians(model_dir: Path, texts: list[str]) -> dict:
             out[name.replace(".q_proj", ".qkv_proj") + ".weight"] = h
     return out
 
+def _auto_more_bits(model_dir: Path, graph, texts: list[str], target: str | None, arch: Architecture,
+                    calibration_tokens: int) -> tuple[list[str], dict]:
+    """``quant: auto``: the decoder MatMuls that get 8 bits, chosen by measured sensitivity so the file fits
+    ``target`` (:mod:`edgekit.quantize.auto`), and the record of the choice. A packed q/k/v matrix is measured
+    as one unit (its q, k and v rows together); Phi-3's gate/up halves, which the graph splits from one HF
+    matrix, stay 4-bit."""
+    nodes = {n.input[1]: n.name for n in graph.graph.node
+             if n.op_type == "MatMul" and n.input[1].startswith("model.layers.")}
+    units: dict[str, list[str]] = {}
+    for weight in nodes:
+        module = weight.removesuffix(".weight")
+        if arch.family.fused and module.endswith(("gate_proj", "up_proj")):
+            continue
+        if module.endswith(".qkv_proj") and not arch.family.fused:
+            units[weight] = [module.replace(".qkv_proj", f".{x}_proj") for x in "qkv"]
+        else:
+            units[weight] = [module]
+    inits = {t.name: t for t in graph.graph.initializer}
+    shapes = {w: (inits[w].dims[1], inits[w].dims[0]) for w in nodes}  # MatMul B is [in, out]: (rows, row)
+    int4 = matmul_nbits_bytes(4, 32)
+    layout = get_scheme("onnx", "auto").tensors(arch)
+    fixed = sum(t.nbytes for t in layout if t.role in ("norm", "output", "embedding"))
+    fixed += sum(int4(row, rows) for w, (rows, row) in shapes.items() if w not in units)
+    budget = auto.budget_bytes(target, arch, "onnx")
+    auto.check_budget([shapes[w] for w in units], fixed, budget, auto.onnx_candidates)
+    imatrix = compute_imatrix(model_dir, texts, max_tokens=calibration_tokens,
+                              names={m: w for w, ms in units.items() for m in ms})
+    cache = artifact.home() / "cache" / ("sensitivity-onnx-" + artifact.content_id(
+        artifact.folder_id(model_dir), texts, calibration_tokens, auto.SENSITIVITY_TOKENS,
+        auto.SENSITIVITY_VERSION) + ".json")
+    mix, _ = auto.mix_for(model_dir, units, fixed, texts, imatrix, budget, auto.onnx_candidates, cache=cache)
+    more = [nodes[w] for w, dtype in mix.types.items() if dtype == "int8"]
+    return more, {**mix.summary(), "target": target, "tensors": mix.rows}
+
+
 def prefill_inputs(ids: list[int], layers: int, kv_heads: int, head_dim: int, dtype) -> dict:
     """The fused graph's inputs for one batch-1 prefill of ``ids`` with an empty K/V cache."""
     import numpy as np
@@ -358,13 +402,20 @@ def _smoke_run(path: Path, arch: Architecture) -> None:
 def export_artifact(cfg, model, tmp: Path, texts: list[str] | None) -> dict:
     """The export stage's ONNX step: :func:`export_onnx` into ``tmp`` (the artifact folder is the ONNX folder)."""
     work = tmp / "onnx"
-    summary = export_onnx(model.path, work, cfg.exporter_quant, calibration_texts=texts)
+    summary = export_onnx(model.path, work, cfg.exporter_quant, calibration_texts=texts, target=cfg.target,
+                          calibration_tokens=cfg.calibration_tokens)
     for p in work.iterdir():  # flatten: the artifact folder is the ONNX folder
         shutil.move(str(p), tmp / p.name)
     work.rmdir()
     size = sum(p.stat().st_size for p in tmp.iterdir() if p.name.startswith(MODEL_FILE))
-    return {"model_file": MODEL_FILE, "size_bytes": size, "bits_per_weight": 8 * size / model.arch.params,
-            "export": summary}
+    out = {"model_file": MODEL_FILE, "size_bytes": size, "bits_per_weight": 8 * size / model.arch.params,
+           "export": summary}
+    if "auto" in summary:  # the choice at the top, as the GGUF exporter records it; per-matrix rows in the report
+        report = {"quant": "auto", **summary["auto"]}
+        artifact.atomic_write_text(tmp / "quant_report.json", json.dumps(report, indent=2) + "\n")
+        out["auto"] = {k: v for k, v in summary["auto"].items() if k != "tensors"}
+        summary["auto"] = out["auto"]
+    return out
 
 
 EXPORTER = Exporter("onnx", export_artifact, version=4, default_quant="fp32",

@@ -34,6 +34,7 @@ class OnnxQuant:
     block_size: int = 0
     algorithm: str = ""  # int8: dynamic | rtn; int4: rtn | awq
     description: str = ""
+    auto: bool = False  # int4: which matrices get 8 bits is measured per model (edgekit.quantize.auto)
 
 
 HEAD_BITS, HEAD_BLOCK = 8, 32  # the LM head (and a tied embedding) of the 4-bit exports, as llama.cpp keeps it
@@ -43,10 +44,11 @@ QUANT_OPS = ("MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul", 
               "GatherBlockQuantized")
 
 
-def quantize(model, spec: OnnxQuant, work: Path, hessians: dict | None = None):
+def quantize(model, spec: OnnxQuant, work: Path, hessians: dict | None = None, more: list[str] | None = None):
     """Quantize ``model``'s MatMuls (and embedding) as ``spec`` says; with ``hessians`` (weight initializer name ->
     ``X^T X`` of its input) the 4-bit matrices are GPTQ-rounded (:mod:`edgekit.quantize.gptq`) instead of rounded
-    to nearest."""
+    to nearest. ``more``: the MatMul nodes a 4-bit export keeps at 8 bits besides the head (default: llama.cpp's
+    ``_M`` rule, :func:`_more_bits_nodes`)."""
     import onnxruntime
 
     tied = _materialize_tied_head(model)
@@ -62,7 +64,8 @@ def quantize(model, spec: OnnxQuant, work: Path, hessians: dict | None = None):
     bits = 8 if spec.kind == "int8" else 4
     # accuracy_level 4 (int8 dot products): at the default level onnxruntime 1.32's CPU kernel dequantizes
     # 8-bit blocks on every call (~15x slower than fp32) and 4-bit decode is ~38 % slower, for the same KL.
-    more = _more_bits_nodes(model) if bits == 4 else []
+    chosen = more is not None
+    more = (more if chosen else _more_bits_nodes(model)) if bits == 4 else []
     if hessians and bits == 4:
         n = _gptq_nodes(model, hessians, spec.block_size, skip={head_node.name, *more})
         weights = (f"edgekit.quantize.gptq (error-compensating rounding on calibration text) for {n} matrices, "
@@ -74,8 +77,10 @@ def quantize(model, spec: OnnxQuant, work: Path, hessians: dict | None = None):
                    f"{spec.block_size}, asymmetric, accuracy_level 4")
     if bits == 4:
         model = _quantize_rtn(model, HEAD_BLOCK, HEAD_BITS, 4, include=[head_node.name, *more])
-        weights += (f"; LM head and {len(more)} qkv or v_proj / down_proj of the use_more_bits layers {HEAD_BITS}-bit, "
-                    f"block {HEAD_BLOCK} (llama.cpp's _M mix)")
+        which = ("matrices chosen by measured sensitivity for the size target (edgekit.quantize.auto)" if chosen
+                 else "qkv or v_proj / down_proj of the use_more_bits layers")
+        weights += (f"; LM head and {len(more)} {which} {HEAD_BITS}-bit, block {HEAD_BLOCK}"
+                    + ("" if chosen else " (llama.cpp's _M mix)"))
     if spec.algorithm == "awq":
         weights = "edgekit.quantize.awq activation-aware scaling (PyTorch), then " + weights
     head_bits, head_block = (HEAD_BITS, HEAD_BLOCK) if bits == 4 else (bits, spec.block_size)

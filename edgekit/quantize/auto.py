@@ -32,7 +32,7 @@ import json
 import logging
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,8 +41,8 @@ from edgekit.arch import Architecture
 from edgekit.artifact import atomic_write_text
 from edgekit.errors import RecipeError
 from edgekit.progress import steps
-from edgekit.quantize import ggml
-from edgekit.quantize.schemes import get_scheme
+from edgekit.quantize import fakequant, ggml
+from edgekit.quantize.schemes import get_scheme, matmul_nbits_bytes
 from edgekit.units import UnitError, format_bytes, parse_bytes
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ LADDER_256 = ("Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 LADDER_32 = ("IQ4_NL", "Q5_0", "Q5_1", "Q8_0")
 SENSITIVITY_TOKENS = 512  # calibration tokens each tensor's KL is measured on
 SENSITIVITY_VERSION = 1  # bump when the measurement changes, so saved tables are measured again
-DEFAULT_REFERENCE = "q4_k_m"  # with no target, auto aims at this fixed mix's size
+REFERENCE = {"gguf": "q4_k_m", "onnx": "int4"}  # with no target, auto aims at this fixed mix's size
 _BPW = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*bpw\s*$", re.IGNORECASE)
 
 
@@ -87,9 +87,10 @@ def parse_target(text: object) -> tuple[str, float]:
                           "'4.8bpw'") from None
 
 
-def budget_bytes(target: object | None, arch: Architecture) -> int:
-    """The tensor bytes ``target`` allows for ``arch`` (all tensors, norms included, as bits_per_weight counts)."""
-    reference = get_scheme("gguf", DEFAULT_REFERENCE)
+def budget_bytes(target: object | None, arch: Architecture, fmt: str = "gguf") -> int:
+    """The tensor bytes ``target`` allows for ``arch`` in ``fmt`` (all tensors, norms included, as bits_per_weight
+    counts)."""
+    reference = get_scheme(fmt, REFERENCE[fmt])
     if target is None:
         return reference.weight_bytes(arch)
     kind, value = parse_target(target)
@@ -98,13 +99,16 @@ def budget_bytes(target: object | None, arch: Architecture) -> int:
     return int(value)
 
 
-def check_budget(shapes: list[tuple[int, int]], fixed_bytes: int, budget: int) -> None:
+def check_budget(shapes: list[tuple[int, int]], fixed_bytes: int, budget: int,
+                 candidates: Callable[[int], list[Candidate]]) -> None:
     """RecipeError before any measuring when even every matrix (``(rows, row)``) at its cheapest type overflows."""
-    least = fixed_bytes + sum(rows * ggml.row_bytes(ladder(row)[0], row) for rows, row in shapes)
+    cheapest = {row: candidates(row)[0] for _, row in shapes}
+    least = fixed_bytes + sum(cheapest[row].nbytes(rows, row) for rows, row in shapes)
     if least > budget:
+        types = "/".join(sorted({c.dtype for c in cheapest.values()}))
         raise RecipeError(f"target of {format_bytes(budget)} is below the smallest auto mix of this model "
-                          f"({format_bytes(least)}, every matrix at its cheapest type {LADDER_256[0]}/"
-                          f"{LADDER_32[0]}); raise the target or pick a smaller student")
+                          f"({format_bytes(least)}, every matrix at its cheapest type {types}); raise the target or "
+                          "pick a smaller student")
 
 
 # --------------------------------------------------------------------------- the choice
@@ -245,14 +249,40 @@ class _Tail:
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
-def sensitivity(model, names: Mapping[str, str], sequences: list[list[int]], imatrix: Mapping[str, np.ndarray], *,
-                tokens: int = SENSITIVITY_TOKENS, threads: int | None = None,
-                progress: bool = True) -> list[TensorSensitivity]:
-    """Each quantizable weight's KL cost at every ladder type (see the module docstring).
+@dataclass(frozen=True)
+class Candidate:
+    """One type a unit may take: its bytes for ``rows x row`` and what the runtime computes with after quantizing
+    a float32 ``[rows, row]`` matrix (given its importance-matrix column weights, or None)."""
 
-    ``model`` is the float HF model; ``names`` maps its 2-D weights' module names (``model.layers.3.mlp.up_proj``,
-    ``model.embed_tokens``, ``lm_head``) to their GGUF tensor names; ``imatrix`` is keyed by GGUF name (a tied
-    head's entry is ``token_embd.weight``)."""
+    dtype: str
+    nbytes: Callable[[int, int], int]
+    roundtrip: Callable[[np.ndarray, np.ndarray | None], np.ndarray]
+
+
+def gguf_candidates(row: int, threads: int | None = None) -> list[Candidate]:
+    """The GGUF ladder of a ``row``-long matrix, quantized by ggml itself (with the importance matrix)."""
+    return [Candidate(d, lambda rows, r, d=d: rows * ggml.row_bytes(d, r),
+                      lambda w, imat, d=d: ggml.roundtrip(w, d, imat, threads)) for d in ladder(row)]
+
+
+def onnx_candidates(row: int) -> list[Candidate]:
+    """MatMulNBits block 32 at 4 or 8 bits (asymmetric, what the ONNX int4 export writes), as
+    :func:`edgekit.quantize.fakequant.nbits` reproduces onnxruntime's quantizer bit for bit."""
+    import torch
+
+    return [Candidate(f"int{b}", lambda rows, r, b=b: matmul_nbits_bytes(b, 32)(r, rows),
+                      lambda w, imat, b=b: fakequant.nbits(torch.from_numpy(w), b, 32).numpy()) for b in (4, 8)]
+
+
+def sensitivity(model, units: Mapping[str, Sequence[str]], sequences: list[list[int]],
+                imatrix: Mapping[str, np.ndarray], candidates: Callable[[int], list[Candidate]], *,
+                tokens: int = SENSITIVITY_TOKENS, progress: bool = True) -> list[TensorSensitivity]:
+    """Each quantizable unit's KL cost at every candidate type (see the module docstring).
+
+    ``model`` is the float HF model; ``units`` maps each stored matrix's name (a GGUF tensor, an ONNX weight) to
+    the module names of the weights it holds, in row order (one, or q/k/v for a packed matrix):
+    ``model.layers.3.mlp.up_proj``, ``model.embed_tokens``, ``lm_head``. ``imatrix`` is keyed by the unit name;
+    ``candidates(row)`` lists a unit's types, cheapest first."""
     import numpy as np
     import torch
 
@@ -267,39 +297,43 @@ def sensitivity(model, names: Mapping[str, str], sequences: list[list[int]], ima
                           "tokenized to nothing")
     modules = dict(model.named_modules())
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    todo = [(m, g) for m, g in names.items() if m in modules and not (tied and m == "lm_head")]
+    todo = [(u, ms) for u, ms in units.items() if all(m in modules for m in ms) and not (tied and ms == ["lm_head"])]
     tail = _Tail(model, picked)
     n_layers = len(tail.layers)
     out: list[TensorSensitivity] = []
-    with steps(progress, len(todo), f"sensitivity of {len(todo)} tensors on {tail.tokens} tokens") as bar:
-        for module_name, gname in todo:
-            weight = modules[module_name].weight
-            w = weight.detach().to(torch.float32).numpy()
+    with steps(progress, len(todo), f"sensitivity of {len(todo)} matrices on {tail.tokens} tokens") as bar:
+        for unit, names in todo:
+            weights = [modules[m].weight for m in names]
+            w = torch.cat([x.detach().to(torch.float32) for x in weights]).numpy()
             rows, row = w.shape
-            imat = imatrix.get(gname)
+            imat = imatrix.get(unit)
             col = np.ones(row, dtype=np.float64) if imat is None else np.asarray(imat, dtype=np.float64)
             options, errors, cheapest = [], {}, None
-            for dtype in ladder(row):
-                q = ggml.roundtrip(w, dtype, imat, threads)
-                errors[dtype] = float((((w - q).astype(np.float64) ** 2).sum(axis=0) * col).sum())
-                options.append((dtype, ggml.row_bytes(dtype, row) * rows))
+            for c in candidates(row):
+                q = c.roundtrip(w, imat)
+                errors[c.dtype] = float((((w - q).astype(np.float64) ** 2).sum(axis=0) * col).sum())
+                options.append((c.dtype, c.nbytes(rows, row)))
                 if cheapest is None:
                     cheapest = q
-            original = weight.data.clone()
+            originals = [x.data.clone() for x in weights]
             try:
-                weight.data.copy_(torch.from_numpy(cheapest).to(weight.dtype))
-                if module_name == "lm_head":
+                at = 0
+                for x in weights:
+                    x.data.copy_(torch.from_numpy(cheapest[at:at + x.shape[0]]).to(x.dtype))
+                    at += x.shape[0]
+                if names == ["lm_head"]:
                     measured = tail.kl(n_layers)
-                elif module_name.endswith("embed_tokens"):
+                elif names[0].endswith("embed_tokens"):
                     measured = tail.kl(0, embed=True)
                 else:
-                    m = _LAYER.match(module_name)
+                    m = _LAYER.match(names[0])
                     measured = tail.kl(int(m.group(1)) if m else 0)
             finally:
-                weight.data.copy_(original)
+                for x, original in zip(weights, originals):
+                    x.data.copy_(original)
             base = errors[options[0][0]]
             out.append(TensorSensitivity(
-                gname, row, rows,
+                unit, row, rows,
                 [Option(d, nb, measured * (errors[d] / base if base > 0 else 0.0)) for d, nb in options],
                 measured, errors))
             bar.update(1)
@@ -350,15 +384,15 @@ def _load(path: Path) -> list[TensorSensitivity] | None:
         return None
 
 
-def mix_for(model_dir, names: Mapping[str, str], fixed_bytes: int, texts: list[str], imatrix: Mapping[str, np.ndarray],
-            budget: int, *, threads: int | None = None, progress: bool = True,
-            cache: Path | None = None) -> tuple[Mix, list[TensorSensitivity]]:
-    """Load the float model in ``model_dir``, measure every tensor of ``names`` on ``texts`` and choose the mix
-    for ``budget`` bytes (``fixed_bytes``: the tensors that stay f32). The measurement does not depend on the
-    budget: with ``cache`` (a file named by the model and the calibration text) it is kept and reused, so other
-    targets for the same model cost only the choice and the writing."""
+def mix_for(model_dir, units: Mapping[str, Sequence[str]], fixed_bytes: int, texts: list[str],
+            imatrix: Mapping[str, np.ndarray], budget: int, candidates: Callable[[int], list[Candidate]], *,
+            progress: bool = True, cache: Path | None = None) -> tuple[Mix, list[TensorSensitivity]]:
+    """Load the float model in ``model_dir``, measure every unit of ``units`` on ``texts`` and choose the mix
+    for ``budget`` bytes (``fixed_bytes``: what is stored at a fixed type). The measurement does not depend on the
+    budget: with ``cache`` (a file named by the model, the calibration text and the format) it is kept and
+    reused, so other targets for the same model cost only the choice and the writing."""
     found = _load(cache) if cache is not None else None
-    if found is not None and {t.name for t in found} == set(names.values()):
+    if found is not None and {t.name for t in found} == set(units):
         log.info("reusing the sensitivity of %d tensors from %s", len(found), cache)
         return plan_mix(found, fixed_bytes, budget), found
     import torch
@@ -367,7 +401,7 @@ def mix_for(model_dir, names: Mapping[str, str], fixed_bytes: int, texts: list[s
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     sequences = [ids for ids in (tok(t, add_special_tokens=False)["input_ids"][:256] for t in texts) if ids]
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True).eval()
-    found = sensitivity(model, names, sequences, imatrix, threads=threads, progress=progress)
+    found = sensitivity(model, units, sequences, imatrix, candidates, progress=progress)
     del model
     if cache is not None:
         _save(found, cache)

@@ -305,8 +305,9 @@ def compute_imatrix(model_dir: Path, texts: list[str], *, context: int = 512, ma
     The texts are tokenized (no special tokens added), joined into one stream,
     cut to ``max_tokens`` and run in ``context``-token windows through the fp32
     model. Returns an :class:`Imatrix` (a dict) whose ``meta`` holds the number
-    of tokens and chunks. ``names`` maps module names to GGUF tensor names (the GGUF writer's own table, which
-    covers fused q/k/v and gate/up matrices); without it, Llama's linear names are assumed.
+    of tokens and chunks. ``names`` maps module names to the names the entries get (the GGUF writer's own table,
+    which covers fused q/k/v and gate/up matrices; an ONNX graph's weights) and limits the entries to those
+    modules; without it, every linear gets its GGUF name in a Llama.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -338,8 +339,8 @@ def compute_imatrix(model_dir: Path, texts: list[str], *, context: int = 512, ma
 
     handles = []
     for mod_name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and mod is not head:
-            name = names[mod_name] if names and mod_name in names else _gguf_weight_name(mod_name, model_dir)
+        if isinstance(mod, torch.nn.Linear) and mod is not head and (names is None or mod_name in names):
+            name = names[mod_name] if names is not None else _gguf_weight_name(mod_name, model_dir)
             handles.append(mod.register_forward_hook(lambda m, inputs, out, name=name: accumulate(name, inputs[0])))
     head_name = "token_embd.weight" if tied else "output.weight"
     chunks = [stream[i:i + context] for i in range(0, len(stream), context)]

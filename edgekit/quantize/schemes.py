@@ -368,6 +368,12 @@ def _blockwise(bits: int, block: int, scale_bytes: int, zero_bits: int) -> Calla
     return nbytes
 
 
+def matmul_nbits_bytes(bits: int, block: int) -> Callable[[int, int], int]:
+    """Bytes of a MatMulNBits weight (``(row, rows) -> bytes``): ``bits`` per weight, an fp32 scale and a
+    ``bits``-wide zero point per block."""
+    return _blockwise(bits, block, 4, bits)
+
+
 ONNX = Format("onnx", ".onnx", 4, "ONNX for onnxruntime (KV cache fp32)")
 
 
@@ -407,6 +413,17 @@ ONNX_SCHEMES = (
                       mix=True, packed_qkv=True),
         128,
         options=_onnx("int4", 128, "rtn", "int4 MatMulNBits, block 128, asymmetric, round to nearest; LM head int8"),
+    ),
+    # The int4 export with its 8-bit matrices chosen at export time (edgekit.quantize.auto) for a size target that
+    # defaults to int4's; the planner counts int4's layout, the size auto aims at by default.
+    Scheme(
+        "onnx", "auto", "int4 MatMulNBits block 32 with the 8-bit matrices chosen by measured sensitivity for a size "
+        "target (default: int4's size); LM head int8; always calibrated (AWQ + GPTQ)",
+        _dense_layout(_blockwise(4, 32, 4, 4), "int4-b32", 0, "shared", head_bytes=_blockwise(8, 32, 4, 8), mix=True,
+                      packed_qkv=True),
+        32, calibrate=True,
+        options={**_onnx("int4", 32, "rtn", "int4 MatMulNBits, block 32, asymmetric; 8-bit matrices chosen by "
+                                            "measured sensitivity; LM head int8"), "auto": True},
     ),
 )
 

@@ -310,14 +310,15 @@ def test_awq_error_is_not_worse_than_rtn_on_held_out_text(exports, torch_lm):
 
 def test_unknown_quant_lists_the_valid_names():
     with pytest.raises(RecipeError, match="unknown ONNX quant 'q4_k_m'.*fp32, fp16, int8, int8-dynamic, int4, int4-b128, "
-                                          "int4-awq"):
+                                          "auto, int4-awq, auto-awq"):
         resolve_quant("q4_k_m")
     with pytest.raises(RecipeError, match="block-wise ONNX quants only"):
         resolve_quant("int8-dynamic", block_size=64)
     with pytest.raises(RecipeError, match="power of two"):
         resolve_quant("int4", block_size=48)
     assert resolve_quant("int4", block_size=64).block_size == 64
-    assert set(QUANTS) == {"fp32", "fp16", "int8", "int8-dynamic", "int4", "int4-b128", "int4-awq"}
+    assert set(QUANTS) == {"fp32", "fp16", "int8", "int8-dynamic", "int4", "int4-b128", "int4-awq", "auto",
+                           "auto-awq"}
 
 
 def test_unknown_quant_fails_before_any_work(tiny_bpe_llama_dir, tmp_path):

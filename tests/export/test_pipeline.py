@@ -21,7 +21,7 @@ def test_config_defaults_and_validation():
         ExportConfig(format="gguf", quant="q9")
     with pytest.raises(RecipeError, match="calibrate needs a quantized type"):
         ExportConfig(format="gguf", quant="f16", calibrate=True)
-    with pytest.raises(RecipeError, match="onnx int4 only"):
+    with pytest.raises(RecipeError, match="onnx int4, auto only"):
         ExportConfig(format="onnx", quant="int8", calibrate=True)
     with pytest.raises(ValueError, match="extra"):
         ExportConfig(format="gguf", quantization="q4_0")

@@ -150,7 +150,8 @@ def test_sensitivity_measures_every_matrix_and_prices_the_ladder(wide_llama_dir)
     seqs = [tok(t, add_special_tokens=False)["input_ids"] for t in CALIBRATION[::5]]
     imatrix = compute_imatrix(wide_llama_dir, CALIBRATION, context=64, progress=False, names=names)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    found = auto.sensitivity(model, names, seqs, imatrix, tokens=128, progress=False)
+    found = auto.sensitivity(model, {g: [m] for m, g in names.items()}, seqs, imatrix, auto.gguf_candidates,
+                             tokens=128, progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights restored
     assert {t.name for t in found} == set(names.values())
     for t in found:
@@ -220,3 +221,33 @@ def test_target_device_is_what_fits_beside_the_kv_cache(tiny_bpe_llama_dir, tmp_
     assert cfg.label == f"gguf-auto-{cfg.target}"
     with pytest.raises(RecipeError, match="only a recipe knows"):
         ExportConfig(format="gguf", quant="auto", target="device")
+
+
+def test_onnx_auto_chooses_its_8_bit_matrices_for_the_target_and_runs(wide_llama_dir, home):
+    import onnx
+
+    from edgekit.export import pipeline
+    from edgekit.runtimes.onnxruntime import OrtSession
+
+    runs = {t: pipeline.run(ExportConfig(model=str(wide_llama_dir), format="onnx", quant="auto", target=t,
+                                         calibration_tokens=2000)) for t in (None, "7bpw")}
+    eights = {}
+    for t, a in runs.items():
+        folder, metrics = Path(a["path"]), a["manifest"]["metrics"]
+        assert a["manifest"]["label"] == "onnx-auto" + (f"-{t}" if t else "")
+        mix = metrics["auto"]
+        assert mix["tensor_bytes"] <= mix["budget_bytes"]
+        graph = onnx.load(folder / "model.onnx", load_external_data=False)
+        bits = [next(x.i for x in n.attribute if x.name == "bits") for n in graph.graph.node
+                if n.op_type == "MatMulNBits"]
+        # every decoder matrix is MatMulNBits at the chosen width, plus the 8-bit head
+        assert len(bits) == sum(mix["types"].values()) + 1
+        assert bits.count(8) == mix["types"].get("int8", 0) + 1
+        eights[t] = bits.count(8)
+        report = json.loads((folder / "quant_report.json").read_text())
+        assert {r["type"] for r in report["tensors"]} <= {"int4", "int8"}
+        session = OrtSession(folder)
+        assert len(session.generate([1, 5, 9, 17], 4)) == 4
+    assert eights["7bpw"] > eights[None]  # a larger target buys more 8-bit matrices
+    with pytest.raises(RecipeError, match="below the smallest auto mix"):
+        pipeline.run(ExportConfig(model=str(wide_llama_dir), format="onnx", quant="auto", target="2.5bpw"))
