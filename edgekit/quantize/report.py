@@ -156,7 +156,9 @@ def fidelity(reference: Path, exports: list[Path], *, texts: list[Path] | None =
                          "calibrated": manifest.get("calibrated", False), "path": str(p),
                          "artifact": Path(p).name, "size_bytes": sizes.get("size_bytes"),
                          "bits_per_weight": sizes.get("bits_per_weight"), **tallies[str(p)].result(),
-                         **_against_teacher(vs_teacher, str(p)), "greedy_match": same, "greedy_text": tok.decode(out)})
+                         **_against_teacher(vs_teacher, str(p)), "greedy_match": same, "greedy_text": tok.decode(out),
+                         # quant auto: the per-tensor types its export chose (count per type)
+                         **({"types": sizes["auto"]["types"]} if sizes.get("auto") else {})})
         answers = None
         if teach is not None:
             models = [(TEACHER_LABEL, teach), (STUDENT_LABEL, ref),
@@ -254,6 +256,10 @@ def to_markdown(report: dict) -> str:
                      f"{r['ppl_delta_pct']:+.2f}% | {r['kl_mean']:.4f} | {r['kl_p99']:.4f} | "
                      f"{100 * r['top1_agreement']:.1f}% | {r['greedy_match']}/{report['greedy_tokens']} |"
                      + (f" {r['kl_to_teacher']:.4f} | {100 * r['top1_vs_teacher']:.1f}% |" if teacher else ""))
+    mixes = [r for r in report["rows"] if r.get("types")]
+    if mixes:
+        lines += ["", "Per-tensor types chosen by quant auto:", ""]
+        lines += [f"- {r['label']}: {', '.join(f'{n} {t}' for t, n in r['types'].items())}" for r in mixes]
     for a in report.get("answers") or []:
         lines += ["", f"**{a['question']}**", ""]
         lines += [f"- *{label}*: {text[:300]!r}" for label, text in a["answers"].items()]

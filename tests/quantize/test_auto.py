@@ -189,6 +189,12 @@ def test_auto_export_fits_the_target_records_its_types_and_runs_in_llama_cpp(wid
     assert small["manifest"]["metrics"]["auto"]["predicted_kl"] > large["manifest"]["metrics"]["auto"]["predicted_kl"]
     # the measurement does not depend on the target: the second export reused the first one's
     assert len(list((home / "cache").glob("sensitivity-*.json"))) == 1
+    # the fidelity report carries the chosen types
+    from edgekit.quantize import report
+
+    rep = report.run(wide_llama_dir, [Path(small["path"])], max_tokens=64)
+    assert rep["rows"][1]["types"] == small["manifest"]["metrics"]["auto"]["types"]
+    assert "Per-tensor types chosen by quant auto" in report.to_markdown(rep)
     with pytest.raises(RecipeError, match="below the smallest auto mix"):
         pipeline.run(ExportConfig(model=str(wide_llama_dir), format="gguf", quant="auto", target="2.5bpw"))
 
