@@ -49,12 +49,15 @@ from pathlib import Path
 from edgekit import artifact, registry
 from edgekit.arch import DEFAULT_CONTEXT, Architecture
 from edgekit.errors import ModelError, RecipeError
+from edgekit.export.calibration import default_texts
 from edgekit.export.et_families import check_supported
 from edgekit.export.exporter import Exporter
 from edgekit.hf import copy_hf_files, special_token_ids
 from edgekit.progress import steps
+from edgekit.quantize import auto
 from edgekit.quantize.awq import awq_scaled_copy
-from edgekit.quantize.schemes import SchemeTable, use_more_bits
+from edgekit.quantize.gguf import compute_imatrix
+from edgekit.quantize.schemes import SchemeTable, get_scheme, use_more_bits
 from edgekit.runtimes import package_version
 from edgekit.runtimes.executorch import ET_CONFIG, MODEL_FILE, EtSession
 
@@ -70,11 +73,13 @@ class EtQuant:
     weight_bits: int  # 32 = float
     group_size: int = 0  # 0 = one scale per output channel
     description: str = ""
+    auto: bool = False  # 8da4w with its 8da8w linears chosen by measured sensitivity (edgekit.quantize.auto)
 
 
 # Quant name -> EtQuant, from the registered ExecuTorch schemes (edgekit.quantize.schemes is the one table).
 QUANTS: Mapping[str, EtQuant] = SchemeTable("executorch", lambda ss: {s.name: EtQuant(
-    s.name, s.options["weight_bits"], s.options.get("group_size", 0), s.options.get("description", "")) for s in ss})
+    s.name, s.options["weight_bits"], s.options.get("group_size", 0), s.options.get("description", ""),
+    bool(s.options.get("auto"))) for s in ss})
 
 
 def runtime_available() -> str | None:
@@ -95,10 +100,12 @@ def resolve_quant(name: str) -> EtQuant:
 
 
 def export_executorch(model_dir: Path, out_dir: Path, quant: str = "fp32", *, context: int = DEFAULT_CONTEXT,
-                      calibration_texts: list[str] | None = None, progress: bool = True) -> dict:
+                      calibration_texts: list[str] | None = None, progress: bool = True, target: str | None = None,
+                      calibration_tokens: int = 30_000) -> dict:
     """Export the HF folder ``model_dir`` to ``out_dir`` (``model.pte`` + ``executorch_config.json`` + tokenizer).
 
-    ``calibration_texts`` (8da4w only) turn on activation-aware scaling before quantization.
+    ``calibration_texts`` (8da4w only) turn on activation-aware scaling before quantization. ``auto`` chooses
+    which linears are 8da8w by measured sensitivity so the weights fit ``target`` (default: 8da4w's size).
 
     ``out_dir`` is built in a temporary sibling and renamed into place when complete. Returns a
     summary: files and sizes, the tools used, the delegate count, the check and timings.
@@ -132,10 +139,13 @@ def export_executorch(model_dir: Path, out_dir: Path, quant: str = "fp32", *, co
     awq = None
     with steps(progress, 5, f"export executorch {spec.name}") as bar, artifact.atomic_dir(out_dir) as tmp:
         t = time.perf_counter()
-        source = model_dir
+        source, more, mix = model_dir, None, None
+        if spec.auto:  # measured on the float model, before any scaling
+            more, mix = _auto_more_bits(model_dir, calibration_texts or default_texts(model_dir), target, arch,
+                                        calibration_tokens)
         if calibration_texts:
             source, awq = awq_scaled_copy(model_dir, calibration_texts, spec.group_size, tmp / ".awq", symmetric=True)
-        module, reference = _build(source, spec, context, model_dir)
+        module, reference = _build(source, spec, context, model_dir, more)
         # Sliding-window layers keep a full-context cache too (masked to the window): their K/V cost is the context's.
         attention = {"model_type": module.model_type, "sliding_window": module.window or None,
                      "sliding_layers": sum(module.sliding), "kv_cache_positions": context}
@@ -199,13 +209,15 @@ def export_executorch(model_dir: Path, out_dir: Path, quant: str = "fp32", *, co
                            f"{package_version('executorch')} (XNNPACK)",
                   "quantization": f"torchao {package_version('torchao')}" if spec.weight_bits < 32 else None},
         "delegates": delegates, "attention": attention, "check": check, "eos_token_id": eos, "awq": awq,
-        "more_bits": more_bits_layers(arch.layers) if spec.weight_bits == 4 else [],
+        "more_bits": (more if more is not None else more_bits_layers(arch.layers)) if spec.weight_bits == 4 else [],
+        **({"auto": mix} if mix is not None else {}),
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
 
 
-def _build(model_dir: Path, spec: EtQuant, context: int, reference_dir: Path):
-    """The export module (quantized as ``spec`` says) and the reference for the check (``reference_dir``'s logits)."""
+def _build(model_dir: Path, spec: EtQuant, context: int, reference_dir: Path, more: list[str] | None = None):
+    """The export module (quantized as ``spec`` says) and the reference for the check (``reference_dir``'s logits).
+    ``more``: the linears (``layers.3.v_proj``) an 8da4w export keeps at 8da8w (default: llama.cpp's ``_M`` rule)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -227,7 +239,8 @@ def _build(model_dir: Path, spec: EtQuant, context: int, reference_dir: Path):
             module.lm_head.weight = torch.nn.Parameter(module.lm_head.weight.detach().clone(), requires_grad=False)
         module.embed_tokens = Int8Embedding(module.embed_tokens.weight)
         per_channel = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
-        more = set(more_bits_layers(len(module.layers))) if spec.weight_bits == 4 else set()
+        more = (set(more) if more is not None else set(more_bits_layers(len(module.layers)))) \
+            if spec.weight_bits == 4 else set()
         quantize_(module, per_channel, filter_fn=lambda m, fqn: fqn == "lm_head" or fqn in more)
         if spec.weight_bits == 8:
             body = per_channel
@@ -242,6 +255,37 @@ def _build(model_dir: Path, spec: EtQuant, context: int, reference_dir: Path):
         quantize_(module, body, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn != "lm_head"
                   and fqn not in more)
     return module, (probe[0].tolist(), ref_logits.numpy())
+
+
+def _auto_more_bits(model_dir: Path, texts: list[str], target: str | None, arch: Architecture,
+                    calibration_tokens: int) -> tuple[list[str], dict]:
+    """``quant: auto``: the linears that get 8da8w, chosen by measured sensitivity so the weights fit ``target``
+    (:mod:`edgekit.quantize.auto`; the candidates are torchao's 8da4w and 8da8w weight grids), and the record of
+    the choice. Phi-3's fused q/k/v and gate/up, which the program splits from one HF matrix, stay 8da4w."""
+    units: dict[str, list[str]] = {}
+    if not arch.family.fused:
+        for i in range(arch.layers):
+            for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                ("mlp", ("gate_proj", "up_proj", "down_proj"))):
+                units.update({f"layers.{i}.{n}": [f"model.layers.{i}.{part}.{n}"] for n in names})
+    layout = get_scheme("executorch", "auto").tensors(arch)
+    linears = {f"layers.{t.name.split('.')[1]}.{t.name.split('.')[2]}": t for t in layout
+               if t.role in ("attention", "mlp") and t.name.startswith("layers.")}
+    int4 = auto.executorch_candidates(32)[0]
+    fixed = sum(t.nbytes for t in layout if t.role in ("norm", "output", "embedding"))
+    fixed += sum(int4.nbytes(t.rows, t.row) for name, t in linears.items() if name not in units)
+    budget = auto.budget_bytes(target, arch, "executorch")
+    auto.check_budget([(linears[u].rows, linears[u].row) for u in units], fixed, budget,
+                      lambda row: auto.executorch_candidates(32))
+    imatrix = compute_imatrix(model_dir, texts, max_tokens=calibration_tokens,
+                              names={m: u for u, ms in units.items() for m in ms})
+    cache = artifact.home() / "cache" / ("sensitivity-executorch-" + artifact.content_id(
+        artifact.folder_id(model_dir), texts, calibration_tokens, auto.SENSITIVITY_TOKENS,
+        auto.SENSITIVITY_VERSION) + ".json")
+    mix, _ = auto.mix_for(model_dir, units, fixed, texts, imatrix, budget, lambda row: auto.executorch_candidates(32),
+                          cache=cache)
+    more = [u for u, dtype in mix.types.items() if dtype == "8da8w"]
+    return more, {**mix.summary(), "target": target, "tensors": mix.rows}
 
 
 def more_bits_layers(n: int) -> list[str]:
@@ -303,13 +347,18 @@ def export_artifact(cfg, model, tmp: Path, texts: list[str] | None) -> dict:
     """The export stage's ExecuTorch step: :func:`export_executorch` into ``tmp`` for ``cfg.context`` positions."""
     work = tmp / "executorch"
     summary = export_executorch(model.path, work, cfg.quant, context=cfg.context or DEFAULT_CONTEXT,
-                                calibration_texts=texts)
+                                calibration_texts=texts, target=cfg.target, calibration_tokens=cfg.calibration_tokens)
     for p in work.iterdir():  # flatten: the artifact folder is the ExecuTorch folder
         shutil.move(str(p), tmp / p.name)
     work.rmdir()
     size = (tmp / MODEL_FILE).stat().st_size
-    return {"model_file": MODEL_FILE, "size_bytes": size, "bits_per_weight": 8 * size / model.arch.params,
-            "context": summary["context"], "export": summary}
+    out = {"model_file": MODEL_FILE, "size_bytes": size, "bits_per_weight": 8 * size / model.arch.params,
+           "context": summary["context"], "export": summary}
+    if "auto" in summary:  # the choice at the top, as the other exporters record it; per-linear rows in the report
+        artifact.atomic_write_text(tmp / "quant_report.json", json.dumps({"quant": "auto", **summary["auto"]},
+                                                                         indent=2) + "\n")
+        out["auto"] = summary["auto"] = {k: v for k, v in summary["auto"].items() if k != "tensors"}
+    return out
 
 
 EXPORTER = Exporter("executorch", export_artifact, version=2, default_quant="fp32", static_context=True,

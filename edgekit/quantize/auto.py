@@ -54,7 +54,7 @@ LADDER_256 = ("Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 LADDER_32 = ("IQ4_NL", "Q5_0", "Q5_1", "Q8_0")
 SENSITIVITY_TOKENS = 512  # calibration tokens each tensor's KL is measured on
 SENSITIVITY_VERSION = 1  # bump when the measurement changes, so saved tables are measured again
-REFERENCE = {"gguf": "q4_k_m", "onnx": "int4"}  # with no target, auto aims at this fixed mix's size
+REFERENCE = {"gguf": "q4_k_m", "onnx": "int4", "executorch": "8da4w"}  # with no target, auto aims at this fixed mix's size
 _BPW = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*bpw\s*$", re.IGNORECASE)
 
 
@@ -272,6 +272,17 @@ def onnx_candidates(row: int) -> list[Candidate]:
 
     return [Candidate(f"int{b}", lambda rows, r, b=b: matmul_nbits_bytes(b, 32)(r, rows),
                       lambda w, imat, b=b: fakequant.nbits(torch.from_numpy(w), b, 32).numpy()) for b in (4, 8)]
+
+
+def executorch_candidates(group: int = 32) -> list[Candidate]:
+    """ExecuTorch's 8da4w linear (int4 weights in groups of ``group``, a bf16 scale each as XNNPACK packs them) and
+    8da8w (int8 per output channel, an fp32 scale), as torchao's own QAT fake-quantizer computes the weights."""
+    import torch
+
+    return [Candidate("8da4w", lambda rows, r: rows * (r // 2 + 2 * (r // group)),
+                      lambda w, imat: fakequant.torchao_weight(torch.from_numpy(w), "8da4w", group).numpy()),
+            Candidate("8da8w", lambda rows, r: rows * (r + 4),
+                      lambda w, imat: fakequant.torchao_weight(torch.from_numpy(w), "8da8w").numpy())]
 
 
 def sensitivity(model, units: Mapping[str, Sequence[str]], sequences: list[list[int]],

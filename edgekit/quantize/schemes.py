@@ -452,6 +452,17 @@ EXECUTORCH_SCHEMES = (
                  "description": "int4 weights in groups of 32, int8 dynamic activations; LM head and the _M mix's "
                                 "v_proj/down_proj 8da8w, int8 embedding"},
     ),
+    # 8da4w with its 8da8w linears chosen at export time (edgekit.quantize.auto) for a size target that defaults
+    # to 8da4w's; the planner counts 8da4w's layout, the size auto aims at by default.
+    Scheme(
+        "executorch", "auto", "8da4w with the 8da8w linears chosen by measured sensitivity for a size target "
+        "(default: 8da4w's size); LM head 8da8w, int8 embedding; always calibrated",
+        _dense_layout(_blockwise(4, 32, 2, 0), "int4-g32", 1, "int8", head_bytes=lambda r, n: r * n + 4 * n, mix=True),
+        32, calibrate=True,
+        options={"weight_bits": 4, "group_size": 32, "auto": True,
+                 "description": "int4 weights in groups of 32, int8 dynamic activations; 8da8w linears chosen by "
+                                "measured sensitivity; LM head 8da8w, int8 embedding"},
+    ),
 )
 
 

@@ -169,7 +169,7 @@ def test_unknown_quant_lists_the_valid_names(tiny_bpe_llama_dir, tmp_path):
     with pytest.raises(RecipeError, match="choose one of"):
         export_executorch(tiny_bpe_llama_dir, tmp_path / "out", "int4", progress=False)
     assert not list(tmp_path.iterdir())
-    assert set(QUANTS) == {"fp32", "8da8w", "8da4w"}
+    assert set(QUANTS) == {"fp32", "8da8w", "8da4w", "auto"}
 
 
 @pytest.mark.slow

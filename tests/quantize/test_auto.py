@@ -257,3 +257,26 @@ def test_onnx_auto_chooses_its_8_bit_matrices_for_the_target_and_runs(wide_llama
     assert eights["7bpw"] > eights[None]  # a larger target buys more 8-bit matrices
     with pytest.raises(RecipeError, match="below the smallest auto mix"):
         pipeline.run(ExportConfig(model=str(wide_llama_dir), format="onnx", quant="auto", target="2.5bpw"))
+
+
+def test_executorch_auto_chooses_its_8da8w_linears_for_the_target(wide_llama_dir, home):
+    from tests.conftest import skip_without_executorch
+
+    skip_without_executorch()
+    from edgekit.export import pipeline
+    from edgekit.export.executorch import _auto_more_bits
+    from edgekit.models import resolve_teacher
+    from edgekit.runtimes.executorch import EtSession
+
+    a = pipeline.run(ExportConfig(model=str(wide_llama_dir), format="executorch", quant="auto", target="7bpw",
+                                  context=64, calibration_tokens=2000))
+    metrics = a["manifest"]["metrics"]
+    mix, summary = metrics["auto"], metrics["export"]
+    assert mix["tensor_bytes"] <= mix["budget_bytes"] and set(mix["types"]) <= {"8da4w", "8da8w"}
+    report = json.loads((Path(a["path"]) / "quant_report.json").read_text())
+    assert sorted(summary["more_bits"]) == sorted(r["name"] for r in report["tensors"] if r["type"] == "8da8w")
+    assert len(EtSession(Path(a["path"])).generate([1, 5, 9, 17], 4)) == 4
+    # 8da4w's own size (the default target) buys fewer 8da8w linears; the measurement is reused from the export
+    texts = [json.loads(line)["text"] if line.startswith("{") else line for line in CALIBRATION]
+    fewer, _ = _auto_more_bits(wide_llama_dir, texts, None, resolve_teacher(str(wide_llama_dir)).arch, 2000)
+    assert len(fewer) < mix["types"]["8da8w"]
