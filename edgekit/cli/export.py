@@ -25,8 +25,9 @@ def add_commands(sub, common) -> None:
                              "model's)")
         sp.add_argument("--calibrate", action="store_true",
                         help="calibrated 4-bit: importance matrix (gguf) or AWQ scaling + GPTQ rounding int4 (onnx)")
-        sp.add_argument("--target", help="with --quant auto (gguf): the file size ('90MB') or bits per weight "
-                                         "('4.8bpw') to fit with the least measured KL; default: q4_k_m's size")
+        sp.add_argument("--target", help="with --quant auto: the weights' size ('90MB') or bits per weight "
+                                         "('4.8bpw') to fit with the least measured KL; default: the size of "
+                                         "gguf q4_k_m / onnx int4 / executorch 8da4w")
         sp.add_argument("--calibration", action="append", type=Path, help="calibration text (JSONL/txt; repeatable)")
         sp.add_argument("--calibration-tokens", type=int, help="at most this many calibration tokens (default "
                                                                f"{default(ExportConfig, 'calibration_tokens')})")
@@ -37,8 +38,8 @@ def add_commands(sub, common) -> None:
     ex = sub.add_parser("export", parents=[common],
                         help="convert a model to GGUF, ONNX or ExecuTorch (float or quantized)")
     export_args(ex, "gguf: f32 | f16 (default) | bf16 | q8_0 | q4_k_m ...; onnx: fp32 (default) | int8 | int4 | "
-                    "int4-b128; executorch: fp32 (default) | 8da8w | 8da4w; gguf auto: per-tensor types "
-                    "for --target")
+                    "int4-b128; executorch: fp32 (default) | 8da8w | 8da4w; auto (every format): types per "
+                    "tensor for --target")
     ex.set_defaults(func=cmd_export)
     qu = sub.add_parser("quantize", parents=[common],
                         help="quantize a model: llama.cpp (gguf), onnxruntime (onnx) or torchao (executorch)")

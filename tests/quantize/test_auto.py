@@ -280,3 +280,15 @@ def test_executorch_auto_chooses_its_8da8w_linears_for_the_target(wide_llama_dir
     texts = [json.loads(line)["text"] if line.startswith("{") else line for line in CALIBRATION]
     fewer, _ = _auto_more_bits(wide_llama_dir, texts, None, resolve_teacher(str(wide_llama_dir)).arch, 2000)
     assert len(fewer) < mix["types"]["8da8w"]
+
+
+def test_cli_quantize_auto_prints_the_mix_and_refuses_a_target_without_auto(wide_llama_dir, home, capsys):
+    from edgekit.cli import main
+
+    assert main(["quantize", str(wide_llama_dir), "--format", "gguf", "--quant", "auto", "--target", "6bpw",
+                 "--calibration-tokens", "2000"]) == 0
+    out = capsys.readouterr().out
+    assert "gguf-auto-6bpw" in out and "predicted KL" in out and "budget" in out
+    assert main(["quantize", str(wide_llama_dir), "--format", "gguf", "--quant", "q4_k_m", "--target", "6bpw"]) == 2
+    err = capsys.readouterr().err
+    assert "drop --target or use --quant auto" in err and "Traceback" not in err
