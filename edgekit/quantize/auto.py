@@ -176,7 +176,21 @@ def choose(tensors: list[TensorSensitivity], fixed_bytes: int, budget: int) -> d
             continue  # this tensor's next step does not fit; cheaper steps of others still may
         pick[name], total = i + 1, total + step
         push(name)
-    return {name: hulls[name][i] for name, i in pick.items()}
+    chosen = {name: hulls[name][i] for name, i in pick.items()}
+    # The walk stops where a large tensor's next hull step does not fit (a vocabulary-sized embedding can leave
+    # tens of MB unused); options off the hull may still fit there. Spend what is left on them, the largest KL
+    # drop first, until nothing more fits.
+    options = {t.name: t.options for t in tensors}
+    while True:
+        left = budget - total
+        best = max(((chosen[n].kl - o.kl, n, o) for n, opts in options.items() for o in opts
+                    if o.kl < chosen[n].kl and 0 < o.nbytes - chosen[n].nbytes <= left),
+                   default=None, key=lambda x: x[0])
+        if best is None:
+            return chosen
+        _, name, option = best
+        total += option.nbytes - chosen[name].nbytes
+        chosen[name] = option
 
 
 # --------------------------------------------------------------------------- sensitivity

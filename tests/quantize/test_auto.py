@@ -101,6 +101,16 @@ def test_choice_spends_the_budget_where_kl_falls_most():
         auto.choose([sensitive, robust], fixed_bytes=50, budget=200)
 
 
+def test_budget_a_large_tensor_cannot_use_on_its_hull_goes_to_an_option_off_it():
+    o, T = auto.Option, auto.TensorSensitivity
+    # the middle option lies above the hull (cheap -> dear is the hull step), so the greedy walk alone stops at
+    # "cheap" when "dear" does not fit, leaving 60 bytes unused that "middle" can take
+    embed = T("e", 256, 1, [o("cheap", 100, 1.0), o("middle", 150, 0.9), o("dear", 200, 0.0)], 1.0)
+    pick = auto.choose([embed], fixed_bytes=0, budget=160)
+    assert pick["e"].dtype == "middle"
+    assert auto.choose([embed], fixed_bytes=0, budget=200)["e"].dtype == "dear"
+
+
 def test_targets_parse_and_wrong_uses_are_refused(tiny_bpe_llama_dir):
     assert auto.parse_target("4.8bpw") == ("bpw", 4.8)
     assert auto.parse_target("90MB") == ("bytes", 90e6)
