@@ -30,6 +30,8 @@ from edgekit import artifact
 from edgekit.export.calibration import calibration_texts
 from edgekit.export.config import DEFAULT_CALIBRATION, ExportConfig, exporter
 from edgekit.models import resolve_teacher
+from edgekit.quantize.auto import VERSION as AUTO_VERSION
+from edgekit.quantize.schemes import get_scheme
 from edgekit.sources import check_sources
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,8 @@ def export_key(cfg: ExportConfig, model_id: str) -> tuple[dict, str]:
         key.pop("context", None)
     if key.get("target") is None:  # only quant auto has one
         key.pop("target", None)
+    if get_scheme(cfg.format, cfg.quant).options.get("auto"):  # a changed choice must not reuse older mixes
+        key["auto"] = AUTO_VERSION
     key["calibration"] = [artifact.sha256_file(f) for p in (cfg.calibration or [DEFAULT_CALIBRATION])
                           for f in _files(Path(p))] if cfg.calibrate else []
     return key, model_id

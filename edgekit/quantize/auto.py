@@ -54,6 +54,7 @@ LADDER_256 = ("Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 LADDER_32 = ("IQ4_NL", "Q5_0", "Q5_1", "Q8_0")
 SENSITIVITY_TOKENS = 512  # calibration tokens each tensor's KL is measured on
 SENSITIVITY_VERSION = 1  # bump when the measurement changes, so saved tables are measured again
+VERSION = 2  # bump when the choice changes, so auto exports made by an older one are not reused (2: fill pass)
 REFERENCE = {"gguf": "q4_k_m", "onnx": "int4", "executorch": "8da4w"}  # with no target, auto aims at this fixed mix's size
 _BPW = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*bpw\s*$", re.IGNORECASE)
 

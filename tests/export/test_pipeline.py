@@ -111,7 +111,7 @@ def test_executorch_config_context_and_calibrate_rules():
     assert ExportConfig(format="executorch", quant="8da4w", context=256).context == 256
     with pytest.raises(RecipeError, match="drop --context"):
         ExportConfig(format="gguf", quant="q4_0", context=256)
-    with pytest.raises(RecipeError, match="calibrate is available for executorch 8da4w only, not 8da8w"):
+    with pytest.raises(RecipeError, match="calibrate is available for executorch 8da4w, auto only, not 8da8w"):
         ExportConfig(format="executorch", quant="8da8w", calibrate=True)
     assert ExportConfig(format="executorch", quant="8da4w", calibrate=True).label == "executorch-8da4w-calibrated"
     with pytest.raises(RecipeError, match="unknown quant 'int4' for format executorch"):
