@@ -5,7 +5,9 @@ export stage makes that mix and then `quant: auto` with the fixed file's own bit
 each pair has the same size (auto's is at most the fixed one's); with `--below 0.15`, one more auto file
 15 % smaller than q4_k_m is set against q4_k_m. Likewise ONNX: calibrated int4 (AWQ + GPTQ,
 the _M rule's 8-bit matrices) against onnx auto (the same 4-bit rounding, 8-bit matrices chosen by
-measurement); and ExecuTorch: calibrated 8da4w (the _M rule's 8da8w linears) against executorch auto. The fidelity stage (edgekit.quantize.report) scores every file in its runtime (llama.cpp,
+measurement); and ExecuTorch: calibrated 8da4w (the _M rule's 8da8w linears) against executorch auto. For
+those two, auto's target is its default, the reference scheme's own tensor bytes (their files also hold a graph
+and packing that auto does not count, so the file's bits per weight would overstate the budget). The fidelity stage (edgekit.quantize.report) scores every file in its runtime (llama.cpp,
 onnxruntime) against the PyTorch float model on the bundled held-out chats: mean KL, top-1 agreement,
 perplexity.
 
@@ -73,7 +75,12 @@ def main() -> None:
         for fmt, quant in jobs:
             fixed = run(ExportConfig(model=spec, format=fmt, quant=quant, calibrate=True, threads=args.threads))
             bpw = fixed["manifest"]["metrics"]["bits_per_weight"]
-            target = f"{int(bpw * 1000) / 1000:.3f}bpw"  # rounded down: auto's file is never the larger one
+            if fmt == "gguf":  # a GGUF file is its tensors: its bits per weight is auto's target, rounded down
+                target = f"{int(bpw * 1000) / 1000:.3f}bpw"
+            else:
+                # ONNX and .pte files hold more than the tensors auto counts (graph, packing), so their file bits per
+                # weight would overstate the budget; auto's default target is the reference scheme's own tensor bytes
+                target = None
             mixed = run(ExportConfig(model=spec, format=fmt, quant="auto", target=target, threads=args.threads))
             for a in (fixed, mixed):
                 exports.append(Path(a["path"]))
