@@ -56,7 +56,6 @@ from edgekit.hf import copy_hf_files, special_token_ids
 from edgekit.progress import steps
 from edgekit.quantize import auto
 from edgekit.quantize.awq import awq_scaled_copy
-from edgekit.quantize.gguf import compute_imatrix
 from edgekit.quantize.schemes import SchemeTable, get_scheme, use_more_bits
 from edgekit.runtimes import package_version
 from edgekit.runtimes.executorch import ET_CONFIG, MODEL_FILE, EtSession
@@ -277,13 +276,8 @@ def _auto_more_bits(model_dir: Path, texts: list[str], target: str | None, arch:
     budget = auto.budget_bytes(target, arch, "executorch")
     auto.check_budget([(linears[u].rows, linears[u].row) for u in units], fixed, budget,
                       lambda row: auto.executorch_candidates(32))
-    imatrix = compute_imatrix(model_dir, texts, max_tokens=calibration_tokens,
-                              names={m: u for u, ms in units.items() for m in ms})
-    cache = artifact.home() / "cache" / ("sensitivity-executorch-" + artifact.content_id(
-        artifact.folder_id(model_dir), texts, calibration_tokens, auto.SENSITIVITY_TOKENS,
-        auto.SENSITIVITY_VERSION) + ".json")
-    mix, _ = auto.mix_for(model_dir, units, fixed, texts, imatrix, budget, lambda row: auto.executorch_candidates(32),
-                          cache=cache)
+    mix, _ = auto.mix_for("executorch", model_dir, units, fixed, texts, budget,
+                          lambda row: auto.executorch_candidates(32), calibration_tokens=calibration_tokens)
     more = [u for u, dtype in mix.types.items() if dtype == "8da8w"]
     return more, {**mix.summary(), "target": target, "tensors": mix.rows}
 

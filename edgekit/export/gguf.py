@@ -838,14 +838,10 @@ def _export_auto(cfg, model, final: Path, texts: list[str], meta: dict) -> dict:
     budget = auto.budget_bytes(cfg.target, model.arch)
     auto.check_budget([tuple(t["shape"]) for t in plan if len(t["shape"]) == 2], fixed, budget,
                       auto.gguf_candidates)
-    imatrix = compute_imatrix(model.path, texts, max_tokens=cfg.calibration_tokens, names=names)
+    mix, imatrix = auto.mix_for("gguf", model.path, {g: [m] for m, g in names.items()}, fixed, texts, budget,
+                                lambda row: auto.gguf_candidates(row, cfg.threads),
+                                calibration_tokens=cfg.calibration_tokens)
     save_imatrix(final.parent / "imatrix.safetensors", imatrix, {"texts": len(texts), "model": model.name})
-    # the measurement depends on the model and the calibration text only, not on the target: kept for other targets
-    cache = artifact.home() / "cache" / ("sensitivity-" + artifact.content_id(
-        artifact.folder_id(model.path), texts, cfg.calibration_tokens, auto.SENSITIVITY_TOKENS,
-        auto.SENSITIVITY_VERSION) + ".json")
-    mix, _ = auto.mix_for(model.path, {g: [m] for m, g in names.items()}, fixed, texts, imatrix, budget,
-                          lambda row: auto.gguf_candidates(row, cfg.threads), cache=cache)
     artifact.fault_point("quantize.done")
     written = export_gguf(model.path, final, "f32", types=mix.types,
                           quantize=lambda name, arr, dtype: ggml.quantize(arr, dtype, imatrix.get(name), cfg.threads),

@@ -62,7 +62,6 @@ from edgekit.hf import copy_hf_files, read_json, special_token_ids
 from edgekit.progress import steps
 from edgekit.quantize import auto
 from edgekit.quantize.awq import awq_scaled_copy
-from edgekit.quantize.gguf import compute_imatrix
 from edgekit.quantize.gptq import hessians
 from edgekit.quantize.schemes import Scheme, SchemeTable, get_scheme, matmul_nbits_bytes
 from edgekit.runtimes.onnxruntime import GENAI_CONFIG, MODEL_FILE, OrtSession, op_counts
@@ -338,12 +337,8 @@ def _auto_more_bits(model_dir: Path, graph, texts: list[str], target: str | None
     fixed += sum(int4(row, rows) for w, (rows, row) in shapes.items() if w not in units)
     budget = auto.budget_bytes(target, arch, "onnx")
     auto.check_budget([shapes[w] for w in units], fixed, budget, auto.onnx_candidates)
-    imatrix = compute_imatrix(model_dir, texts, max_tokens=calibration_tokens,
-                              names={m: w for w, ms in units.items() for m in ms})
-    cache = artifact.home() / "cache" / ("sensitivity-onnx-" + artifact.content_id(
-        artifact.folder_id(model_dir), texts, calibration_tokens, auto.SENSITIVITY_TOKENS,
-        auto.SENSITIVITY_VERSION) + ".json")
-    mix, _ = auto.mix_for(model_dir, units, fixed, texts, imatrix, budget, auto.onnx_candidates, cache=cache)
+    mix, _ = auto.mix_for("onnx", model_dir, units, fixed, texts, budget, auto.onnx_candidates,
+                          calibration_tokens=calibration_tokens)
     more = [nodes[w] for w, dtype in mix.types.items() if dtype == "int8"]
     return more, {**mix.summary(), "target": target, "tensors": mix.rows}
 

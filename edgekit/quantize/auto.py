@@ -38,10 +38,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgekit.arch import Architecture
-from edgekit.artifact import atomic_write_text
+from edgekit.artifact import atomic_write_text, content_id, folder_id, home
 from edgekit.errors import RecipeError
 from edgekit.progress import steps
 from edgekit.quantize import fakequant, ggml
+from edgekit.quantize.gguf import compute_imatrix
 from edgekit.quantize.schemes import get_scheme, matmul_nbits_bytes
 from edgekit.units import UnitError, format_bytes, parse_bytes
 
@@ -55,7 +56,8 @@ LADDER_32 = ("IQ4_NL", "Q5_0", "Q5_1", "Q8_0")
 SENSITIVITY_TOKENS = 512  # calibration tokens each tensor's KL is measured on
 SENSITIVITY_VERSION = 1  # bump when the measurement changes, so saved tables are measured again
 VERSION = 2  # bump when the choice changes, so auto exports made by an older one are not reused (2: fill pass)
-REFERENCE = {"gguf": "q4_k_m", "onnx": "int4", "executorch": "8da4w"}  # with no target, auto aims at this fixed mix's size
+# with no target, auto aims at the size of this fixed scheme of its format
+REFERENCE = {"gguf": "q4_k_m", "onnx": "int4", "executorch": "8da4w"}
 _BPW = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*bpw\s*$", re.IGNORECASE)
 
 
@@ -410,17 +412,22 @@ def _load(path: Path) -> list[TensorSensitivity] | None:
         return None
 
 
-def mix_for(model_dir, units: Mapping[str, Sequence[str]], fixed_bytes: int, texts: list[str],
-            imatrix: Mapping[str, np.ndarray], budget: int, candidates: Callable[[int], list[Candidate]], *,
-            progress: bool = True, cache: Path | None = None) -> tuple[Mix, list[TensorSensitivity]]:
-    """Load the float model in ``model_dir``, measure every unit of ``units`` on ``texts`` and choose the mix
-    for ``budget`` bytes (``fixed_bytes``: what is stored at a fixed type). The measurement does not depend on the
-    budget: with ``cache`` (a file named by the model, the calibration text and the format) it is kept and
+def mix_for(fmt: str, model_dir: Path, units: Mapping[str, Sequence[str]], fixed_bytes: int, texts: list[str],
+            budget: int, candidates: Callable[[int], list[Candidate]], *, calibration_tokens: int,
+            progress: bool = True) -> tuple[Mix, Mapping[str, np.ndarray]]:
+    """The importance matrix of ``units`` on ``texts``, then every unit measured on the float model in
+    ``model_dir`` and the mix chosen for ``budget`` bytes (``fixed_bytes``: what is stored at a fixed type).
+    Returns the mix and the importance matrix (keyed by unit name). The measurement does not depend on the
+    budget: it is kept in the store's cache, named by the format, the model and the calibration text, and
     reused, so other targets for the same model cost only the choice and the writing."""
-    found = _load(cache) if cache is not None else None
+    imatrix = compute_imatrix(model_dir, texts, max_tokens=calibration_tokens,
+                              names={m: u for u, ms in units.items() for m in ms})
+    cache = home() / "cache" / (f"sensitivity-{fmt}-" + content_id(
+        folder_id(model_dir), texts, calibration_tokens, SENSITIVITY_TOKENS, SENSITIVITY_VERSION) + ".json")
+    found = _load(cache)
     if found is not None and {t.name for t in found} == set(units):
         log.info("reusing the sensitivity of %d tensors from %s", len(found), cache)
-        return plan_mix(found, fixed_bytes, budget), found
+        return plan_mix(found, fixed_bytes, budget), imatrix
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -429,7 +436,5 @@ def mix_for(model_dir, units: Mapping[str, Sequence[str]], fixed_bytes: int, tex
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True).eval()
     found = sensitivity(model, units, sequences, imatrix, candidates, progress=progress)
     del model
-    if cache is not None:
-        _save(found, cache)
-    return plan_mix(found, fixed_bytes, budget), found
-
+    _save(found, cache)
+    return plan_mix(found, fixed_bytes, budget), imatrix

@@ -375,6 +375,9 @@ def matmul_nbits_bytes(bits: int, block: int) -> Callable[[int, int], int]:
 
 
 ONNX = Format("onnx", ".onnx", 4, "ONNX for onnxruntime (KV cache fp32)")
+# int4 and auto (whose planning layout is int4's, the size it aims at by default)
+_ONNX_INT4_LAYOUT = _dense_layout(_blockwise(4, 32, 4, 4), "int4-b32", 0, "shared", head_bytes=_blockwise(8, 32, 4, 8),
+                                  mix=True, packed_qkv=True)
 
 
 def _onnx(kind: str, block_size: int = 0, algorithm: str = "", description: str = "") -> dict[str, Any]:
@@ -402,8 +405,7 @@ ONNX_SCHEMES = (
     Scheme(
         "onnx", "int4", "int4 MatMulNBits, block 32, fp32 scale + 4-bit zero point per block (5.125 bpw); "
         "LM head, tied embedding and the _M mix's qkv (v_proj with q/k norms)/down_proj int8",
-        _dense_layout(_blockwise(4, 32, 4, 4), "int4-b32", 0, "shared", head_bytes=_blockwise(8, 32, 4, 8), mix=True,
-                      packed_qkv=True),
+        _ONNX_INT4_LAYOUT,
         32, calibrate=True,
         options=_onnx("int4", 32, "rtn", "int4 MatMulNBits, block 32, asymmetric, round to nearest; LM head int8"),
     ),
@@ -419,8 +421,7 @@ ONNX_SCHEMES = (
     Scheme(
         "onnx", "auto", "int4 MatMulNBits block 32 with the 8-bit matrices chosen by measured sensitivity for a size "
         "target (default: int4's size); LM head int8; always calibrated (AWQ + GPTQ)",
-        _dense_layout(_blockwise(4, 32, 4, 4), "int4-b32", 0, "shared", head_bytes=_blockwise(8, 32, 4, 8), mix=True,
-                      packed_qkv=True),
+        _ONNX_INT4_LAYOUT,
         32, calibrate=True,
         options={**_onnx("int4", 32, "rtn", "int4 MatMulNBits, block 32, asymmetric; 8-bit matrices chosen by "
                                             "measured sensitivity; LM head int8"), "auto": True},
@@ -430,6 +431,9 @@ ONNX_SCHEMES = (
 # --------------------------------------------------------------------------- ExecuTorch / XNNPACK
 
 EXECUTORCH = Format("executorch", ".pte", 4, "ExecuTorch .pte for XNNPACK (static KV cache fp32)")
+# 8da4w and auto (whose planning layout is 8da4w's, the size it aims at by default)
+_ET_8DA4W_LAYOUT = _dense_layout(_blockwise(4, 32, 2, 0), "int4-g32", 1, "int8", head_bytes=lambda r, n: r * n + 4 * n,
+                                 mix=True)
 # fp32 keeps a tied embedding twice (the embedding kernel's table and the XNNPACK-packed LM head); the
 # quantized schemes store the embedding as int8 rows (embedding_byte; the per-row scales, 0.7 % of it, are
 # not counted) and the LM head as int8 per channel (edgekit.export.executorch). ``options``: weight bits
@@ -446,7 +450,7 @@ EXECUTORCH_SCHEMES = (
     Scheme(
         "executorch", "8da4w", "8-bit dynamic activations, int4 weights in groups of 32 (XNNPACK packs a bf16 "
         "scale); LM head and the _M mix's v_proj/down_proj int8 per channel, int8 embedding",
-        _dense_layout(_blockwise(4, 32, 2, 0), "int4-g32", 1, "int8", head_bytes=lambda r, n: r * n + 4 * n, mix=True),
+        _ET_8DA4W_LAYOUT,
         32, calibrate=True,
         options={"weight_bits": 4, "group_size": 32,
                  "description": "int4 weights in groups of 32, int8 dynamic activations; LM head and the _M mix's "
@@ -457,7 +461,7 @@ EXECUTORCH_SCHEMES = (
     Scheme(
         "executorch", "auto", "8da4w with the 8da8w linears chosen by measured sensitivity for a size target "
         "(default: 8da4w's size); LM head 8da8w, int8 embedding; always calibrated",
-        _dense_layout(_blockwise(4, 32, 2, 0), "int4-g32", 1, "int8", head_bytes=lambda r, n: r * n + 4 * n, mix=True),
+        _ET_8DA4W_LAYOUT,
         32, calibrate=True,
         options={"weight_bits": 4, "group_size": 32, "auto": True,
                  "description": "int4 weights in groups of 32, int8 dynamic activations; 8da8w linears chosen by "
