@@ -14,6 +14,13 @@
                                       runtimes and minimum versions, minimum RAM (planner), device fit,
                                       measured speed and quality when given, teacher and license note
 
+A bundle's *layout* (a registered ``layout``; ``app`` by default) decides its files:
+
+- ``app``: the files above, for an app that embeds the runtime;
+- ``ollama`` (GGUF): ``model.gguf`` and a ``Modelfile`` (FROM the GGUF, the chat template translated
+  into Ollama's Go TEMPLATE by :mod:`edgekit.ollama`, SYSTEM when the template has a default system
+  prompt, PARAMETER stop / num_ctx / sampling), for ``ollama create NAME -f Modelfile``.
+
 ``verify(path)`` checks a bundle folder or a ``.tar.gz``. A tarball's members are all checked before
 anything is extracted (no absolute paths, ``..``, links, devices, members outside one top folder, more
 than ``MAX_TAR_MEMBERS`` members or more than ``max_bytes`` in total), each header as soon as it is
@@ -35,13 +42,14 @@ import tempfile
 import time
 import uuid
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from edgekit import __version__, artifact, plan, registry, runtimes
+from edgekit import __version__, artifact, chat, ollama, plan, registry, runtimes
 from edgekit.arch import DEFAULT_CONTEXT, FAMILIES, Architecture
 from edgekit.devices import load_device
-from edgekit.errors import ConfigError, EdgekitError
+from edgekit.errors import ConfigError, EdgekitError, ModelError
 from edgekit.hf import NOTICE_FILE, worth_copying
 from edgekit.models import resolve_teacher
 from edgekit.quantize.schemes import get_scheme
@@ -59,12 +67,138 @@ MAX_TAR_MEMBERS = 10_000  # ... or that hold more members than this (a bundle ha
 DEFAULT_MAX_NEW_TOKENS = 256
 
 
+# --------------------------------------------------------------------------- layouts
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a bundle holds beside the model file, for one way of shipping it (registered as kind ``layout``).
+
+    ``formats``: the export formats it takes (empty: any). ``app_files``: the example loader, the
+    tokenizer files and generation.json. ``write(folder, context)`` adds the layout's own files to the
+    bundle being written and returns what the manifest records of them; ``context`` holds ``source``
+    (the export folder), ``export`` (its manifest), ``tokenizer`` (the folder with its tokenizer files
+    or None), ``generation`` (the defaults of generation.json), ``context`` (tokens) and ``name``.
+    """
+
+    name: str
+    help: str
+    formats: tuple[str, ...] = ()
+    app_files: bool = True
+    write: Callable[[Path, dict], dict] | None = None
+    run_hint: str = ""  # the card's "Run it" block; {name} (lower case) and {model_file} are filled in
+    requires: str = ""  # what runs the bundle, for the card (default: the format's runtimes and versions)
+
+
+def get_layout(name: str, fmt: str | None = None) -> Layout:
+    """The registered layout ``name``; a ConfigError if unknown or if it does not take ``fmt`` exports."""
+    layout = registry.get(registry.LAYOUT, name, what="bundle layout")
+    if fmt is not None and layout.formats and fmt not in layout.formats:
+        raise ConfigError(f"the {name} bundle layout takes {' or '.join(layout.formats)} exports, and this one is "
+                          f"{fmt}; export {' or '.join(layout.formats)} (edgekit export MODEL --format "
+                          f"{layout.formats[0]}) or choose another layout ({', '.join(registry.names(registry.LAYOUT))})")
+    return layout
+
+
+def layouts_for(fmt: str, wanted: list[str] | None) -> list[str]:
+    """The layouts a recipe's ``package.formats`` asks of an export of ``fmt``: an entry naming the format (or
+    ``app``) its app bundle, an entry naming another layout that layout's bundle if it takes ``fmt``."""
+    if wanted is None:
+        return [APP.name]
+    layouts = registry.items(registry.LAYOUT)
+    out = []
+    for w in wanted:
+        if w in (fmt, APP.name):
+            out.append(APP.name)
+        elif w in layouts and (not layouts[w].formats or fmt in layouts[w].formats):
+            out.append(w)
+    return list(dict.fromkeys(out))
+
+
+def _write_ollama(folder: Path, ctx: dict) -> dict:
+    """The Modelfile; its TEMPLATE only when the chat template translates exactly (see edgekit.ollama)."""
+    gen, model_file = ctx["generation"], ctx["model_file"]
+    shape, reason = None, None
+    if ctx["tokenizer"] is None:
+        reason = "the source model's tokenizer folder is gone, so its chat template cannot be read"
+    else:
+        try:
+            shape = _chat_shape(ctx["tokenizer"], folder / model_file)
+        except ollama.Untranslatable as e:
+            reason = str(e)
+    if reason:
+        log.warning("Modelfile without TEMPLATE (Ollama will guess one from the GGUF's chat template): %s", reason)
+    params = {"num_ctx": ctx["context"],
+              "temperature": gen["temperature"] if gen["do_sample"] else 0,
+              "top_p": gen["top_p"] if gen["do_sample"] else None,
+              "top_k": gen["top_k"] if gen["do_sample"] else None,
+              "repeat_penalty": gen["repetition_penalty"] if gen["repetition_penalty"] != 1.0 else None,
+              "num_predict": gen["max_new_tokens"]}
+    header = (f"{ctx['name']}: made by edgekit {__version__}.\nollama create {ctx['name'].lower()} -f Modelfile"
+              + (f"\nNo TEMPLATE: {reason}" if reason else ""))
+    stop = [*gen["stop"], *([shape.suffix["assistant"].strip()] if shape else [])]
+    try:
+        text = ollama.modelfile(shape, model_file=model_file, stop=stop, params=params, header=header)
+    except ollama.Untranslatable as e:  # e.g. a template holding the Modelfile's own block quotes
+        shape, reason = None, str(e)
+        log.warning("Modelfile without TEMPLATE: %s", reason)
+        text = ollama.modelfile(None, model_file=model_file, stop=stop, params=params, header=header + f"\n{reason}")
+    artifact.atomic_write_text(folder / "Modelfile", text)
+    return {"template": {"translated": shape is not None, "reason": reason,
+                         "default_system": shape.default_system if shape else None,
+                         "notes": list(shape.notes) if shape else []}}
+
+
+def _chat_shape(tokenizer_dir: Path, gguf_file: Path) -> ollama.ChatShape:
+    """The chat template of ``tokenizer_dir`` as :mod:`edgekit.ollama` reads it, for the GGUF ``gguf_file``."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    if not getattr(tok, "chat_template", None):
+        raise ollama.Untranslatable(f"the tokenizer in {tokenizer_dir} has no chat template")
+    return ollama.read_shape(_probe_render(tok), bos=tok.bos_token, bos_added=_gguf_adds_bos(gguf_file))
+
+
+def _probe_render(tok) -> ollama.Render:
+    """``render(messages, add_generation_prompt)`` with the tokenizer's own template; a template that refuses a
+    probe conversation (raise_exception, a sandbox refusal) makes the template untranslatable."""
+    def render(messages: list[dict], gen: bool) -> str:
+        try:
+            return chat.render(tok, messages, gen)
+        except ModelError as e:
+            raise ollama.Untranslatable(f"the template refuses a probe conversation ({e})") from e
+
+    return render
+
+
+def _gguf_adds_bos(path: Path) -> bool:
+    """Whether llama.cpp (and so Ollama) puts BOS before a prompt for this GGUF (tokenizer.ggml.add_bos_token)."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get("tokenizer.ggml.add_bos_token")
+    return bool(field.parts[field.data[0]][0]) if field is not None and field.data else False
+
+
+APP = Layout("app", "the model, tokenizer, generation defaults and a standalone Python example loader")
+OLLAMA = Layout("ollama", "model.gguf and a Modelfile for `ollama create`", formats=("gguf",), app_files=False,
+                write=_write_ollama, run_hint="ollama create {name} -f Modelfile\nollama run {name}",
+                requires="Ollama")
+
+
+def register(reg: registry.Registry) -> None:
+    for layout in (APP, OLLAMA):
+        reg.add(registry.LAYOUT, layout.name, layout)
+
+
 # --------------------------------------------------------------------------- package
 
 
 def package(artifact_dir: Path, *, out_dir: Path | None = None, device: str | None = None, context: int = DEFAULT_CONTEXT,
-            fidelity: dict | None = None, bench: dict | None = None, recipe: str | None = None) -> dict:
+            fidelity: dict | None = None, bench: dict | None = None, recipe: str | None = None,
+            layout: str = "app") -> dict:
     """Bundle one export artifact; returns ``{"path", "tarball", "manifest"}``.
+
+    ``layout`` names a registered bundle layout (``app``, ``ollama``, ...; see :class:`Layout`).
 
     ``device`` names a device profile to check the fit against; ``context`` is the context length the
     minimum RAM is computed for (lowered to the model's maximum if larger). ``fidelity`` (an
@@ -74,6 +208,7 @@ def package(artifact_dir: Path, *, out_dir: Path | None = None, device: str | No
     src = Path(artifact_dir)
     export = _read_export(src)
     fmt, label = export["format"], export["label"]
+    shape = get_layout(layout, fmt)
     arch = _architecture(export, src)
     if context < 1:
         raise ConfigError(f"context must be a positive number of tokens, not {context}; pass e.g. --context "
@@ -90,7 +225,7 @@ def package(artifact_dir: Path, *, out_dir: Path | None = None, device: str | No
     memory, device_block, runtime = _memory(arch, fmt, export["quant"], context, device, able[0].name)
     model_folder = Path(export.get("config", {}).get("model_path") or "")
     name = f"{_slug(export.get('config', {}).get('model_name') or export['source_model'].get('name') or 'model')}" \
-           f"-{label}-{_export_id(src)[:8]}"
+           f"-{label}-{_export_id(src)[:8]}{'' if layout == APP.name else '-' + layout}"
     final = Path(out_dir) if out_dir is not None else artifact.home() / "bundles"
     final = final / name
 
@@ -101,9 +236,10 @@ def package(artifact_dir: Path, *, out_dir: Path | None = None, device: str | No
         "quant": export["quant"],
         "calibrated": bool(export.get("calibrated", False)),
         "label": label,
+        "layout": layout,
         "model_file": export.get("model_file"),
         "runtimes": [_runtime_entry(rt) for rt in able],
-        "loader": able[0].loader.script.name,
+        "loader": able[0].loader.script.name if shape.app_files else None,
         "context": context,
         "min_ram_bytes": memory.total,
         "memory": {**memory.to_dict(), "runtime": runtime},
@@ -133,11 +269,20 @@ def package(artifact_dir: Path, *, out_dir: Path | None = None, device: str | No
             pass  # rebuild below
     needed = 2 * sum(p.stat().st_size for p in src.rglob("*") if p.is_file()) + (1 << 20)  # folder + tarball
     artifact.require_space(final, needed, f"the {fmt} bundle of {src.name}")
+    tokenizer = src if _has_tokenizer(src) else model_folder if model_folder.is_dir() else None
     with artifact.atomic_dir(final, needed) as tmp:
-        _copy_model(src, fmt, export, able[0].loader, tmp)
-        _copy_tokenizer(src if _has_tokenizer(src) else model_folder, tmp)
-        artifact.atomic_write_text(tmp / "generation.json", _json(_generation(src, model_folder, tmp)))
-        shutil.copyfile(able[0].loader.script, tmp / manifest["loader"])
+        if shape.app_files:
+            _copy_model(src, fmt, export, able[0].loader, tmp)
+            _copy_tokenizer(tokenizer or model_folder, tmp)
+            artifact.atomic_write_text(tmp / "generation.json", _json(_generation(src, model_folder, tmp)))
+            shutil.copyfile(able[0].loader.script, tmp / manifest["loader"])
+        else:
+            _copy_model(src, fmt, export, runtimes.Loader(script=able[0].loader.script, files=()), tmp)
+        if shape.write is not None:
+            manifest[layout] = shape.write(tmp, {
+                "source": src, "export": export, "tokenizer": tokenizer, "context": context, "name": name,
+                "model_file": export.get("model_file") or f"model{registry.get(registry.FORMAT, fmt).file_suffix}",
+                "generation": _generation(src, model_folder, tokenizer or tmp)})
         manifest["size_bytes"] = sum(p.stat().st_size for p in tmp.iterdir() if p.name.startswith("model."))
         artifact.atomic_write_text(tmp / "README.md", model_card(manifest))
         if manifest["teacher"].get("notice"):  # terms the teacher's license requires in every redistribution
@@ -315,7 +460,8 @@ def _has_tokenizer(folder: Path) -> bool:
 
 
 def _generation(src: Path, model_folder: Path, bundle: Path) -> dict:
-    """Generation defaults from generation_config.json (export folder first, then the source model's)."""
+    """Generation defaults from generation_config.json (export folder first, then the source model's); the stop
+    text from the tokenizer_config.json in ``bundle``."""
     cfg = {}
     for folder in (src, model_folder):
         path = folder / "generation_config.json"
@@ -385,7 +531,8 @@ def model_card(m: dict) -> str:
     fmt, loader = m["format"], m["loader"]
     rt = m["runtimes"][0]
     teacher = m["teacher"]
-    requirements = ", ".join(_requirement(r) for r in m["runtimes"])
+    layout = get_layout(m.get("layout") or APP.name)
+    requirements = layout.requires or ", ".join(_requirement(r) for r in m["runtimes"])
     lines = [
         f"# {m['name']}", "",
         f"{_family_display(m['architecture'])}-family language "
@@ -393,9 +540,19 @@ def model_card(m: dict) -> str:
         f"exported as **{fmt.upper()}** with **{m['quant']}** quantization"
         f"{' (calibrated)' if m['calibrated'] else ''}, packaged by edgekit {m['edgekit_version']} on {m['created']}.",
         "", "## Run it", "",
-        f"```sh\npip install \"{_requirement(rt)}\"\npython {loader} \"Hello!\"\n```", "",
     ]
-    note = _loader_note(rt["name"])
+    hint = layout.run_hint
+    if hint:
+        lines += [f"```sh\n{hint.format(name=m['name'].lower(), model_file=m['model_file'])}\n```", ""]
+        template = (m.get("ollama") or {}).get("template") or {}
+        if template and not template.get("translated"):
+            lines += [f"The Modelfile has no TEMPLATE: {template.get('reason')}. Ollama then picks a template "
+                      "matching the chat template stored in the GGUF, if it knows one; check the prompts it renders.",
+                      ""]
+        lines += [f"Note: {n}." for n in template.get("notes") or []] + ([""] if template.get("notes") else [])
+    else:
+        lines += [f"```sh\npip install \"{_requirement(rt)}\"\npython {loader} \"Hello!\"\n```", ""]
+    note = _loader_note(rt["name"]) if not hint else ""
     if note:
         lines += [note.replace("{loader}", loader).replace("{context}", str(m["context"])), ""]
     lines += [

@@ -127,7 +127,9 @@ class ExportSpec(_Section):
 
 
 class PackageSection(_Section):
-    formats: list[str] | None = Field(None, description="null: every exported format")
+    formats: list[str] | None = Field(None, description="what to bundle: an exported format (its app bundle) or a "
+                                      "bundle layout (ollama: each GGUF export with a Modelfile); null: an app bundle "
+                                      "of every export")
 
 
 class Recipe(_Section):

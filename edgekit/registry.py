@@ -1,4 +1,4 @@
-"""The one registry of pluggable things: formats, quant schemes, exporters and runtimes.
+"""The one registry of pluggable things: formats, quant schemes, exporters, runtimes and bundle layouts.
 
 Everything pluggable reaches edgekit through Python entry points in the group ``edgekit``. Each
 entry point names a ``register(registry)`` function; edgekit's own built-ins are listed in its
@@ -33,8 +33,8 @@ from edgekit.errors import ConfigError, EdgekitError, one_line
 log = logging.getLogger(__name__)
 
 GROUP = "edgekit"
-FORMAT, SCHEME, EXPORTER, RUNTIME = "format", "scheme", "exporter", "runtime"
-KINDS = (FORMAT, SCHEME, EXPORTER, RUNTIME)
+FORMAT, SCHEME, EXPORTER, RUNTIME, LAYOUT = "format", "scheme", "exporter", "runtime", "layout"
+KINDS = (FORMAT, SCHEME, EXPORTER, RUNTIME, LAYOUT)
 
 
 class PluginError(EdgekitError):

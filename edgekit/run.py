@@ -25,7 +25,7 @@ from edgekit.devices import load_device
 from edgekit.distill import pipeline as distill_stage
 from edgekit.errors import RecipeError
 from edgekit.export import pipeline as export_stage
-from edgekit.package import package
+from edgekit.package import layouts_for, package
 from edgekit.quantize import report as fidelity_stage
 from edgekit.recipe import load_recipe
 from edgekit.validate import validate_recipe
@@ -141,15 +141,15 @@ def _bench(recipe, exports: list[Path], fidelity: dict | None, record: dict) -> 
 def _package(recipe, exports: list[Path], fidelity: dict | None, bench: dict | None, record: dict) -> None:
     if recipe.package is None:
         return
-    formats = recipe.package.formats
+    wanted = recipe.package.formats
     for path in exports:
         fmt = artifact.read_manifest(path)["format"]
-        if formats is not None and fmt not in formats:
-            continue
-        t0 = time.perf_counter()
-        b = package(path, device=recipe.device, context=recipe.context, fidelity=fidelity, bench=bench,
-                    recipe=recipe.name)
-        _stage(record, f"package {fmt}", b.get("path"), bool(b.get("reused")), t0, tarball=str(b.get("tarball") or ""))
+        for layout in layouts_for(fmt, wanted):
+            t0 = time.perf_counter()
+            b = package(path, device=recipe.device, context=recipe.context, fidelity=fidelity, bench=bench,
+                        recipe=recipe.name, layout=layout)
+            _stage(record, f"package {fmt}" + ("" if layout == "app" else f" {layout}"), b.get("path"),
+                   bool(b.get("reused")), t0, tarball=str(b.get("tarball") or ""))
 
 
 def list_artifacts() -> list[dict]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from edgekit import models
+from edgekit import models, registry
 from edgekit.arch import student_family
 from edgekit.bench.config import BenchConfig
 from edgekit.devices import load_device
@@ -249,8 +249,15 @@ def _checks(r: Recipe, where: str) -> list[str]:
             add("bench.prompt_lengths", f"the longest prompt plus decode_tokens is {longest} tokens but context is "
                                         f"{r.context}; shorten the prompts or raise context")
     if r.package is not None and r.package.formats is not None:
+        layouts = registry.items(registry.LAYOUT)
         for fmt in r.package.formats:
-            if fmt not in exported:
-                add("package.formats", f"{fmt!r} is not exported by this recipe (exports: {', '.join(sorted(exported))}"
-                                       f"); add an export in {fmt} or drop it from package.formats")
+            if fmt in layouts:
+                if layouts[fmt].formats and not exported & set(layouts[fmt].formats):
+                    add("package.formats", f"the {fmt} bundle layout takes {' or '.join(layouts[fmt].formats)} "
+                                           f"exports and this recipe exports {', '.join(sorted(exported))}; add an "
+                                           f"export in {layouts[fmt].formats[0]} or drop {fmt} from package.formats")
+            elif fmt not in exported:
+                add("package.formats", f"{fmt!r} is neither exported by this recipe (exports: "
+                                       f"{', '.join(sorted(exported))}) nor a bundle layout ({', '.join(layouts)}); "
+                                       f"add an export in {fmt} or drop it from package.formats")
     return problems

@@ -25,9 +25,10 @@ LAYERS: dict[int, list[str]] = {
     # foundations: no edgekit imports above this line
     0: ["errors", "units", "arch", "progress", "artifact", "integrity"],
     # what is pluggable and pure data; importing these never loads torch.
-    # chat: chat-template rendering; sources: reading user data files; quantize.schemes: what each
+    # chat: chat-template rendering; ollama: a chat template as an Ollama TEMPLATE; sources: reading user data
+    # files; quantize.schemes: what each
     # quant scheme does per format (pure data the registry serves, beside formats/)
-    1: ["registry", "formats", "runtimes", "metrics", "hf", "chat", "sources", "quantize.schemes"],
+    1: ["registry", "formats", "runtimes", "metrics", "hf", "chat", "ollama", "sources", "quantize.schemes"],
     # resolving models, describing devices, planning, quantization algorithms
     2: ["models", "devices", "plan", "quantize"],
     # the stages (see STAGES)

@@ -255,7 +255,13 @@ def test_auto_student_nothing_fits_reports_the_planner(tmp_path):
 
 def test_package_format_not_exported(tmp_path):
     msg = one_problem(write(tmp_path, "r.yaml", {**MINIMAL, "package": {"formats": ["onnx"]}}))
-    assert "package.formats: 'onnx' is not exported" in msg
+    assert "package.formats: 'onnx' is neither exported by this recipe" in msg and "bundle layout (" in msg
+
+
+def test_package_layout_needs_an_export_it_takes(tmp_path):
+    recipe = {**MINIMAL, "exports": [{"format": "onnx", "quant": "int4"}], "package": {"formats": ["ollama"]}}
+    msg = one_problem(write(tmp_path, "r.yaml", recipe))
+    assert "package.formats: the ollama bundle layout takes gguf exports" in msg and "add an export in gguf" in msg
 
 
 def test_missing_data_source(tmp_path):

@@ -38,7 +38,7 @@ exports:
   - {{format: gguf, quant: {quant}}}
 fidelity: {{max_tokens: 128}}
 bench: {{runtimes: [llama.cpp], repeats: 1, prompt_lengths: [8], decode_tokens: 4, threads: 1}}
-package: {{formats: [gguf]}}
+package: {{formats: [gguf, ollama]}}
 """)
     return path
 
@@ -52,7 +52,8 @@ def test_run_end_to_end_then_reuse_then_one_changed_key(tiny_bpe_llama_dir, home
     assert main(["run", str(recipe), "--json", "-q"]) == 0
     first = json.loads(capsys.readouterr().out)
     stages = _stages(first)
-    assert list(stages) == ["distill", "export gguf-q8_0", "fidelity", "bench", "package gguf"]
+    assert list(stages) == ["distill", "export gguf-q8_0", "fidelity", "bench", "package gguf", "package gguf ollama"]
+    assert (Path(stages["package gguf ollama"]["path"]) / "Modelfile").is_file()
     assert not any(s["reused"] for s in first["stages"])
     vs = first["against_teacher"]  # what ships, scored against the teacher on the data stage's held-out chats
     held = Path(vs["texts"][0])
@@ -152,4 +153,4 @@ def test_killed_run_resumes_to_the_same_result(tiny_bpe_llama_dir, tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads(done.stdout)
-    assert [s["stage"] for s in record["stages"]][-1] == "package gguf"
+    assert [s["stage"] for s in record["stages"]][-2:] == ["package gguf", "package gguf ollama"]

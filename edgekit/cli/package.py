@@ -19,6 +19,8 @@ def add_commands(sub, common) -> None:
     pk = sub.add_parser("package", parents=[common], help="bundle an export for an app (folder + .tar.gz)")
     pk.add_argument("artifact", help="export artifact id or folder")
     pk.add_argument("--format", help="the export's format (checked; the artifact decides)")
+    pk.add_argument("--layout", default="app", help="bundle layout: app (model, tokenizer, Python example loader; "
+                                                    "the default) or ollama (GGUF + Modelfile); plugins add more")
     pk.add_argument("--device", help="device the bundle is built for (memory fit in the manifest)")
     pk.add_argument("--context", type=int, default=DEFAULT_CONTEXT)
     pk.add_argument("--fidelity", action="append", type=Path, help="fidelity report to take quality figures from")
@@ -43,7 +45,7 @@ def cmd_package(args) -> int:
     fidelity = fidelity_reports(args.fidelity)
     bench = json.loads(Path(args.bench).read_text()) if args.bench else None
     result = package(folder, device=args.device, context=args.context, fidelity=fidelity[0] if fidelity else None,
-                     bench=bench)
+                     bench=bench, layout=args.layout)
     if args.json:
         emit_json(result)
         return 0
