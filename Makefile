@@ -14,9 +14,25 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 # ... and skip its multimodal library (mtmd/llava), which edgekit never loads: less to compile at setup.
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench clean tf5
 
 setup: $(STAMP)
+
+# A second environment over .venv's packages with today's transformers 5 in front of the pinned 4.x: the tests load
+# every Hugging Face folder edgekit writes (teacher cache, student, hf bundle) there too, as users on 5.x do.
+TF5        := .venv-tf5
+TF5_STAMP  := $(TF5)/.installed
+TF5_PIN    := transformers==5.25.0
+
+tf5: $(TF5_STAMP)
+
+$(TF5_STAMP): $(STAMP)
+	$(PYTHON) -m venv $(TF5)
+	$(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' \
+		> "$$($(TF5)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/edgekit-venv.pth"
+	@echo "installing $(TF5_PIN) into $(TF5) (pip then warns that edgekit asks for transformers 4.x: expected there)"
+	$(TF5)/bin/python -m pip install --quiet --disable-pip-version-check "$(TF5_PIN)"
+	@touch $(TF5_STAMP)
 
 $(STAMP): requirements.lock pyproject.toml
 	@$(PYTHON) -c 'import sys; assert (3, 10) <= sys.version_info[:2] <= (3, 13), "edgekit needs Python 3.10-3.13, this is " + sys.version.split()[0]'
@@ -31,7 +47,7 @@ demo: setup
 	$(BIN)/edgekit run recipes/quick.yaml
 
 # --durations: every run ends with its slowest tests, so a slowdown shows where it comes from.
-test: setup
+test: setup tf5
 	$(BIN)/python -m pytest -m "slow or not slow" --durations=25
 
 test-fast: setup
@@ -41,4 +57,4 @@ bench: setup
 	$(BIN)/python benchmarks/plan_accuracy.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis benchmarks/out
+	rm -rf $(VENV) $(TF5) .pytest_cache .hypothesis benchmarks/out

@@ -88,6 +88,7 @@ class Layout:
     write: Callable[[Path, dict], dict] | None = None
     run_hint: str = ""  # the card's "Run it" block; {name} (lower case) and {model_file} are filled in
     requires: str = ""  # what runs the bundle, for the card (default: the format's runtimes and versions)
+    subfolder: bool = False  # the export's files go in a folder named after its format (else at the top)
 
 
 def get_layout(name: str, fmt: str | None = None) -> Layout:
@@ -179,14 +180,66 @@ def _gguf_adds_bos(path: Path) -> bool:
     return bool(field.parts[field.data[0]][0]) if field is not None and field.data else False
 
 
+HF_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _write_hf(folder: Path, ctx: dict) -> dict:
+    """A Hugging Face model repository: the float model and tokenizer at the top, the export in its subfolder.
+
+    The float model is the folder the export was made from (the distilled student, or the teacher as
+    edgekit converted it); transformers' ``from_pretrained`` loads the top folder, llama.cpp /
+    onnxruntime-genai / ExecuTorch the subfolder.
+    """
+    model_folder = Path((ctx["export"].get("config") or {}).get("model_path") or "")
+    files = [n for n in (*HF_MODEL_FILES, *sorted(p.name for p in model_folder.glob("model-*.safetensors")))
+             if (model_folder / n).is_file()] if model_folder.is_dir() else []
+    if not any(n.endswith(".safetensors") for n in files):
+        raise ConfigError(f"the hf layout ships the float model the export was made from, and {model_folder or '?'} "
+                          "holds no safetensors weights (moved or deleted?); re-run the stage that made it, or use "
+                          "--layout app")
+    for n in files:
+        shutil.copyfile(model_folder / n, folder / n)
+    _copy_tokenizer(model_folder, folder)
+    _copy_tokenizer(model_folder, folder / ctx["export"]["format"])  # the example loader reads it beside the model
+    return {"float_model": {"path": str(model_folder), "files": files}}
+
+
+def _front_matter(m: dict) -> list[str]:
+    """The model card's YAML front matter, as the Hugging Face Hub reads it."""
+    teacher = m["teacher"]
+    origin = (teacher.get("origin") or "").split(",")[0].strip()
+    base = origin if _HUB_ID.match(origin) else None
+    lic = (teacher.get("license") or "").strip()
+    known = {"apache-2.0", "mit", "llama3", "llama3.1", "llama3.2", "llama3.3", "gemma", "cc-by-4.0", "openrail"}
+    tags = ["edgekit", m["format"], m["quant"], "distillation" if teacher.get("distilled") else "quantized"]
+    lines = ["---", "pipeline_tag: text-generation", "library_name: transformers",
+             f"license: {lic if lic in known else 'other'}"]
+    if lic and lic not in known:
+        lines.append(f"license_name: {json.dumps(lic)}")
+    if base:
+        lines += [f"base_model: {base}", f"base_model_relation: {'finetune' if teacher.get('distilled') else 'quantized'}"]
+    lines += ["tags:", *[f"- {json.dumps(t)}" for t in dict.fromkeys(tags)],
+              f"edgekit_version: {json.dumps(m['edgekit_version'])}",
+              *([f"edgekit_recipe: {json.dumps(m['recipe'])}"] if m.get("recipe") else []), "---", ""]
+    return lines
+
+
 APP = Layout("app", "the model, tokenizer, generation defaults and a standalone Python example loader")
+HF = Layout("hf", "a Hugging Face model repository: the float model and tokenizer for transformers, the export in "
+            "a subfolder, a model card with Hub front matter", write=_write_hf, subfolder=True,
+            run_hint="pip install transformers torch   # the float model, at the top of this folder\n"
+                     "python -c \"from transformers import pipeline; print(pipeline('text-generation', '.')"
+                     "([{{'role': 'user', 'content': 'Hello!'}}], max_new_tokens=32))\"\n"
+                     "python {format}/{loader} \"Hello!\"   # the {format} export, on its runtime\n"
+                     "hf upload YOUR-NAME/{name} .   # publish it, when you choose to")
 OLLAMA = Layout("ollama", "model.gguf and a Modelfile for `ollama create`", formats=("gguf",), app_files=False,
                 write=_write_ollama, run_hint="ollama create {name} -f Modelfile\nollama run {name}",
                 requires="Ollama")
 
 
 def register(reg: registry.Registry) -> None:
-    for layout in (APP, OLLAMA):
+    for layout in (APP, OLLAMA, HF):
         reg.add(registry.LAYOUT, layout.name, layout)
 
 
@@ -271,19 +324,21 @@ def package(artifact_dir: Path, *, out_dir: Path | None = None, device: str | No
     artifact.require_space(final, needed, f"the {fmt} bundle of {src.name}")
     tokenizer = src if _has_tokenizer(src) else model_folder if model_folder.is_dir() else None
     with artifact.atomic_dir(final, needed) as tmp:
+        where = tmp / fmt if shape.subfolder else tmp
+        where.mkdir(exist_ok=True)
         if shape.app_files:
-            _copy_model(src, fmt, export, able[0].loader, tmp)
+            _copy_model(src, fmt, export, able[0].loader, where)
             _copy_tokenizer(tokenizer or model_folder, tmp)
             artifact.atomic_write_text(tmp / "generation.json", _json(_generation(src, model_folder, tmp)))
-            shutil.copyfile(able[0].loader.script, tmp / manifest["loader"])
+            shutil.copyfile(able[0].loader.script, where / manifest["loader"])
         else:
-            _copy_model(src, fmt, export, runtimes.Loader(script=able[0].loader.script, files=()), tmp)
+            _copy_model(src, fmt, export, runtimes.Loader(script=able[0].loader.script, files=()), where)
         if shape.write is not None:
             manifest[layout] = shape.write(tmp, {
                 "source": src, "export": export, "tokenizer": tokenizer, "context": context, "name": name,
                 "model_file": export.get("model_file") or f"model{registry.get(registry.FORMAT, fmt).file_suffix}",
                 "generation": _generation(src, model_folder, tokenizer or tmp)})
-        manifest["size_bytes"] = sum(p.stat().st_size for p in tmp.iterdir() if p.name.startswith("model."))
+        manifest["size_bytes"] = sum(p.stat().st_size for p in where.iterdir() if p.name.startswith("model."))
         artifact.atomic_write_text(tmp / "README.md", model_card(manifest))
         if manifest["teacher"].get("notice"):  # terms the teacher's license requires in every redistribution
             artifact.atomic_write_text(tmp / NOTICE_FILE, manifest["teacher"]["notice"])
@@ -534,6 +589,7 @@ def model_card(m: dict) -> str:
     layout = get_layout(m.get("layout") or APP.name)
     requirements = layout.requires or ", ".join(_requirement(r) for r in m["runtimes"])
     lines = [
+        *(_front_matter(m) if layout.name == HF.name else []),
         f"# {m['name']}", "",
         f"{_family_display(m['architecture'])}-family language "
         f"model, {m['params'] / 1e6:.2f}M parameters, "
@@ -543,7 +599,8 @@ def model_card(m: dict) -> str:
     ]
     hint = layout.run_hint
     if hint:
-        lines += [f"```sh\n{hint.format(name=m['name'].lower(), model_file=m['model_file'])}\n```", ""]
+        lines += [f"```sh\n{hint.format(name=m['name'].lower(), model_file=m['model_file'], format=fmt, loader=loader)}"
+                  "\n```", ""]
         template = (m.get("ollama") or {}).get("template") or {}
         if template and not template.get("translated"):
             lines += [f"The Modelfile has no TEMPLATE: {template.get('reason')}. Ollama then picks a template "

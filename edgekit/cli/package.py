@@ -20,7 +20,9 @@ def add_commands(sub, common) -> None:
     pk.add_argument("artifact", help="export artifact id or folder")
     pk.add_argument("--format", help="the export's format (checked; the artifact decides)")
     pk.add_argument("--layout", default="app", help="bundle layout: app (model, tokenizer, Python example loader; "
-                                                    "the default) or ollama (GGUF + Modelfile); plugins add more")
+                                                    "the default), ollama (GGUF + Modelfile) or hf (a Hugging Face "
+                                                    "model repo: float model + the export in a subfolder); plugins "
+                                                    "add more")
     pk.add_argument("--device", help="device the bundle is built for (memory fit in the manifest)")
     pk.add_argument("--context", type=int, default=DEFAULT_CONTEXT)
     pk.add_argument("--fidelity", action="append", type=Path, help="fidelity report to take quality figures from")

@@ -1,0 +1,121 @@
+"""The hf bundle layout: a Hugging Face model repository that loads offline with from_pretrained in the pinned
+transformers *and* in transformers 5 (the `.venv-tf5` environment `make test` builds), with Hub front matter,
+and the export in its own subfolder that its runtime loads. The real teacher's converted folder loads in
+transformers 5 too, with the same token ids and the same greedy answer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from edgekit.package import _front_matter, package, verify
+
+ROOT = Path(__file__).resolve().parents[1]
+TF5 = ROOT / ".venv-tf5" / "bin" / "python"
+TEXTS = ["Hello world, how are you today?", "  spaces   and\ttabs\n\nend", "def add(a, b):\n    return a + b\n"]
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+# What a user of transformers 5 does with the folder: tokenizer, chat template, model, greedy answer.
+LOAD = r"""
+import json, sys, warnings
+warnings.filterwarnings("ignore")
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folder, texts, question, n = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
+tok = AutoTokenizer.from_pretrained(folder)
+model = AutoModelForCausalLM.from_pretrained(folder, dtype="float32")
+ids = tok.apply_chat_template(question, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+ids = {k: v for k, v in ids.items() if k in ("input_ids", "attention_mask")}
+out = model.generate(**ids, max_new_tokens=n, do_sample=False)
+print(json.dumps({"version": transformers.__version__, "ids": [tok(t, add_special_tokens=False).input_ids for t in texts],
+                  "answer": out[0, ids["input_ids"].shape[1]:].tolist()}))
+"""
+
+
+def _here(folder: Path, n: int) -> dict:
+    """The same, in this process's pinned transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    ids = tok.apply_chat_template(QUESTION, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = {k: v for k, v in ids.items() if k in ("input_ids", "attention_mask")}
+    out = model.generate(**ids, max_new_tokens=n, do_sample=False)
+    return {"ids": [tok(t, add_special_tokens=False).input_ids for t in TEXTS],
+            "answer": out[0, ids["input_ids"].shape[1]:].tolist()}
+
+
+def _in_tf5(folder: Path, n: int) -> dict:
+    if not TF5.is_file():
+        pytest.skip("no .venv-tf5 (transformers 5 over .venv): `make tf5` builds it, and `make test` does first")
+    proc = subprocess.run([str(TF5), "-c", LOAD, str(folder), json.dumps(TEXTS), json.dumps(QUESTION), str(n)],
+                          capture_output=True, text=True, timeout=600,
+                          env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out.pop("version").startswith("5.")
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_bundle(tiny_bpe_llama_dir, tiny_export, tmp_path_factory) -> dict:
+    gguf = tiny_export(tiny_bpe_llama_dir, "gguf", "q8_0")
+    return package(gguf, out_dir=tmp_path_factory.mktemp("hf"), context=256, layout="hf", recipe="quick")
+
+
+def test_hf_bundle_is_a_model_repo_with_the_export_in_its_subfolder(hf_bundle):
+    folder = Path(hf_bundle["path"])
+    top = {p.name for p in folder.iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "README.md", "manifest.json", "gguf"} <= top
+    assert {p.name for p in (folder / "gguf").iterdir()} >= {"model.gguf", "run_llamacpp.py", "tokenizer.json"}
+    assert not (folder / "model.gguf").exists() and folder.name.endswith("-hf")
+    assert verify(folder)["ok"] and verify(Path(hf_bundle["tarball"]))["ok"]
+    m = hf_bundle["manifest"]
+    assert m["layout"] == "hf" and "gguf/model.gguf" in m["files"] and "model.safetensors" in m["files"]
+    assert m["size_bytes"] == (folder / "gguf" / "model.gguf").stat().st_size
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\n")
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["pipeline_tag"] == "text-generation" and front["library_name"] == "transformers"
+    assert {"edgekit", "gguf", "q8_0"} <= set(front["tags"]) and front["edgekit_recipe"] == "quick"
+    assert "base_model" not in front  # a local folder is no Hub id
+    assert "python gguf/run_llamacpp.py" in card and "hf upload" in card
+
+
+def test_front_matter_names_the_hub_teacher_and_its_license():
+    m = {"format": "onnx", "quant": "int4", "edgekit_version": "0.1.0", "recipe": None,
+         "teacher": {"origin": "google/gemma-3-270m, as the Q4_K_M GGUF of a PyPI package", "license": "gemma",
+                     "distilled": True}}
+    front = yaml.safe_load("".join(line + "\n" for line in _front_matter(m)).split("---\n")[1])
+    assert front["base_model"] == "google/gemma-3-270m" and front["base_model_relation"] == "finetune"
+    assert front["license"] == "gemma" and "distillation" in front["tags"]
+    m["teacher"] = {"origin": "/home/me/model", "license": "my-terms", "distilled": False}
+    front = yaml.safe_load("".join(line + "\n" for line in _front_matter(m)).split("---\n")[1])
+    assert front["license"] == "other" and front["license_name"] == "my-terms" and "base_model" not in front
+
+
+def test_hf_bundle_loads_in_pinned_transformers_and_transformers_5_alike(hf_bundle, tiny_bpe_llama_dir):
+    folder = Path(hf_bundle["path"])
+    here = _here(folder, 8)
+    assert here == _here(tiny_bpe_llama_dir, 8)  # the bundle is the model it was exported from
+    assert _in_tf5(folder, 8) == here
+
+
+def test_the_gguf_in_the_hf_bundle_runs_in_llama_cpp(hf_bundle):
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(Path(hf_bundle["path"]) / "gguf" / "model.gguf"), n_ctx=64, verbose=False)
+    out = llm.create_completion("Hello", max_tokens=4, temperature=0)
+    assert out["usage"]["completion_tokens"] >= 1
+
+
+@pytest.mark.slow
+def test_the_real_teachers_folder_loads_in_transformers_5_with_the_same_tokens_and_answer(teacher):
+    here = _here(teacher.path, 12)
+    assert _in_tf5(teacher.path, 12) == here
