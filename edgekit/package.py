@@ -88,7 +88,7 @@ class Layout:
     write: Callable[[Path, dict], dict] | None = None
     run_hint: str = ""  # the card's "Run it" block; {name} (lower case) and {model_file} are filled in
     requires: str = ""  # what runs the bundle, for the card (default: the format's runtimes and versions)
-    subfolder: bool = False  # the export's files go in a folder named after its format (else at the top)
+    model_dir: str = ""  # where the export's files go ("{format}": a folder named after it; "": the top)
 
 
 def get_layout(name: str, fmt: str | None = None) -> Layout:
@@ -225,9 +225,80 @@ def _front_matter(m: dict) -> list[str]:
     return lines
 
 
+# onnxruntime-genai's provider name -> (onnxruntime's execution provider, what it needs of the device)
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "dml": "DmlExecutionProvider",
+             "webgpu": "WebGpuExecutionProvider"}
+ORT_PACKAGE_DIR = "model.ortpackage"
+
+
+def _providers(asked: list[str] | None, device: str | None) -> list[str]:
+    """The execution providers of an ort-package: the CPU always, then those asked for (or the device's GPU)."""
+    if asked is None:
+        asked = []
+        if device is not None:
+            gpus = [a for a in load_device(device).accelerators if a.kind == "gpu"
+                    and {"onnxruntime", "onnxruntime-genai"} & set(a.usable_by)]
+            asked = ["cuda"] if any("nvidia" in a.name.lower() or "cuda" in a.name.lower() for a in gpus) else []
+    bad = [p for p in asked if p not in PROVIDERS]
+    if bad:
+        raise ConfigError(f"unknown execution provider {bad[0]!r} for an ort-package: choose from "
+                          f"{', '.join(PROVIDERS)} (QNN and other NPUs need a model compiled for them, which edgekit "
+                          "does not make)")
+    return list(dict.fromkeys(["cpu", *asked]))
+
+
+def _write_ort_package(folder: Path, ctx: dict) -> dict:
+    """An ONNX Runtime model package (``model.ortpackage/``) with one variant per execution provider.
+
+    The package's manifest.json is written by onnxruntime's own ``ModelPackage`` API (onnxruntime >= 1.32),
+    which checks the layout. Each variant folder is complete (model, genai_config.json with that provider,
+    tokenizer), because onnxruntime-genai loads one variant folder and refuses paths that leave it.
+    """
+    import onnxruntime as ort
+
+    if not hasattr(ort, "ModelPackage"):
+        raise ConfigError(f"onnxruntime {ort.__version__} has no ModelPackage API; the ort-package layout needs "
+                          "onnxruntime >= 1.32 (pip install -U onnxruntime)")
+    root, cpu = folder / ORT_PACKAGE_DIR, ctx["model_dir"]
+    model_file = ctx["model_file"]
+    if ctx["tokenizer"] is not None:
+        _copy_tokenizer(ctx["tokenizer"], cpu)
+    config = json.loads((cpu / "genai_config.json").read_text(encoding="utf-8"))
+    variants = {}
+    for provider in ctx["providers"]:
+        vdir = cpu if provider == "cpu" else root / "decoder" / provider
+        if provider != "cpu":
+            shutil.copytree(cpu, vdir)
+        cfg = json.loads(json.dumps(config))
+        cfg["model"]["decoder"].setdefault("session_options", {})["provider_options"] = (
+            [] if provider == "cpu" else [{provider: {}}])
+        artifact.atomic_write_text(vdir / "genai_config.json", _json(cfg))
+        variants[provider] = vdir.relative_to(root).as_posix()
+    with tempfile.TemporaryDirectory(prefix="edgekit-ortpkg-") as seed:  # ORT writes the manifest into an empty folder
+        pkg = ort.ModelPackage()
+        pkg.set_metadata(name=ctx["name"], version=__version__,
+                         description=f"{ctx['export']['label']} made by edgekit {__version__}")
+        pkg.set_component_inline("decoder", json.dumps({"variants": {}}))
+        pkg.commit(str(Path(seed) / "p"))
+        shutil.copyfile(Path(seed) / "p" / "manifest.json", root / "manifest.json")
+    pkg = ort.ModelPackage.open(str(root))
+    for provider, vdir in variants.items():
+        pkg.set_variant("decoder", provider, json.dumps({"ep": PROVIDERS[provider], "variant_directory": vdir}))
+        pkg.set_variant_executor_info_inline("decoder", provider, "ort", json.dumps({"model_file": model_file}))
+    pkg.commit()
+    pkg.close()
+    return {"package": ORT_PACKAGE_DIR, "variants": variants}
+
+
 APP = Layout("app", "the model, tokenizer, generation defaults and a standalone Python example loader")
+ORT_PACKAGE = Layout("ort-package", "an ONNX Runtime model package: one variant folder per execution provider that "
+                     "onnxruntime and onnxruntime-genai load", formats=("onnx",), app_files=False,
+                     write=_write_ort_package, model_dir=f"{ORT_PACKAGE_DIR}/decoder/cpu",
+                     requires="onnxruntime>=1.32, onnxruntime-genai",
+                     run_hint="python -c \"import onnxruntime_genai as og; m = og.Model('{model_dir}'); "
+                              "print(og.Tokenizer(m).encode('Hello!'))\"   # a variant folder loads as is")
 HF = Layout("hf", "a Hugging Face model repository: the float model and tokenizer for transformers, the export in "
-            "a subfolder, a model card with Hub front matter", write=_write_hf, subfolder=True,
+            "a subfolder, a model card with Hub front matter", write=_write_hf, model_dir="{format}",
             run_hint="pip install transformers torch   # the float model, at the top of this folder\n"
                      "python -c \"from transformers import pipeline; print(pipeline('text-generation', '.')"
                      "([{{'role': 'user', 'content': 'Hello!'}}], max_new_tokens=32))\"\n"
@@ -239,7 +310,7 @@ OLLAMA = Layout("ollama", "model.gguf and a Modelfile for `ollama create`", form
 
 
 def register(reg: registry.Registry) -> None:
-    for layout in (APP, OLLAMA, HF):
+    for layout in (APP, OLLAMA, HF, ORT_PACKAGE):
         reg.add(registry.LAYOUT, layout.name, layout)
 
 
@@ -248,10 +319,12 @@ def register(reg: registry.Registry) -> None:
 
 def package(artifact_dir: Path, *, out_dir: Path | None = None, device: str | None = None, context: int = DEFAULT_CONTEXT,
             fidelity: dict | None = None, bench: dict | None = None, recipe: str | None = None,
-            layout: str = "app") -> dict:
+            layout: str = "app", providers: list[str] | None = None) -> dict:
     """Bundle one export artifact; returns ``{"path", "tarball", "manifest"}``.
 
     ``layout`` names a registered bundle layout (``app``, ``ollama``, ...; see :class:`Layout`).
+    ``providers``: execution providers an ``ort-package`` declares beside the CPU (``cuda``, ``dml``, ``webgpu``;
+    default: ``cuda`` when ``device`` has an NVIDIA GPU that onnxruntime can use).
 
     ``device`` names a device profile to check the fit against; ``context`` is the context length the
     minimum RAM is computed for (lowered to the model's maximum if larger). ``fidelity`` (an
@@ -262,6 +335,7 @@ def package(artifact_dir: Path, *, out_dir: Path | None = None, device: str | No
     export = _read_export(src)
     fmt, label = export["format"], export["label"]
     shape = get_layout(layout, fmt)
+    providers = _providers(providers, device) if layout == ORT_PACKAGE.name else []
     arch = _architecture(export, src)
     if context < 1:
         raise ConfigError(f"context must be a positive number of tokens, not {context}; pass e.g. --context "
@@ -290,6 +364,7 @@ def package(artifact_dir: Path, *, out_dir: Path | None = None, device: str | No
         "calibrated": bool(export.get("calibrated", False)),
         "label": label,
         "layout": layout,
+        **({"providers": providers} if providers else {}),
         "model_file": export.get("model_file"),
         "runtimes": [_runtime_entry(rt) for rt in able],
         "loader": able[0].loader.script.name if shape.app_files else None,
@@ -324,18 +399,17 @@ def package(artifact_dir: Path, *, out_dir: Path | None = None, device: str | No
     artifact.require_space(final, needed, f"the {fmt} bundle of {src.name}")
     tokenizer = src if _has_tokenizer(src) else model_folder if model_folder.is_dir() else None
     with artifact.atomic_dir(final, needed) as tmp:
-        where = tmp / fmt if shape.subfolder else tmp
-        where.mkdir(exist_ok=True)
+        where = tmp / shape.model_dir.format(format=fmt)
+        where.mkdir(parents=True, exist_ok=True)
+        _copy_model(src, fmt, export, able[0].loader, where)
         if shape.app_files:
-            _copy_model(src, fmt, export, able[0].loader, where)
             _copy_tokenizer(tokenizer or model_folder, tmp)
             artifact.atomic_write_text(tmp / "generation.json", _json(_generation(src, model_folder, tmp)))
             shutil.copyfile(able[0].loader.script, where / manifest["loader"])
-        else:
-            _copy_model(src, fmt, export, runtimes.Loader(script=able[0].loader.script, files=()), where)
         if shape.write is not None:
             manifest[layout] = shape.write(tmp, {
                 "source": src, "export": export, "tokenizer": tokenizer, "context": context, "name": name,
+                "model_dir": where, "providers": providers,
                 "model_file": export.get("model_file") or f"model{registry.get(registry.FORMAT, fmt).file_suffix}",
                 "generation": _generation(src, model_folder, tokenizer or tmp)})
         manifest["size_bytes"] = sum(p.stat().st_size for p in where.iterdir() if p.name.startswith("model."))
@@ -599,8 +673,9 @@ def model_card(m: dict) -> str:
     ]
     hint = layout.run_hint
     if hint:
-        lines += [f"```sh\n{hint.format(name=m['name'].lower(), model_file=m['model_file'], format=fmt, loader=loader)}"
-                  "\n```", ""]
+        text = hint.format(name=m["name"].lower(), model_file=m["model_file"], format=fmt, loader=loader,
+                           model_dir=layout.model_dir.format(format=fmt))
+        lines += [f"```sh\n{text}\n```", ""]
         template = (m.get("ollama") or {}).get("template") or {}
         if template and not template.get("translated"):
             lines += [f"The Modelfile has no TEMPLATE: {template.get('reason')}. Ollama then picks a template "

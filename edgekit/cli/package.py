@@ -20,9 +20,12 @@ def add_commands(sub, common) -> None:
     pk.add_argument("artifact", help="export artifact id or folder")
     pk.add_argument("--format", help="the export's format (checked; the artifact decides)")
     pk.add_argument("--layout", default="app", help="bundle layout: app (model, tokenizer, Python example loader; "
-                                                    "the default), ollama (GGUF + Modelfile) or hf (a Hugging Face "
-                                                    "model repo: float model + the export in a subfolder); plugins "
-                                                    "add more")
+                                                    "the default), ollama (GGUF + Modelfile), hf (a Hugging Face "
+                                                    "model repo: float model + the export in a subfolder) or "
+                                                    "ort-package (ONNX: an ONNX Runtime model package); plugins add "
+                                                    "more")
+    pk.add_argument("--providers", help="ort-package: execution providers beside the CPU, comma-separated (cuda, "
+                                        "dml, webgpu); default: cuda when --device has an NVIDIA GPU")
     pk.add_argument("--device", help="device the bundle is built for (memory fit in the manifest)")
     pk.add_argument("--context", type=int, default=DEFAULT_CONTEXT)
     pk.add_argument("--fidelity", action="append", type=Path, help="fidelity report to take quality figures from")
@@ -47,7 +50,8 @@ def cmd_package(args) -> int:
     fidelity = fidelity_reports(args.fidelity)
     bench = json.loads(Path(args.bench).read_text()) if args.bench else None
     result = package(folder, device=args.device, context=args.context, fidelity=fidelity[0] if fidelity else None,
-                     bench=bench, layout=args.layout)
+                     bench=bench, layout=args.layout,
+                     providers=[p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None)
     if args.json:
         emit_json(result)
         return 0

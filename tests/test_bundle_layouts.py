@@ -1,7 +1,8 @@
-"""The hf bundle layout: a Hugging Face model repository that loads offline with from_pretrained in the pinned
+"""Bundle layouts. hf: a Hugging Face model repository that loads offline with from_pretrained in the pinned
 transformers *and* in transformers 5 (the `.venv-tf5` environment `make test` builds), with Hub front matter,
 and the export in its own subfolder that its runtime loads. The real teacher's converted folder loads in
-transformers 5 too, with the same token ids and the same greedy answer."""
+transformers 5 too, with the same token ids and the same greedy answer. ort-package: an ONNX Runtime model package
+that onnxruntime opens (its ModelPackage API) and whose variant folders onnxruntime-genai loads."""
 
 from __future__ import annotations
 
@@ -119,3 +120,63 @@ def test_the_gguf_in_the_hf_bundle_runs_in_llama_cpp(hf_bundle):
 def test_the_real_teachers_folder_loads_in_transformers_5_with_the_same_tokens_and_answer(teacher):
     here = _here(teacher.path, 12)
     assert _in_tf5(teacher.path, 12) == here
+
+
+# --------------------------------------------------------------------------- ort-package (ONNX Runtime model package)
+
+
+@pytest.fixture(scope="module")
+def ort_bundle(tiny_bpe_llama_dir, tiny_export, tmp_path_factory) -> dict:
+    onnx = tiny_export(tiny_bpe_llama_dir, "onnx", "fp32")
+    return package(onnx, out_dir=tmp_path_factory.mktemp("ortpkg"), context=256, layout="ort-package",
+                   providers=["cuda"])
+
+
+def test_ort_package_opens_in_onnxruntime_and_each_variant_in_onnxruntime_genai(ort_bundle, tiny_bpe_llama_dir):
+    import numpy as np
+    import onnxruntime as ort
+    import onnxruntime_genai as og
+
+    folder = Path(ort_bundle["path"])
+    assert verify(folder)["ok"] and verify(Path(ort_bundle["tarball"]))["ok"]
+    root = folder / "model.ortpackage"
+    ctx = ort.ModelPackageContext(str(root))
+    assert ctx.get_component_names() == ["decoder"] and set(ctx.get_variant_names("decoder")) == {"cpu", "cuda"}
+    assert ctx.get_variant_ep_name("decoder", "cuda") == "CUDAExecutionProvider"
+    chosen = ctx.select_component("decoder", ort.ModelPackageOptions(ort.SessionOptions()))
+    assert chosen.get_selected_variant_name() == "cpu"  # no CUDA here: onnxruntime picks the CPU variant
+    session = chosen.create_session()
+    assert session.get_inputs()[0].name == "input_ids"
+    for variant in ("cpu", "cuda"):
+        cfg = json.loads((root / "decoder" / variant / "genai_config.json").read_text())
+        assert cfg["model"]["decoder"]["session_options"]["provider_options"] == ([] if variant == "cpu"
+                                                                                  else [{"cuda": {}}])
+    # the CPU variant generates in onnxruntime-genai what the app bundle's loader would
+    model = og.Model(str(root / "decoder" / "cpu"))
+    tok = og.Tokenizer(model)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=24, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array(tok.encode("Hello world"), dtype=np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    assert len(gen.get_sequence(0)) > len(tok.encode("Hello world"))
+    assert ort_bundle["manifest"]["providers"] == ["cpu", "cuda"]
+
+
+def test_ort_package_refuses_an_unknown_provider_and_a_gguf(tiny_bpe_llama_dir, tiny_export, tmp_path):
+    from edgekit.errors import ConfigError
+
+    onnx = tiny_export(tiny_bpe_llama_dir, "onnx", "fp32")
+    with pytest.raises(ConfigError, match="unknown execution provider 'qnn'.*need a model compiled for them"):
+        package(onnx, out_dir=tmp_path, layout="ort-package", providers=["qnn"])
+    with pytest.raises(ConfigError, match="ort-package bundle layout takes onnx exports"):
+        package(tiny_export(tiny_bpe_llama_dir, "gguf", "q8_0"), out_dir=tmp_path, layout="ort-package")
+
+
+def test_ort_package_declares_cuda_for_a_device_with_an_nvidia_gpu():
+    from edgekit.package import _providers
+
+    assert _providers(None, "jetson-orin-nano-8gb") == ["cpu", "cuda"]
+    assert _providers(None, "pi-5-8gb") == ["cpu"] and _providers(None, None) == ["cpu"]
+    assert _providers(["webgpu", "cpu"], "pi-5-8gb") == ["cpu", "webgpu"]
