@@ -14,7 +14,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 # ... and skip its multimodal library (mtmd/llava), which edgekit never loads: less to compile at setup.
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
-.PHONY: setup demo test test-fast bench clean tf5
+.PHONY: setup demo test test-fast bench clean tf5 web
 
 setup: $(STAMP)
 
@@ -47,7 +47,18 @@ demo: setup
 	$(BIN)/edgekit run recipes/quick.yaml
 
 # --durations: every run ends with its slowest tests, so a slowdown shows where it comes from.
-test: setup tf5
+# The browser side (web/): the npm packages web bundles load, pinned by web/package-lock.json, and the driver for
+# headless Chromium (Debian's `chromium`; .ci/run installs it). Without npm, the browser tests skip and say why.
+WEB_STAMP := web/node_modules/.edgekit-installed
+
+web: $(WEB_STAMP)
+
+$(WEB_STAMP): web/package.json web/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then cd web && { npm ci --no-audit --no-fund --loglevel=error || echo "npm ci failed: the browser tests will be skipped"; }; \
+	 else echo "npm not found: the browser tests will be skipped (install Node.js 18+ and npm)"; fi
+	@if [ -d web/node_modules ]; then touch $(WEB_STAMP); fi
+
+test: setup tf5 web
 	$(BIN)/python -m pytest -m "slow or not slow" --durations=25
 
 test-fast: setup
@@ -57,4 +68,4 @@ bench: setup
 	$(BIN)/python benchmarks/plan_accuracy.py
 
 clean:
-	rm -rf $(VENV) $(TF5) .pytest_cache .hypothesis benchmarks/out
+	rm -rf $(VENV) $(TF5) web/node_modules .pytest_cache .hypothesis benchmarks/out

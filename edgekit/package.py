@@ -290,7 +290,38 @@ def _write_ort_package(folder: Path, ctx: dict) -> dict:
     return {"package": ORT_PACKAGE_DIR, "variants": variants}
 
 
+WEB = Path(__file__).resolve().parent / "resources" / "web"  # the page and serve.py of the web layout
+# The browser runtime the web page loads, pinned; web/package.json pins the same version for the tests, which serve
+# node_modules in place of the CDN.
+WLLAMA_VERSION = "3.13.0"
+WLLAMA_URL = f"https://cdn.jsdelivr.net/npm/@wllama/wllama@{WLLAMA_VERSION}"
+MAX_WASM_FILE = 2**31 - 1  # one ArrayBuffer: wllama loads a GGUF file at most this large
+
+
+def _write_web(folder: Path, ctx: dict) -> dict:
+    """A static page that chats with the GGUF in the browser through wllama (llama.cpp in WebAssembly)."""
+    size = (ctx["model_dir"] / ctx["model_file"]).stat().st_size
+    if size > MAX_WASM_FILE:
+        raise ConfigError(f"{ctx['model_file']} is {size / 2**30:.2f} GiB and a browser loads a file of at most 2 GiB "
+                          "into WebAssembly memory; export a smaller quant (e.g. --quant q4_k_m or a smaller student)")
+    gen = ctx["generation"]
+    values = {"NAME": ctx["name"], "WLLAMA_URL": WLLAMA_URL, "MODEL_FILE": ctx["model_file"],
+              "CONTEXT": str(int(ctx["context"])), "MAX_NEW_TOKENS": str(int(gen["max_new_tokens"])),
+              "TEMPERATURE": str(float(gen["temperature"]) if gen["do_sample"] else 0)}
+    page = (WEB / "index.html").read_text(encoding="utf-8")
+    for key, value in values.items():
+        page = page.replace("{{" + key + "}}", value.replace("<", "").replace('"', "") if key == "NAME" else value)
+    artifact.atomic_write_text(folder / "index.html", page)
+    shutil.copyfile(WEB / "serve.py", folder / "serve.py")
+    return {"runtime": f"@wllama/wllama@{WLLAMA_VERSION}", "page": "index.html"}
+
+
 APP = Layout("app", "the model, tokenizer, generation defaults and a standalone Python example loader")
+WEB_LAYOUT = Layout("web", "a static web page that chats with the GGUF in the browser (llama.cpp in WebAssembly via "
+                    "wllama)", formats=("gguf",), app_files=False, write=_write_web,
+                    requires=f"a browser with WebAssembly; @wllama/wllama {WLLAMA_VERSION} from a CDN",
+                    run_hint="python serve.py 8000   # then open http://127.0.0.1:8000/ (any server sending the "
+                             "COOP/COEP headers of serve.py works)")
 ORT_PACKAGE = Layout("ort-package", "an ONNX Runtime model package: one variant folder per execution provider that "
                      "onnxruntime and onnxruntime-genai load", formats=("onnx",), app_files=False,
                      write=_write_ort_package, model_dir=f"{ORT_PACKAGE_DIR}/decoder/cpu",
@@ -310,7 +341,7 @@ OLLAMA = Layout("ollama", "model.gguf and a Modelfile for `ollama create`", form
 
 
 def register(reg: registry.Registry) -> None:
-    for layout in (APP, OLLAMA, HF, ORT_PACKAGE):
+    for layout in (APP, OLLAMA, HF, ORT_PACKAGE, WEB_LAYOUT):
         reg.add(registry.LAYOUT, layout.name, layout)
 
 
