@@ -7,23 +7,15 @@ Needs Node.js, `make web` (npm ci in web/) and Chromium (Debian's `chromium`; .c
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from edgekit.chat import QUESTIONS
 from edgekit.package import WLLAMA_VERSION, package, verify
+from web import page
 
 ROOT = Path(__file__).resolve().parents[1]
-DRIVER = ROOT / "web" / "drive.mjs"
 
 
 def test_the_page_pins_the_wllama_version_that_web_package_json_installs():
@@ -33,47 +25,16 @@ def test_the_page_pins_the_wllama_version_that_web_package_json_installs():
 
 
 @pytest.fixture(scope="module")
-def browser() -> str:
-    """The Chromium to drive; skips (saying what is missing) without node, web/node_modules or Chromium."""
-    chromium = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    missing = [what for what, ok in (("node", shutil.which("node")), ("web/node_modules (make web)",
-                                                                      (ROOT / "web" / "node_modules").is_dir()),
-                                     ("chromium (apt install chromium)", chromium)) if not ok]
-    if missing:
-        pytest.skip(f"the browser tests need {', '.join(missing)}")
-    return chromium
+def browser() -> None:
+    """Skips, saying what is missing, without node, web/node_modules or Chromium."""
+    if page.missing():
+        pytest.skip(f"the browser tests need {', '.join(page.missing())}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def open_page(bundle: Path, browser: str, prompt: str, max_tokens: int, timeout: int = 300) -> dict:
-    """Serve ``bundle`` with its serve.py and run its page once on ``prompt``; what the page measured."""
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, str(bundle / "serve.py"), str(port)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(100):
-            try:
-                headers = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1).headers
-                break
-            except OSError:
-                time.sleep(0.1)
-        assert headers["Cross-Origin-Opener-Policy"] == "same-origin"
-        url = f"http://127.0.0.1:{port}/index.html?" + urllib.parse.urlencode({"prompt": prompt,
-                                                                              "max_tokens": max_tokens})
-        out = subprocess.run(["node", str(DRIVER), url, "--timeout", str(timeout), "--chromium", browser],
-                             capture_output=True, text=True, timeout=timeout + 60)
-        assert out.returncode == 0, out.stderr[-3000:]
-        result = json.loads(out.stdout.strip().splitlines()[-1])
-        assert "error" not in result, result
-        return result
-    finally:
-        server.terminate()
-        server.wait(10)
+def open_page(bundle: Path, browser, prompt: str, max_tokens: int) -> dict:
+    result = page.open_page(bundle, prompt, max_tokens)
+    assert result["done"] and "error" not in result
+    return result
 
 
 NEAR_TIE = 0.1  # logits: where llama.cpp's best two tokens are closer than this, another build may pick the other

@@ -1,0 +1,142 @@
+"""A GGUF in the browser against llama.cpp on the same machine: the `web` bundle's page in headless Chromium.
+
+Exports the model as GGUF (default q4_k_m with an importance matrix, reusing an earlier export), bundles it with
+the `web` layout and opens the bundle's own page (served by its serve.py, driven by web/drive.mjs through
+puppeteer-core and Debian's Chromium) once per repeat and thread count: llama.cpp compiled to WebAssembly (wllama).
+The same prompt then runs in native llama.cpp (llama-cpp-python) at the same thread counts. Per row: load time
+(download into the tab + load), time to first token, prefill and decode tok/s (the browser's from llama.cpp's own
+timings inside wllama), WebAssembly threads used, and whether SIMD and cross-origin isolation (threads) were on.
+Median of --repeats. Prints a Markdown table and writes benchmarks/out/browser.json.
+
+    python benchmarks/browser.py [--model default] [--quant q4_k_m] [--threads 1,2] [--repeats 3]
+                                 [--prompt-tokens 128] [--decode-tokens 64]
+
+Needs `make web` (npm packages) and Chromium (apt install chromium).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from web import page  # noqa: E402
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _prompt(tokenize, n: int) -> str:
+    """A held-out chat's text cut to about ``n`` tokens (the same text for both runtimes)."""
+    text = (ROOT / "edgekit" / "resources" / "heldout.jsonl").read_text().splitlines()
+    words = " ".join(json.loads(line).get("text") or " ".join(m["content"] for m in json.loads(line)["messages"])
+                     for line in text[:20]).split()
+    out = []
+    for w in words:
+        out.append(w)
+        if len(tokenize(" ".join(out))) >= n:
+            break
+    return " ".join(out)
+
+
+def native(gguf: Path, prompt: str, decode: int, threads: int, repeats: int) -> dict:
+    """llama.cpp (llama-cpp-python) on the same prompt: prefill and decode tok/s, medians."""
+    from edgekit.runtimes.llamacpp import LlamaSession
+
+    t0 = time.perf_counter()
+    s = LlamaSession(gguf, threads, context=1024)
+    load = time.perf_counter() - t0
+    ids = s.llm.tokenize(prompt.encode(), add_bos=True, special=True)
+    pre, dec, ttft = [], [], []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        t0 = time.perf_counter()
+        s.prefill(ids)
+        t1 = time.perf_counter()
+        s.decode(decode)
+        t2 = time.perf_counter()
+        pre.append(len(ids) / (t1 - t0))
+        dec.append(decode / (t2 - t1))
+        ttft.append(1000 * (t1 - t0))
+    s.close()
+    return {"runtime": "llama.cpp (native)", "threads": threads, "load_ms": 1000 * load,
+            "ttft_ms": statistics.median(ttft[1:]), "prefill_tok_s": statistics.median(pre[1:]),
+            "decode_tok_s": statistics.median(dec[1:]), "prompt_tokens": len(ids), "simd": "native",
+            "isolated": None}
+
+
+def browser(bundle: Path, prompt: str, decode: int, threads: int, repeats: int) -> dict:
+    runs = [page.open_page(bundle, prompt, decode, threads=threads, ignore_eos=True) for _ in range(repeats)]
+    t = [r["timings"] for r in runs]
+    return {"runtime": "wllama (chromium)", "threads": runs[0]["threads"], "multithread": runs[0]["multithread"],
+            "load_ms": statistics.median(r["load_ms"] for r in runs),
+            "ttft_ms": statistics.median(r["ttft_ms"] for r in runs),
+            "prefill_tok_s": statistics.median(x["prompt_per_second"] for x in t),
+            "decode_tok_s": statistics.median(x["predicted_per_second"] for x in t),
+            "prompt_tokens": t[0]["prompt_n"], "decoded": t[0]["predicted_n"], "simd": runs[0]["simd"],
+            "isolated": runs[0]["cross_origin_isolated"], "browser": runs[0]["browser"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--quant", default="q4_k_m")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "browser.json"))
+    args = ap.parse_args()
+    if page.missing():
+        sys.exit(f"benchmarks/browser.py needs {', '.join(page.missing())}")
+
+    from edgekit.export.pipeline import ExportConfig, run
+    from edgekit.package import WLLAMA_VERSION, package
+    from edgekit.runtimes.llamacpp import open_llama
+
+    exported = run(ExportConfig(model=args.model, format="gguf", quant=args.quant, calibrate=True))
+    bundle = Path(package(Path(exported["path"]), layout="web", context=1024)["path"])
+    gguf = bundle / "model.gguf"
+    llm = open_llama(gguf, n_ctx=64)
+    prompt = _prompt(lambda t: llm.tokenize(t.encode(), add_bos=False, special=False), args.prompt_tokens)
+    llm.close()
+    rows = []
+    for threads in [int(t) for t in args.threads.split(",")]:  # one at a time: nothing else on the CPU
+        rows.append(browser(bundle, prompt, args.decode_tokens, threads, args.repeats))
+        rows.append(native(gguf, prompt, args.decode_tokens, threads, args.repeats))
+    print(f"\n{exported['manifest']['label']} of {args.model}, {gguf.stat().st_size / 1e6:.1f} MB; "
+          f"{rows[0]['prompt_tokens']}-token prompt, {args.decode_tokens} decoded; {_cpu()}; "
+          f"{rows[0].get('browser')}, @wllama/wllama {WLLAMA_VERSION}\n")
+    print("| runtime | threads | load | first token | prefill tok/s | decode tok/s | SIMD | isolated (threads) |")
+    print("|---|---:|---:|---:|---:|---:|---|---|")
+    for r in rows:
+        print(f"| {r['runtime']} | {r['threads']} | {r['load_ms'] / 1000:.2f} s | {r['ttft_ms']:.0f} ms | "
+              f"{r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | {r['simd']} | "
+              f"{'-' if r['isolated'] is None else r['isolated']} |")
+    for t in sorted({r["threads"] for r in rows}):
+        b = next((r for r in rows if r["threads"] == t and r["runtime"].startswith("wllama")), None)
+        n = next((r for r in rows if r["threads"] == t and r["runtime"].startswith("llama.cpp")), None)
+        if b and n:
+            print(f"- {t} thread(s): browser decode {b['decode_tok_s'] / n['decode_tok_s']:.2f}x native, prefill "
+                  f"{b['prefill_tok_s'] / n['prefill_tok_s']:.2f}x")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": _cpu(), "command": " ".join(sys.argv),
+                               "export": exported["path"], "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
