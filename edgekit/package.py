@@ -435,6 +435,8 @@ def package(artifact_dir: Path, *, out_dir: Path | None = None, device: str | No
         _copy_model(src, fmt, export, able[0].loader, where)
         if shape.app_files:
             _copy_tokenizer(tokenizer or model_folder, tmp)
+            if fmt == "executorch" and (tmp / "tokenizer.json").is_file():
+                runner_tokenizer(tmp / "tokenizer.json")
             artifact.atomic_write_text(tmp / "generation.json", _json(_generation(src, model_folder, tmp)))
             shutil.copyfile(able[0].loader.script, where / manifest["loader"])
         if shape.write is not None:
@@ -608,6 +610,22 @@ def _copy_tokenizer(folder: Path, tmp: Path) -> None:
     for n in TOKENIZER_FILES:
         if (folder / n).is_file() and worth_copying(folder / n):
             shutil.copyfile(folder / n, tmp / n)
+
+
+def runner_tokenizer(path: Path) -> bool:
+    """Rewrite a tokenizer.json in place into the form ExecuTorch's C++ LLM runner reads; True if it changed.
+
+    That runner's HF tokenizer (pytorch-labs/tokenizers) refuses an empty normalizer ``Sequence``, which
+    transformers writes for a tokenizer without normalization (the embedded teacher's); ``null`` means the same
+    (no normalization), and Python's tokenizers gives the same ids for both (tests check).
+    """
+    data = json.loads(path.read_text(encoding="utf-8"))
+    norm = data.get("normalizer")
+    if isinstance(norm, dict) and norm.get("type") == "Sequence" and not norm.get("normalizers"):
+        data["normalizer"] = None
+        artifact.atomic_write_text(path, json.dumps(data, ensure_ascii=False))
+        return True
+    return False
 
 
 def _is_pattern(name: str) -> bool:

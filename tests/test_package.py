@@ -204,6 +204,60 @@ def test_executorch_loader_runs_standalone(bundles):
     assert r.stdout.endswith("\n") and "tokens in" in r.stderr
 
 
+RUNNER = r"""
+import json, sys
+import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  the program's llama:: kernels
+import executorch.kernels.quantized  # noqa: F401  quantized_decomposed::embedding_byte
+from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+runner = TextLLMRunner(sys.argv[1] + "/model.pte", sys.argv[1] + "/tokenizer.json")
+pieces = []
+runner.generate(sys.argv[2], GenerationConfig(echo=False, max_new_tokens=int(sys.argv[3]), temperature=0.0),
+                token_callback=pieces.append)
+print(json.dumps("".join(pieces)))
+"""
+
+
+@pytest.mark.slow
+@needs_executorch
+def test_executorch_bundle_runs_in_executorchs_own_llm_runner(bundles):
+    """The runner ExecuTorch ships for phones (its C++ TextLLMRunner, via the pip package's bindings) loads the
+    bundle's model.pte and tokenizer.json as they are and answers greedily what edgekit's ExecuTorch session does."""
+    from tokenizers import Tokenizer
+
+    from edgekit.runtimes.executorch import EtSession
+
+    folder = Path(bundles["executorch"]["path"])
+    prompt = "<|im_start|>user\nHello world<|im_end|>\n<|im_start|>assistant\n"
+    r = subprocess.run([sys.executable, "-c", RUNNER, str(folder), prompt, "8"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = json.loads(r.stdout.strip().splitlines()[-1])
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    session = EtSession(folder, 1)
+    ids = session.generate(tok.encode(prompt, add_special_tokens=False).ids, 8, eos_ids=(2,))
+    session.close()
+    assert text and text == tok.decode(ids, skip_special_tokens=False)
+
+
+def test_runner_tokenizer_drops_an_empty_normalizer_sequence_and_keeps_the_ids(tmp_path):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    from edgekit.package import runner_tokenizer
+
+    tok = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2, " ": 3, "<unk>": 4}, merges=[("a", "b")],
+                               unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([])
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", "isolated")
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    texts = ["ab ab", "ba", "abab b a"]
+    before = [tok.encode(t).ids for t in texts]
+    assert json.loads(path.read_text())["normalizer"] == {"type": "Sequence", "normalizers": []}
+    assert runner_tokenizer(path) and json.loads(path.read_text())["normalizer"] is None
+    assert [Tokenizer.from_file(str(path)).encode(t).ids for t in texts] == before
+    assert not runner_tokenizer(path)  # nothing left to change
+
+
 @pytest.mark.parametrize("fmt", ["gguf", "onnx", pytest.param("executorch", marks=EXECUTORCH_EXPORT)])
 def test_bundle_folder_and_tarball_verify(bundles, fmt):
     for where in (bundles[fmt]["path"], bundles[fmt]["tarball"]):

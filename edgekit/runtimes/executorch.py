@@ -160,7 +160,15 @@ LOADER = Loader(LOADERS / "run_executorch.py", files=("executorch_config.json",)
                      "holds a static K/V cache of {context} positions and returns the last position's logits; "
                      "ExecuTorch's C++ LLM runner can drive it on a phone as it is (it carries the runner's "
                      "metadata). It needs the XNNPACK backend and ExecuTorch's LLM custom ops (`llama::custom_sdpa`, "
-                     "`llama::update_cache`) linked in; see executorch_config.json's `kernels`.")
+                     "`llama::update_cache`) and quantized kernels linked in; see executorch_config.json's `kernels`. "
+                     "tokenizer.json is in the form that runner's tokenizer reads (checked with the runner the "
+                     "`executorch` pip package ships, `executorch.extension.llm.runner.TextLLMRunner`, after "
+                     "importing `executorch.extension.llm.custom_ops.custom_ops` and `executorch.kernels.quantized`)."
+                     "\n\nOn a device: ExecuTorch's `llama_main --model_path=model.pte --tokenizer_path=tokenizer.json "
+                     "--prompt=\"...\" --temperature=0` (built from ExecuTorch's examples/models/llama), on Android "
+                     "`new LlmModule(\"model.pte\", \"tokenizer.json\", 0.0f)` (the `executorch-android` AAR), on "
+                     "iOS the ExecuTorchLLM Swift package's `TextRunner(modelPath:tokenizerPath:)`. The prompt is "
+                     "the chat template's rendering (chat_template.jinja); generation stops at the program's eos ids.")
 RUNTIME = Runtime("executorch", ("executorch",), "executorch", "executorch", EtSession, _gpu,
                   description="ExecuTorch's Python runtime (XNNPACK delegate, portable + LLM kernels)",
                   min_version="1.5.1", loader=LOADER)
