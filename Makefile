@@ -14,7 +14,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 # ... and skip its multimodal library (mtmd/llava), which edgekit never loads: less to compile at setup.
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
-.PHONY: setup demo test test-fast bench clean tf5 web
+.PHONY: setup demo test test-fast bench clean tf5 web fuzz
 
 setup: $(STAMP)
 
@@ -63,6 +63,11 @@ test: setup tf5 web
 
 test-fast: setup
 	$(BIN)/python -m pytest --durations=15
+
+# The long fuzz run (the test suite runs a few thousand cases per parser): FUZZ_CASES per parser, both cores.
+FUZZ_CASES ?= 1000000
+fuzz: setup
+	$(BIN)/python benchmarks/fuzz.py --cases $(FUZZ_CASES)
 
 bench: setup
 	$(BIN)/python benchmarks/plan_accuracy.py

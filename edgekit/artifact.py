@@ -34,6 +34,15 @@ MANIFEST = "manifest.json"
 log = logging.getLogger(__name__)
 
 
+def user_path(text: str | Path) -> Path:
+    """``text`` as a path with ``~`` / ``~user`` expanded; an unknown ``~user`` stays as written (it then fails as a
+    missing file, naming it) instead of raising RuntimeError from deep inside pathlib."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        return Path(text)
+
+
 def home() -> Path:
     """edgekit's cache and artifact root: ``$EDGEKIT_HOME`` or the user cache dir."""
     env = os.environ.get("EDGEKIT_HOME")

@@ -56,6 +56,11 @@ def apply_chat_template(tokenizer, messages: list[dict], **kwargs):
     except TemplateError as e:
         raise ModelError(f"the chat template in {chat_template_file(tokenizer)} failed to render "
                          f"({type(e).__name__}: {e}); fix that template or replace it with the base model's") from e
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError, RecursionError) as e:
+        # raised by the template's own expressions (`+ 'x'` on a number, a string called as a function, 1/0, ...)
+        raise ModelError(f"the chat template in {chat_template_file(tokenizer)} failed while rendering "
+                         f"({type(e).__name__}: {str(e)[:200]}); fix that template or replace it with the base "
+                         "model's") from e
 
 
 def chat_template_file(tokenizer) -> str:

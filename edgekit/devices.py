@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgekit import artifact, registry
+from edgekit.artifact import user_path
 from edgekit.errors import DeviceError, validation_problem, yaml_problem
 from edgekit.units import Bandwidth, Bytes, Flops, Frequency, format_bytes, parse_bytes
 
@@ -206,7 +207,7 @@ def load_device(name: str, directory: Path | None = None) -> DeviceProfile:
     """A profile by name (``pi-zero-2w``), by path to a YAML, or ``host``."""
     if name == "host":
         return detect_host()
-    as_path = Path(name).expanduser()
+    as_path = user_path(name)
     if as_path.suffix in (".yaml", ".yml"):
         if not as_path.is_file():
             raise DeviceError(f"device profile {as_path} does not exist; fix the path (a recipe's `device:` path is "

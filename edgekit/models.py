@@ -103,7 +103,7 @@ def resolve_teacher(spec: str = DEFAULT_TEACHER, trust_remote_code: bool = False
         p = PACKAGED[spec]
         return _from_gguf(spec, packaged_gguf_path(spec), source="package", name=p["name"], license=p["license"],
                           origin=p["origin"])
-    path = Path(spec).expanduser()
+    path = artifact.user_path(spec)
     if path.is_file() and path.suffix == ".gguf":
         return _from_gguf(spec, path.resolve(), source="gguf", name=path.stem, license=None, origin=str(path))
     if path.is_dir():
@@ -190,7 +190,7 @@ def teacher_architecture(spec: str, fetch: bool = True) -> tuple[Architecture, s
         g = packaged_gguf_path(spec)
         return Architecture.from_hf_config(_gguf_config(str(g), g.stat().st_mtime), f"{g} (GGUF header)"), \
             PACKAGED[spec]["name"]
-    p = Path(spec).expanduser()
+    p = artifact.user_path(spec)
     if p.is_dir() and not (p / "config.json").is_file():
         ggufs = sorted(p.glob("*.gguf"))
         if len(ggufs) == 1:

@@ -832,7 +832,7 @@ def verify(bundle: Path, *, strict: bool = True, max_bytes: int = MAX_TAR_BYTES)
 def _verify_tarball(path: Path, max_bytes: int) -> dict:
     try:
         tf = tarfile.open(path, "r:*")
-    except (tarfile.TarError, OSError) as e:
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:  # EOFError: a gzip stream cut short
         head = b""
         with contextlib.suppress(OSError), open(path, "rb") as f:
             head = f.read(8)

@@ -26,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError, model_validator
 
 from edgekit import registry
+from edgekit.artifact import user_path
 from edgekit.bench.config import BenchConfig
 from edgekit.devices import load_device
 from edgekit.distill.config import LOSSES, CacheConfig, DataConfig, DistillConfig, QatConfig, StudentSpec, TrainConfig
@@ -260,18 +261,18 @@ def _absolutize(raw: dict, base: Path) -> dict:
     if isinstance(distill, dict) and isinstance(distill.get("data"), dict):
         sources = distill["data"].get("sources")
         if isinstance(sources, list):
-            distill["data"]["sources"] = [str((base / Path(s).expanduser()).resolve()) if isinstance(s, str) else s
+            distill["data"]["sources"] = [str((base / user_path(s)).resolve()) if isinstance(s, str) else s
                                           for s in sources]
     fidelity = raw.get("fidelity")
     if isinstance(fidelity, dict) and isinstance(fidelity.get("texts"), list):
-        fidelity["texts"] = [str((base / Path(s).expanduser()).resolve()) if isinstance(s, str) else s
+        fidelity["texts"] = [str((base / user_path(s)).resolve()) if isinstance(s, str) else s
                              for s in fidelity["texts"]]
     device = raw.get("device")
     if isinstance(device, str) and Path(device).suffix in (".yaml", ".yml"):  # a profile file, not a name
-        raw["device"] = str((base / Path(device).expanduser()).resolve())
+        raw["device"] = str((base / user_path(device)).resolve())
     teacher = raw.get("teacher")
     if isinstance(teacher, str) and teacher != "default":
-        local = base / Path(teacher).expanduser()
+        local = base / user_path(teacher)
         if teacher.startswith((".", "~", "/")) or local.exists():
             raw["teacher"] = str(local.resolve())
     return raw
@@ -305,7 +306,7 @@ def _load_raw(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, dict]:
         if not isinstance(parent, str) or not parent.strip():
             raise RecipeError(f"recipe {path}: extends: expected one recipe file name such as base.yaml, got "
                               f"{parent!r}; a recipe extends a single base (that base may extend another)")
-        target = (path.parent / parent).expanduser()
+        target = user_path(path.parent / parent)
         if not target.is_file():
             raise RecipeError(f"recipe {path}: extends: {target} does not exist; the path is relative to {path.parent}")
         merged, origins = _load_raw(target, (*chain, path))

@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from edgekit.artifact import user_path
 from edgekit.errors import ConfigError
 
 ROLES = ("system", "user", "assistant")
@@ -39,7 +40,7 @@ def load_examples(paths: Iterable[Path], key: str = "data.sources (--data)") -> 
     """
     examples = []
     for path in paths:
-        path = Path(path).expanduser()
+        path = user_path(path)
         if not path.exists():
             raise ConfigError(f"data source {path} does not exist; fix the path in {key}")
         if path.is_dir() and _is_hf_dataset(path):

@@ -50,7 +50,10 @@ def _parse(text: object, unit_regex: str, what: str, example: str) -> float:
                 f"cannot read {text!r} as {what}: write a number and a unit like {example!r} "
                 "(KB/MB/GB are powers of 1000, KiB/MiB/GiB powers of 1024)"
             )
-        value = float(m.group("num")) * (10 ** int(m.group("exp") or 0)) * _multiplier(m.group("prefix"))
+        try:
+            value = float(m.group("num")) * (10 ** int(m.group("exp") or 0)) * _multiplier(m.group("prefix"))
+        except (OverflowError, ValueError):  # an exponent past float's range ("1e309MB"), or thousands of digits
+            value = math.inf
     else:
         raise UnitError(f"{what} must be a number with a unit like {example!r}, got {type(text).__name__}")
     if not math.isfinite(value) or value < 0:

@@ -289,7 +289,7 @@ def _sources_id(sources: list[Path]) -> str | None:
         return None
     digests = {}
     for source in sources:
-        source = Path(source).expanduser()
+        source = artifact.user_path(source)
         files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
         for p in files:
             if p.is_file():
