@@ -55,7 +55,8 @@ LADDER_256 = ("Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 LADDER_32 = ("IQ4_NL", "Q5_0", "Q5_1", "Q8_0")
 SENSITIVITY_TOKENS = 512  # calibration tokens each tensor's KL is measured on
 SENSITIVITY_VERSION = 1  # bump when the measurement changes, so saved tables are measured again
-VERSION = 2  # bump when the choice changes, so auto exports made by an older one are not reused (2: fill pass)
+VERSION = 3  # bump when the choice changes, so auto exports made by an older one are not reused (2: fill pass;
+#             3: trades, _trade)
 # with no target, auto aims at the size of this fixed scheme of its format
 REFERENCE = {"gguf": "q4_k_m", "onnx": "int4", "executorch": "8da4w"}
 _BPW = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*bpw\s*$", re.IGNORECASE)
@@ -190,10 +191,50 @@ def choose(tensors: list[TensorSensitivity], fixed_bytes: int, budget: int) -> d
                     if o.kl < chosen[n].kl and 0 < o.nbytes - chosen[n].nbytes <= left),
                    default=None, key=lambda x: x[0])
         if best is None:
-            return chosen
+            break
         _, name, option = best
         total += option.nbytes - chosen[name].nbytes
         chosen[name] = option
+    return _trade(chosen, options, budget - total)
+
+
+def _trade(chosen: dict[str, Option], options: dict[str, list[Option]], left: int) -> dict[str, Option]:
+    """Upgrades that fit once other tensors step down, kept while they lower the total predicted KL.
+
+    The greedy walk climbs small tensors first (their steps drop more KL per byte), so a large tensor's last step
+    can miss the budget by a few kB once they are all at the top: Gemma 3's 262k-row embedding stayed at Q5_1,
+    52 MB under a budget it nearly filled, while every small matrix sat at a type that loses nothing on weights
+    that came from that very grid. Here such an upgrade is paid for by stepping other tensors down, the least KL
+    per byte freed first, one step each.
+    """
+    while True:
+        best = None
+        for name, opts in options.items():
+            for up in opts:
+                gain, need = chosen[name].kl - up.kl, up.nbytes - chosen[name].nbytes - left
+                if gain <= 0 or need <= 0:
+                    continue
+                downs = sorted(((d.kl - chosen[m].kl) / (chosen[m].nbytes - d.nbytes), m, d)
+                               for m, ds in options.items() if m != name
+                               for d in [min((d for d in ds if d.nbytes < chosen[m].nbytes),
+                                             key=lambda d: (d.kl - chosen[m].kl) / (chosen[m].nbytes - d.nbytes),
+                                             default=None)] if d is not None)
+                freed, cost, moves = 0, 0.0, []
+                for _, m, d in downs:
+                    if freed >= need or cost >= gain:
+                        break
+                    freed, cost = freed + chosen[m].nbytes - d.nbytes, cost + d.kl - chosen[m].kl
+                    moves.append((m, d))
+                if freed >= need and gain - cost > 1e-12 and (best is None or gain - cost > best[0]):
+                    best = (gain - cost, name, up, moves)
+        if best is None:
+            return chosen
+        _, name, up, moves = best
+        left -= up.nbytes - chosen[name].nbytes
+        chosen[name] = up
+        for m, d in moves:
+            left += chosen[m].nbytes - d.nbytes
+            chosen[m] = d
 
 
 # --------------------------------------------------------------------------- sensitivity

@@ -111,6 +111,21 @@ def test_budget_a_large_tensor_cannot_use_on_its_hull_goes_to_an_option_off_it()
     assert auto.choose([embed], fixed_bytes=0, budget=200)["e"].dtype == "dear"
 
 
+def test_a_large_step_that_misses_the_budget_is_paid_for_by_stepping_small_tensors_down():
+    o, T = auto.Option, auto.TensorSensitivity
+    # the small tensors' steps drop more KL per byte, so the walk tops them all up first and the embedding's one
+    # step then misses the budget by 5 bytes; one small tensor one step down pays for it, at half the KL it saves
+    embed = T("embed", 256, 1, [o("Q5_1", 100, 1.0), o("Q8_0", 200, 0.0)], 1.0)
+    small = [T(f"s{i}", 256, 1, [o("IQ4_NL", 10, 0.5), o("Q5_0", 20, 0.0)], 0.5) for i in range(5)]
+    pick = auto.choose([embed, *small], fixed_bytes=0, budget=295)
+    assert pick["embed"].dtype == "Q8_0"
+    assert sorted(pick[f"s{i}"].dtype for i in range(5)) == ["IQ4_NL"] + ["Q5_0"] * 4
+    assert sum(x.nbytes for x in pick.values()) <= 295
+    # and not when the trade loses: the small tensors would give up more KL than the embedding saves
+    costly = [T(f"s{i}", 256, 1, [o("IQ4_NL", 10, 2.0), o("Q5_0", 20, 0.0)], 2.0) for i in range(5)]
+    assert auto.choose([embed, *costly], fixed_bytes=0, budget=295)["embed"].dtype == "Q5_1"
+
+
 def test_targets_parse_and_wrong_uses_are_refused(tiny_bpe_llama_dir):
     assert auto.parse_target("4.8bpw") == ("bpw", 4.8)
     assert auto.parse_target("90MB") == ("bytes", 90e6)
