@@ -56,7 +56,8 @@ def apply_chat_template(tokenizer, messages: list[dict], **kwargs):
     except TemplateError as e:
         raise ModelError(f"the chat template in {chat_template_file(tokenizer)} failed to render "
                          f"({type(e).__name__}: {e}); fix that template or replace it with the base model's") from e
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError, RecursionError) as e:
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError, RecursionError,
+            NameError) as e:  # NameError: Jinja compiles a float literal past 1e308 to `inf`, undefined when run
         # raised by the template's own expressions (`+ 'x'` on a number, a string called as a function, 1/0, ...)
         raise ModelError(f"the chat template in {chat_template_file(tokenizer)} failed while rendering "
                          f"({type(e).__name__}: {str(e)[:200]}); fix that template or replace it with the base "
