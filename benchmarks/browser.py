@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -27,17 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from edgekit.devices import cpu_name  # noqa: E402
 from web import page  # noqa: E402
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _prompt(tokenize, n: int) -> str:
@@ -118,7 +108,7 @@ def main() -> None:
         rows.append(browser(bundle, prompt, args.decode_tokens, threads, args.repeats))
         rows.append(native(gguf, prompt, args.decode_tokens, threads, args.repeats))
     print(f"\n{exported['manifest']['label']} of {args.model}, {gguf.stat().st_size / 1e6:.1f} MB; "
-          f"{rows[0]['prompt_tokens']}-token prompt, {args.decode_tokens} decoded; {_cpu()}; "
+          f"{rows[0]['prompt_tokens']}-token prompt, {args.decode_tokens} decoded; {cpu_name()}; "
           f"{rows[0].get('browser')}, @wllama/wllama {WLLAMA_VERSION}\n")
     print("| runtime | threads | load | first token | prefill tok/s | decode tok/s | SIMD | isolated (threads) |")
     print("|---|---:|---:|---:|---:|---:|---|---|")
@@ -134,7 +124,7 @@ def main() -> None:
                   f"{b['prefill_tok_s'] / n['prefill_tok_s']:.2f}x")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": _cpu(), "command": " ".join(sys.argv),
+    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu_name(), "command": " ".join(sys.argv),
                                "export": exported["path"], "rows": rows}, indent=2) + "\n")
 
 

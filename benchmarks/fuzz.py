@@ -17,7 +17,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import resource
 import sys
 import tempfile
@@ -27,15 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from edgekit.devices import cpu_name  # noqa: E402
 
 
 def _one(job: tuple[str, int, int, int]) -> dict:
@@ -87,7 +78,7 @@ def main() -> None:
             print(f"{row['target']}: {row['cases']} cases, {row['crashes']} crashes, {row['slow']} slow, "
                   f"{row['wrote']} wrote, {row['seconds']:.0f} s", file=sys.stderr, flush=True)
     rows.sort(key=lambda r: names.index(r["target"]))
-    print(f"\n{args.cases} cases per parser, seed {args.seed}, {args.jobs} processes; {_cpu()}\n")
+    print(f"\n{args.cases} cases per parser, seed {args.seed}, {args.jobs} processes; {cpu_name()}\n")
     print("| parser | cases | accepted | refused | crashes | over 1 s | wrote a file | slowest case | cases/s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -97,7 +88,7 @@ def main() -> None:
     print(f"\ntarget (0 tracebacks, 0 cases over 1 s): {'met' if ok else 'MISSED'}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": _cpu(), "command": " ".join(sys.argv),
+    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu_name(), "command": " ".join(sys.argv),
                                "rows": rows, "ok": ok, "wall_s": round(time.perf_counter() - t0, 1)}, indent=2) + "\n")
 
 

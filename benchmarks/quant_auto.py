@@ -24,24 +24,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
+from edgekit.devices import cpu_name
 from edgekit.quantize.config import FidelityConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -121,7 +113,7 @@ def main() -> None:
           f"{'met' if met else 'MISSED'}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "cpu": _cpu(), "command": " ".join(sys.argv),
+    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "command": " ".join(sys.argv),
                                "results": results, "target_met": met,
                                "wall_s": round(time.perf_counter() - t0, 1)}, indent=2, default=str) + "\n")
     print(f"wrote {out} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)

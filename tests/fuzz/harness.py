@@ -262,19 +262,16 @@ def tar_seeds(folder_files: dict[str, bytes]) -> list[bytes]:
     files = dict(folder_files)
     files["manifest.json"] = json.dumps({"schema": "edgekit.bundle/1", "files": {
         n: {"sha256": hashlib.sha256(b).hexdigest(), "size": len(b)} for n, b in folder_files.items()}}).encode()
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
-        for name, content in files.items():
-            info = tarfile.TarInfo(f"bundle/{name}")
-            info.size = len(content)
-            tf.addfile(info, io.BytesIO(content))
-    plain = io.BytesIO()
-    with tarfile.open(fileobj=plain, mode="w") as tf:
-        for name, content in files.items():
-            info = tarfile.TarInfo(f"bundle/{name}")
-            info.size = len(content)
-            tf.addfile(info, io.BytesIO(content))
-    return [buf.getvalue(), plain.getvalue()]
+    out = []
+    for mode in ("w:gz", "w"):  # gzip, as `edgekit package` writes it, and plain tar, which verify also reads
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode=mode) as tf:
+            for name, content in files.items():
+                info = tarfile.TarInfo(f"bundle/{name}")
+                info.size = len(content)
+                tf.addfile(info, io.BytesIO(content))
+        out.append(buf.getvalue())
+    return out
 
 
 def read(paths) -> list[bytes]:
