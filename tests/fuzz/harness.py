@@ -80,7 +80,7 @@ class Report:
     def summary(self) -> dict:
         return {"target": self.target, "seed": self.seed, "cases": self.cases, "accepted": self.accepted,
                 "refused": self.refused, "crashes": len(self.crashes), "slow": len(self.slow),
-                "wrote": len(self.wrote), "seconds": round(self.seconds, 1),
+                "wrote": len(self.wrote), "seconds": round(self.seconds, 3),
                 "max_case_seconds": round(self.max_case_seconds, 4)}
 
 
