@@ -289,12 +289,20 @@ def _embedding_gather(model):
     raise ModelError("the exported graph has no Gather of the token embedding on input_ids; optimum's layout changed")
 
 
+PORTABLE_IR = 10  # onnxruntime >= 1.17 reads it; the first IR with INT4 / UINT4 tensors
+
+
 def save(model, path: Path) -> bool:
     """Write ``model``; tensors go to one external ``<name>.data`` file past protobuf's limit. Returns that choice."""
     import onnx
 
     weights = sum(len(t.raw_data) for t in model.graph.initializer)
     external = weights > EXTERNAL_ABOVE
+    # The IR version the onnx package stamps is its newest (14 with onnx 1.20+), which onnxruntime releases before it
+    # refuse (onnxruntime-web 1.31: at most 13; mobile apps pin older ones). The graph needs only what its opsets
+    # need, and IR 10 for 4-bit tensor types: stamp that.
+    model.ir_version = min(model.ir_version, max(PORTABLE_IR, onnx.helper.find_min_ir_version_for(
+        list(model.opset_import), ignore_unknown=True)))
     try:
         if external:
             onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
