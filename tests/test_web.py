@@ -190,6 +190,21 @@ def test_onnx_web_bundle_is_a_transformers_js_model_with_its_page(tiny_onnx_web)
     assert 'const DTYPE = "q4";' in page and "{{" not in page
     card = (folder / "README.md").read_text()
     assert "python serve.py 8000" in card and "@huggingface/transformers" in card
+    assert "--quant int8-dynamic" in " ".join(manifest["web"]["notes"]) and "--quant int8-dynamic" in card
+
+
+def test_an_int8_dynamic_onnx_page_is_transformers_js_q8_and_answers_as_onnxruntime(tiny_bpe_llama_dir, tiny_export,
+                                                                                    tmp_path, browser):
+    export = tiny_export(tiny_bpe_llama_dir, "onnx", "int8-dynamic")
+    bundle = package(export, out_dir=tmp_path, context=256, layout="web")
+    folder = Path(bundle["path"])
+    assert (folder / "onnx" / "model_quantized.onnx").is_file() and not (folder / "onnx" / "model.onnx").exists()
+    assert bundle["manifest"]["web"]["dtype"] == "q8" and bundle["manifest"]["web"]["notes"] == []
+    prompt = "<|im_start|>user\nTell me about 7 apples<|im_end|>\n<|im_start|>assistant\n"
+    result = open_page(folder, browser, prompt, 8)
+    session = OrtSession(export, threads=2)
+    ids = session.tokenize(prompt)
+    assert result["prompt_ids"] == ids and result["ids"] == session.generate(ids, 8, eos_ids=[])
 
 
 def test_the_onnx_page_answers_as_onnxruntime_does_in_headless_chromium(tiny_onnx_web, tiny_bpe_llama_dir,

@@ -458,6 +458,8 @@ def model_card(m: dict) -> str:
                       "matching the chat template stored in the GGUF, if it knows one; check the prompts it renders.",
                       ""]
         lines += [f"Note: {n}." for n in template.get("notes") or []] + ([""] if template.get("notes") else [])
+        web_notes = (m.get("web") or {}).get("notes") or []
+        lines += [f"Note: {n}" for n in web_notes] + ([""] if web_notes else [])
     else:
         lines += [f"```sh\npip install \"{_requirement(rt)}\"\npython {loader} \"Hello!\"\n```", ""]
     note = _loader_note(rt["name"]) if not hint else ""

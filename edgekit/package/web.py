@@ -14,6 +14,7 @@ template.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from edgekit.errors import ConfigError
 from edgekit.package.layouts import Layout, _copy_tokenizer
 from edgekit.runtimes import onnxruntime_web
 
+log = logging.getLogger(__name__)
 PAGES = Path(__file__).resolve().parent.parent / "resources" / "web"  # the pages and serve.py of the web layout
 # The browser runtime the GGUF page loads, pinned; web/package.json pins the same version for the tests, which serve
 # node_modules in place of the CDN.
@@ -36,8 +38,10 @@ def _write_web(folder: Path, ctx: dict) -> dict:
     values = {"NAME": ctx["name"], "CONTEXT": str(int(ctx["context"])),
               "MAX_NEW_TOKENS": str(int(gen["max_new_tokens"])),
               "TEMPERATURE": str(float(gen["temperature"]) if gen["do_sample"] else 0)}
+    notes = []
     if ctx["export"]["format"] == "onnx":
         values.update(_transformers_js_model(folder, ctx))
+        notes = values.pop("notes")
         page, runtime = "onnx.html", f"@huggingface/transformers@{onnxruntime_web.TRANSFORMERS_JS_VERSION}"
     else:
         size = (ctx["model_dir"] / ctx["model_file"]).stat().st_size
@@ -52,7 +56,7 @@ def _write_web(folder: Path, ctx: dict) -> dict:
         text = text.replace("{{" + key + "}}", value.replace("<", "").replace('"', "") if key == "NAME" else value)
     artifact.atomic_write_text(folder / "index.html", text)
     shutil.copyfile(PAGES / "serve.py", folder / "serve.py")
-    return {"runtime": runtime, "page": "index.html",
+    return {"runtime": runtime, "page": "index.html", "notes": notes,
             **({"model_file": values["MODEL_FILE"], "dtype": values["DTYPE"]} if "DTYPE" in values else {})}
 
 
@@ -81,7 +85,10 @@ def _transformers_js_model(folder: Path, ctx: dict) -> dict:
     if not (folder / "tokenizer.json").is_file():
         raise ConfigError(f"transformers.js needs tokenizer.json and {ctx['tokenizer'] or src} has none; export from a "
                           "model folder with a fast tokenizer")
-    return {"TRANSFORMERS_URL": onnxruntime_web.TRANSFORMERS_JS_URL, "DTYPE": web["dtype"], "MODEL_FILE": web["file"]}
+    for note in web["notes"]:
+        log.warning("%s", note)
+    return {"TRANSFORMERS_URL": onnxruntime_web.TRANSFORMERS_JS_URL, "DTYPE": web["dtype"], "MODEL_FILE": web["file"],
+            "notes": web["notes"]}
 
 
 WEB = Layout("web", "a static web page that runs the model in the browser: GGUF through llama.cpp in WebAssembly "

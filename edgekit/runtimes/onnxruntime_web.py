@@ -31,6 +31,13 @@ MAX_BUFFER = 2**31 - 1  # bytes: one ArrayBuffer, so one model or external data 
 # transformers.js dtype -> the file name suffix it reads for it
 SUFFIXES = {"q4": "_q4", "q8": "_quantized", "fp16": "_fp16", "fp32": ""}
 MISSING_OPS = ("GatherBlockQuantized",)  # contrib ops the WebAssembly build lacks, rewritten by for_web
+# Ops the WebAssembly build runs, but slowly enough that the bundle says so (measured: benchmarks/browser.py,
+# benchmarks/RESULTS.md). Its MatMulNBits has no fast 1-row path: each decode step costs about as much as
+# dequantizing every weight.
+SLOW_OPS = {"MatMulNBits": (
+    "onnxruntime-web's WebAssembly MatMulNBits (4- and 8-bit block weights) decodes the embedded teacher at "
+    "3.6-3.8 tok/s on 2 threads where the int8-dynamic export (MatMulInteger) does 21 and fp32 26 (2-core AMD EPYC, "
+    "Chromium 150); for a browser, export --quant int8-dynamic (transformers.js's own WebAssembly default, q8)")}
 
 
 def dtype_of(model) -> str:
@@ -54,7 +61,8 @@ def write_model(src: Path, dest_dir: Path) -> dict:
     as transformers.js looks for its dtype (``model_q4.onnx``, ...): the rewrite above, and one external data file
     ``<name>_data`` (transformers.js's name) when the weights do not fit in one protobuf.
 
-    Returns ``{"file", "dtype", "external_data": bool, "rewritten": [op types replaced]}``."""
+    Returns ``{"file", "dtype", "external_data": bool, "rewritten": [op types replaced], "notes": [what the
+    browser runs slowly, and what to export instead]}``."""
     import onnx
 
     model = onnx.load(str(src), load_external_data=True)
@@ -72,7 +80,8 @@ def write_model(src: Path, dest_dir: Path) -> dict:
                         location=dest.name + "_data", size_threshold=1024)
     else:
         onnx.save_model(model, str(dest))
-    return {"file": dest.name, "dtype": dtype, "external_data": external, "rewritten": rewritten}
+    slow = [SLOW_OPS[op] for op in sorted({n.op_type for n in model.graph.node} & set(SLOW_OPS))]
+    return {"file": dest.name, "dtype": dtype, "external_data": external, "rewritten": rewritten, "notes": slow}
 
 
 def for_web(model) -> None:
