@@ -255,6 +255,21 @@ def onnx_seeds() -> list[bytes]:
     return [helper.make_model(g).SerializeToString()]
 
 
+def pte_seeds() -> list[bytes]:
+    """ExecuTorch ``.pte`` heads as exir serializes them: the flatbuffer root offset, the ``ET12`` identifier, then
+    either the ``eh00`` extended header (its length, program size, segment base and size) with a data segment, or
+    the flatbuffer straight away."""
+    import struct
+
+    from edgekit.integrity import PTE_EXTENDED_HEADER, PTE_IDENTIFIER
+
+    program = bytes(range(64)) * 2  # stands in for the flatbuffer tables
+    header = PTE_EXTENDED_HEADER + struct.pack("<IQQQ", 32, 48 + len(program), 48 + len(program), 32)
+    extended = struct.pack("<I", 48) + PTE_IDENTIFIER + header + b"\0" * (48 - 8 - len(header)) + program + b"\xab" * 32
+    plain = struct.pack("<I", 16) + PTE_IDENTIFIER + program
+    return [extended, plain]
+
+
 def tar_seeds(folder_files: dict[str, bytes]) -> list[bytes]:
     """A bundle-shaped tarball: one top folder, a manifest listing the files."""
     import hashlib

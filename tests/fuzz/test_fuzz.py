@@ -17,7 +17,8 @@ from tests.fuzz.targets import TARGETS
 
 # Cases per parser in the test suite: a few seconds each on a 2-core machine (seed 0, so a failure replays).
 CASES = {"recipe": 600, "device": 1500, "data-jsonl": 3000, "data-text": 3000, "chat-template": 1000, "gguf": 5000,
-         "safetensors": 5000, "onnx": 5000, "bundle-tar": 1500, "bundle-manifest": 3000, "units": 5000, "cli": 150}
+         "safetensors": 5000, "onnx": 5000, "pte": 5000, "bundle-tar": 1500, "bundle-manifest": 3000, "units": 5000,
+         "cli": 150}
 FOUND = Path(__file__).resolve().parents[1] / "robust" / "corpus" / "fuzz"
 
 
