@@ -3,10 +3,10 @@
     python benchmarks/fuzz.py [--cases 1000000] [--targets recipe,gguf,...] [--jobs 2] [--seed 1]
 
 Runs tests/fuzz's targets (recipe and device YAML, JSONL/text data, chat templates, GGUF / safetensors / ONNX
-headers, ExecuTorch .pte heads, bundle tarballs and manifests, units, CLI arguments) with the same rule as the test suite's short runs:
-every case ends accepted or with edgekit's own error, under a second, writing nothing beside its input. Each
-process also caps its address space (--memory, default 4 GiB over what it holds at start), so an allocation out of
-proportion to the input is a MemoryError, i.e. a crash. Prints a Markdown table, writes benchmarks/out/fuzz.json
+headers, ExecuTorch .pte heads, bundle tarballs and manifests, units, CLI arguments) with the same rule as the test
+suite's short runs: every case ends accepted or with edgekit's own error, under a second, writing nothing beside its
+input. Each process also caps its address space (--memory, default 4 GiB over what it holds at start), so an
+allocation out of proportion to the input is a MemoryError, i.e. a crash. Prints a Markdown table, writes benchmarks/out/fuzz.json
 and every finding's input to benchmarks/out/fuzz/<target>/; a finding belongs in tests/robust/corpus/fuzz/ with
 its fix.
 """
