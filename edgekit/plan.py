@@ -141,12 +141,16 @@ def compute_buffer_bytes(arch: Architecture, context: int, rt: RuntimeModel) -> 
     return 4 * (ub * per_token + logits)
 
 
-def memory_model(arch: Architecture, scheme: Scheme, context: int, runtime: str, bare_metal: bool = False) -> Memory:
+def memory_model(arch: Architecture, scheme: Scheme, context: int, runtime: str, bare_metal: bool = False,
+                 weight_bytes: int | None = None) -> Memory:
+    """The memory an export of ``arch`` at ``scheme`` needs at ``context`` on ``runtime``. ``weight_bytes``: the
+    weights' real size when known (a ``quant: auto`` export's chosen types, or the most its target allows) instead
+    of the scheme's layout."""
     rt = runtime_model(runtime)
     fmt = get_format(scheme.format)
     overhead = rt.embedded_overhead_bytes if bare_metal else rt.overhead_bytes + rt.vocab_table_bytes * arch.vocab_size
     return Memory(
-        weights=scheme.weight_bytes(arch),
+        weights=scheme.weight_bytes(arch) if weight_bytes is None else int(weight_bytes),
         kv_cache=kv_cache_bytes(arch, context, fmt.kv_dtype_bytes, runtime),
         compute_buffer=compute_buffer_bytes(arch, context, rt),
         runtime_overhead=overhead,

@@ -21,6 +21,7 @@ from edgekit.devices import load_device
 from edgekit.errors import EdgekitError, RecipeError
 from edgekit.export.config import ExportConfig, exporter
 from edgekit.plan import _bare_metal, memory_model, plan, runtime_for
+from edgekit.quantize.auto import budget_bytes
 from edgekit.quantize.fakequant import TARGETS as QAT_TARGETS
 from edgekit.quantize.schemes import formats, get_format, get_scheme
 from edgekit.recipe import ExportSpec, Recipe, exporter_formats, format_errors, no_exporter, parse_recipe
@@ -218,7 +219,8 @@ def _checks(r: Recipe, where: str) -> list[str]:
                                f"use context <= {arch.max_context}")
         if student is not None:
             for i, e, scheme, rt in usable:
-                need = memory_model(student, scheme, r.context, rt, _bare_metal(device)).total
+                need = memory_model(student, scheme, r.context, rt, _bare_metal(device),
+                                    weight_bytes=_auto_weight_bytes(e, scheme, student)).total
                 if need > device.memory_budget:
                     if d is None:
                         fix = "add a distill section (student: auto)"
@@ -261,3 +263,15 @@ def _checks(r: Recipe, where: str) -> list[str]:
                                        f"{', '.join(sorted(exported))}) nor a bundle layout ({', '.join(layouts)}); "
                                        f"add an export in {fmt} or drop it from package.formats")
     return problems
+
+
+def _auto_weight_bytes(e: ExportSpec, scheme, arch) -> int | None:
+    """``quant: auto`` with a size or bits-per-weight target: the most its chosen types may take (the file is at
+    most that), where the scheme's own layout is only the default target's. None for anything else (``target:
+    device`` fits by construction)."""
+    if not scheme.options.get("auto") or e.target in (None, "device"):
+        return None
+    try:
+        return budget_bytes(e.target, arch, e.format)
+    except EdgekitError:  # a malformed target is reported by the export checks
+        return None

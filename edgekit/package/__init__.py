@@ -120,7 +120,8 @@ def package(artifact_dir: Path, *, out_dir: Path | None = None, device: str | No
     if fixed and context != fixed:  # e.g. an ExecuTorch program's cache size is set at export
         log.info("the %s program holds %d positions; sizing the bundle for %d, not %d", fmt, fixed, fixed, context)
         context = fixed
-    memory, device_block, runtime = _memory(arch, fmt, export["quant"], context, device, able[0].name)
+    chosen = ((export.get("metrics") or {}).get("auto") or {}).get("tensor_bytes")  # quant auto's real weights
+    memory, device_block, runtime = _memory(arch, fmt, export["quant"], context, device, able[0].name, chosen)
     model_folder = Path(export.get("config", {}).get("model_path") or "")
     name = f"{_slug(export.get('config', {}).get('model_name') or export['source_model'].get('name') or 'model')}" \
            f"-{label}-{_export_id(src)[:8]}{'' if layout == APP.name else '-' + layout}"
@@ -256,15 +257,17 @@ def _architecture(export: dict, src: Path) -> Architecture:
             from e
 
 
-def _memory(arch, fmt: str, quant: str, context: int, device: str | None, runtime: str):
-    """(memory model, device block or None, runtime the figure is for); ``runtime``: the example loader's."""
+def _memory(arch, fmt: str, quant: str, context: int, device: str | None, runtime: str, weights: int | None = None):
+    """(memory model, device block or None, runtime the figure is for); ``runtime``: the example loader's;
+    ``weights``: the weights' real bytes when the export knows them (quant auto's chosen types)."""
     scheme = get_scheme(fmt, quant)
     if device is None:
-        return plan.memory_model(arch, scheme, context, runtime), None, runtime
+        return plan.memory_model(arch, scheme, context, runtime, weight_bytes=weights), None, runtime
     profile = load_device(device)
     if runtime not in profile.runtimes:  # size for what the example loader uses, if the device has it
         runtime = plan.runtime_for(fmt, profile)  # RecipeError if the device cannot run this format at all
-    memory = plan.memory_model(arch, scheme, context, runtime, bare_metal=plan._bare_metal(profile))
+    memory = plan.memory_model(arch, scheme, context, runtime, bare_metal=plan._bare_metal(profile),
+                               weight_bytes=weights)
     fits = memory.total <= profile.memory_budget
     if not fits:
         log.warning("%s needs %d bytes at context %d but %s allows %d", fmt, memory.total, context, device,

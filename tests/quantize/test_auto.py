@@ -192,7 +192,7 @@ def test_sensitivity_measures_every_matrix_and_prices_the_ladder(wide_llama_dir)
 # --------------------------------------------------------------------------- the export
 
 
-def test_auto_export_fits_the_target_records_its_types_and_runs_in_llama_cpp(wide_llama_dir, home):
+def test_auto_export_fits_the_target_records_its_types_and_runs_in_llama_cpp(wide_llama_dir, home, tmp_path):
     from edgekit.export import pipeline
     from edgekit.runtimes.llamacpp import last_logits, open_llama
 
@@ -212,6 +212,12 @@ def test_auto_export_fits_the_target_records_its_types_and_runs_in_llama_cpp(wid
         llm.eval([1, 5, 9, 17])
         assert np.isfinite(last_logits(llm)).all()
     assert small["manifest"]["metrics"]["auto"]["predicted_kl"] > large["manifest"]["metrics"]["auto"]["predicted_kl"]
+    # a bundle sizes its RAM by the chosen types, not by q4_k_m's layout
+    from edgekit.package import package
+
+    for a in (small, large):
+        memory = package(Path(a["path"]), out_dir=tmp_path, context=64)["manifest"]["memory"]
+        assert memory["weights_bytes"] == a["manifest"]["metrics"]["auto"]["tensor_bytes"]
     # the measurement does not depend on the target: the second export reused the first one's
     assert len(list((home / "cache").glob("sensitivity-*.json"))) == 1
     # the fidelity report carries the chosen types
@@ -317,3 +323,35 @@ def test_cli_quantize_auto_prints_the_mix_and_refuses_a_target_without_auto(wide
     assert main(["quantize", str(wide_llama_dir), "--format", "gguf", "--quant", "q4_k_m", "--target", "6bpw"]) == 2
     err = capsys.readouterr().err
     assert "drop --target or use --quant auto" in err and "Traceback" not in err
+
+
+def test_the_planner_counts_what_an_auto_target_allows_not_the_reference_layout(tiny_bpe_llama_dir, tmp_path):
+    """A device that fits q4_k_m's layout but not 8 bits per weight refuses `quant: auto, target: 8bpw` at
+    validation (and takes the default target), and a bundle of an auto export sizes its RAM by the chosen types."""
+    import yaml
+
+    from edgekit.devices import load_device
+    from edgekit.models import resolve_teacher
+    from edgekit.plan import memory_model, runtime_for
+    from edgekit.quantize.schemes import get_scheme
+    from edgekit.validate import validate_recipe
+
+    arch = resolve_teacher(str(tiny_bpe_llama_dir)).arch
+    rt = runtime_for("gguf", load_device("pi-5-8gb"))
+    q4 = memory_model(arch, get_scheme("gguf", "q4_k_m"), 256, rt).total
+    eight = memory_model(arch, get_scheme("gguf", "auto"), 256, rt,
+                         weight_bytes=auto.budget_bytes("8bpw", arch, "gguf")).total
+    assert eight > q4
+    device = yaml.safe_load((Path(__file__).resolve().parents[2] / "devices" / "pi-5-8gb.yaml").read_text())
+    device.update(name="tight", memory_budget=f"{(q4 + eight) // 2}B")
+    (tmp_path / "tight.yaml").write_text(yaml.safe_dump(device))
+
+    def problems(export: dict) -> list[str]:
+        path = tmp_path / "r.yaml"
+        path.write_text(yaml.safe_dump({"device": str(tmp_path / "tight.yaml"), "teacher": str(tiny_bpe_llama_dir),
+                                        "context": 256, "distill": None, "exports": [export]}))
+        return validate_recipe(path)
+
+    assert problems({"format": "gguf", "quant": "auto"}) == []
+    (msg,) = problems({"format": "gguf", "quant": "auto", "target": "8bpw"})
+    assert "needs" in msg and "exports.0" in msg
