@@ -14,7 +14,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 # ... and skip its multimodal library (mtmd/llava), which edgekit never loads: less to compile at setup.
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
-.PHONY: setup demo test test-fast bench clean tf5 web fuzz
+.PHONY: setup demo test test-fast bench clean tf5 web fuzz fuzz-guided
 
 setup: $(STAMP)
 
@@ -68,6 +68,12 @@ test-fast: setup
 FUZZ_CASES ?= 1000000
 fuzz: setup
 	$(BIN)/python benchmarks/fuzz.py --cases $(FUZZ_CASES)
+
+# Coverage-guided (atheris, libFuzzer's engine): FUZZ_RUNS inputs per binary-format parser, one after another.
+FUZZ_RUNS ?= 1000000
+fuzz-guided: setup
+	for t in gguf safetensors onnx pte bundle-tar bundle-manifest; do \
+	  $(BIN)/python benchmarks/fuzz_guided.py --target $$t --runs $(FUZZ_RUNS) || exit 1; done
 
 bench: setup
 	$(BIN)/python benchmarks/plan_accuracy.py
