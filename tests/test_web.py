@@ -219,6 +219,20 @@ def test_the_onnx_page_answers_as_onnxruntime_does_in_headless_chromium(tiny_onn
     assert result["load_ms"] > 0 and result["cross_origin_isolated"] and result["simd"] and result["threads"] >= 1
 
 
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llama"])  # llama: the tests above
+def test_every_familys_onnx_page_answers_as_onnxruntime_does(family, family_dir, tiny_export, tmp_path, browser):
+    """transformers.js knows each family's config (model_type, head_dim, Gemma 3's sliding layers) and feeds the
+    fused graph as onnxruntime does: the same prompt ids and 8 greedy tokens."""
+    export = tiny_export(family_dir(family), "onnx", "int4")
+    folder = Path(package(export, out_dir=tmp_path, context=256, layout="web")["path"])
+    prompt = "Hello world, 42 apples and more text here"
+    result = open_page(folder, browser, prompt, 8)
+    session = OrtSession(export, threads=1)
+    ids = session.tokenize(prompt)
+    assert result["prompt_ids"] == ids
+    assert result["ids"] == session.generate(ids, 8, eos_ids=[])
+
+
 def fp32_activations(export: Path, out: Path) -> Path:
     """A copy of an ONNX export whose MatMulNBits compute with fp32 activations (accuracy_level 0), as
     onnxruntime-web's WebAssembly kernels do whatever the graph asks: native onnxruntime's int8-activation path
