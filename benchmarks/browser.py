@@ -45,39 +45,16 @@ def _prompt(tokenize, n: int) -> str:
     return " ".join(out)
 
 
-def native(gguf: Path, prompt: str, decode: int, threads: int, repeats: int) -> dict:
-    """llama.cpp (llama-cpp-python) on the same prompt: prefill and decode tok/s, medians."""
+def native(model: Path, fmt: str, prompt: str, decode: int, threads: int, repeats: int) -> dict:
+    """The same runtime natively on the same prompt: llama.cpp (llama-cpp-python) for a GGUF file, onnxruntime
+    (edgekit's session, the export's own graph) for an ONNX folder; load, prefill and decode, medians."""
     from edgekit.runtimes.llamacpp import LlamaSession
-
-    t0 = time.perf_counter()
-    s = LlamaSession(gguf, threads, context=1024)
-    load = time.perf_counter() - t0
-    ids = s.llm.tokenize(prompt.encode(), add_bos=True, special=True)
-    pre, dec, ttft = [], [], []
-    for _ in range(repeats + 1):  # the first is a warm-up
-        t0 = time.perf_counter()
-        s.prefill(ids)
-        t1 = time.perf_counter()
-        s.decode(decode)
-        t2 = time.perf_counter()
-        pre.append(len(ids) / (t1 - t0))
-        dec.append(decode / (t2 - t1))
-        ttft.append(1000 * (t1 - t0))
-    s.close()
-    return {"runtime": "llama.cpp (native)", "threads": threads, "load_ms": 1000 * load,
-            "ttft_ms": statistics.median(ttft[1:]), "prefill_tok_s": statistics.median(pre[1:]),
-            "decode_tok_s": statistics.median(dec[1:]), "prompt_tokens": len(ids), "simd": "native",
-            "isolated": None}
-
-
-def native_onnx(folder: Path, prompt: str, decode: int, threads: int, repeats: int) -> dict:
-    """onnxruntime (edgekit's session, the export's own graph) on the same prompt: prefill and decode tok/s."""
     from edgekit.runtimes.onnxruntime import OrtSession
 
     t0 = time.perf_counter()
-    s = OrtSession(folder, threads, context=1024)
+    s = LlamaSession(model, threads, context=1024) if fmt == "gguf" else OrtSession(model, threads, context=1024)
     load = time.perf_counter() - t0
-    ids = s.tokenize(prompt)
+    ids = s.llm.tokenize(prompt.encode(), add_bos=True, special=True) if fmt == "gguf" else s.tokenize(prompt)
     pre, dec, ttft = [], [], []
     for _ in range(repeats + 1):  # the first is a warm-up
         t0 = time.perf_counter()
@@ -89,8 +66,8 @@ def native_onnx(folder: Path, prompt: str, decode: int, threads: int, repeats: i
         dec.append(decode / (t2 - t1))
         ttft.append(1000 * (t1 - t0))
     s.close()
-    return {"runtime": "onnxruntime (native)", "threads": threads, "load_ms": 1000 * load,
-            "ttft_ms": statistics.median(ttft[1:]), "prefill_tok_s": statistics.median(pre[1:]),
+    return {"runtime": f"{'llama.cpp' if fmt == 'gguf' else 'onnxruntime'} (native)", "threads": threads,
+            "load_ms": 1000 * load, "ttft_ms": statistics.median(ttft[1:]), "prefill_tok_s": statistics.median(pre[1:]),
             "decode_tok_s": statistics.median(dec[1:]), "prompt_tokens": len(ids), "simd": "native",
             "isolated": None}
 
@@ -153,9 +130,8 @@ def main() -> None:
         for fmt in formats:
             row = browser(bundles[fmt], prompt, args.decode_tokens, threads, args.repeats, fmt)
             rows.append({**row, "format": fmt})
-            rows.append({**(native(gguf, prompt, args.decode_tokens, threads, args.repeats) if fmt == "gguf" else
-                            native_onnx(Path(exports["onnx"]["path"]), prompt, args.decode_tokens, threads,
-                                        args.repeats)), "format": fmt})
+            model = gguf if fmt == "gguf" else Path(exports["onnx"]["path"])
+            rows.append({**native(model, fmt, prompt, args.decode_tokens, threads, args.repeats), "format": fmt})
     sizes = {f: sum(p.stat().st_size for p in bundles[f].rglob("model*")) / 1e6 for f in formats}
     print(f"\n{args.model}: " + "; ".join(f"{e['manifest']['label']} {sizes[f]:.1f} MB" for f, e in exports.items())
           + f"; {rows[0]['prompt_tokens']}-token prompt, {args.decode_tokens} decoded; {cpu_name()}; "

@@ -39,9 +39,11 @@ Isa = Literal[ISA_FLAGS]  # type: ignore[valid-type]
 
 def device_runtimes() -> list[str]:
     """Runtimes a device profile can list: the registered ones that run a registered export format
-    (the PyTorch reference runs the HF folder itself, which is no device's runtime)."""
+    (the PyTorch reference runs the HF folder itself, which is no device's runtime), not the opt-in ones (the
+    browser runtimes, which the planner has no model of)."""
     fmts = set(registry.names(registry.FORMAT))
-    return [name for name, rt in registry.items(registry.RUNTIME).items() if set(rt.formats) & fmts]
+    return [name for name, rt in registry.items(registry.RUNTIME).items()
+            if set(rt.formats) & fmts and not getattr(rt, "opt_in", False)]
 
 
 def _check_runtimes(names: list[str]) -> list[str]:

@@ -313,3 +313,43 @@ def test_the_standard_op_gather_equals_onnxruntimes_gatherblockquantized(bits, z
     onnxruntime_web.for_web(model)
     assert "GatherBlockQuantized" not in {n.op_type for n in model.graph.node}
     assert np.array_equal(run(model), want)
+
+
+# --------------------------------------------------------------------------- the browser runtimes in edgekit bench
+
+
+def test_the_browser_runtimes_are_opt_in():
+    from edgekit.devices import device_runtimes
+    from edgekit.quantize.schemes import runtimes as format_runtimes
+    from edgekit.runtimes import for_bundle, for_format, runtimes
+
+    assert {"wllama", "onnxruntime-web"} <= set(runtimes()) and not {"wllama", "onnxruntime-web"} & set(
+        runtimes(opt_in=False))
+    assert "wllama" not in [r.name for r in for_bundle("gguf")] and for_format("gguf").name != "wllama"
+    assert "onnxruntime-web" not in format_runtimes("onnx") and "wllama" not in device_runtimes()
+
+
+def test_edgekit_bench_measures_the_browser_runtimes_through_the_page(tiny_bpe_llama_dir, tiny_export, browser,
+                                                                      tmp_path):
+    """`edgekit bench --runtimes wllama,onnxruntime-web`: a row per export on its browser runtime, with load, first
+    token, prefill and decode from the page, the browser's RSS, and the WebAssembly features it ran with; the
+    results validate and the report shows them."""
+    from edgekit.bench.measure import run_benchmark, validate_results
+    from edgekit.bench.report import to_html, to_markdown
+
+    gguf = tiny_export(tiny_bpe_llama_dir, "gguf", "q8_0")
+    onnx = tiny_export(tiny_bpe_llama_dir, "onnx", "int8-dynamic")
+    results = run_benchmark([gguf, onnx], ["wllama", "onnxruntime-web"], repeats=1, warmup=0, threads=2,
+                            prompt_lengths=(16,), decode_tokens=8, progress=False)
+    validate_results(results)
+    rows = {r["runtime"]: r for r in results["runs"]}
+    assert set(rows) == {"wllama", "onnxruntime-web"} and all(r["status"] == "ok" for r in rows.values()), rows
+    for r in rows.values():
+        m = r["metrics"]
+        assert m["decode_tok_s"]["median"] > 0 and m["prefill_tok_s"]["16"]["median"] > 0 and m["load_s"]["median"] > 0
+        assert m["peak_rss_bytes"] > 50e6  # Chromium's processes, not the worker's
+        assert "SIMD on" in r["environment"] and "cross-origin isolated: yes" in r["environment"]
+    assert rows["wllama"]["artifact"] == str(gguf) and rows["onnxruntime-web"]["artifact"] == str(onnx)
+    md = to_markdown(results, [])
+    assert "WebAssembly thread" in md and "wllama" in md
+    assert "WebAssembly thread" in to_html(results, [])

@@ -29,7 +29,9 @@ FONT = "font-family=\"system-ui, -apple-system, 'Segoe UI', Roboto, 'DejaVu Sans
 def colour(name: str) -> str:
     """A fixed colour per registered runtime, and per format in the colour of the first runtime that runs it
     (gguf as llama.cpp); any other name gets a stable spare."""
-    rts = registry.items(registry.RUNTIME)
+    every = registry.items(registry.RUNTIME)
+    opt_in = {n for n, r in every.items() if getattr(r, "opt_in", False)}  # the browser runtimes: after the others
+    rts = {**{n: r for n, r in every.items() if n not in opt_in}, **{n: every[n] for n in every if n in opt_in}}
     if name not in rts:
         name = next((rt for rt, d in rts.items() if name in d.formats), name)
     if name in rts:

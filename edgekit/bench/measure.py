@@ -33,13 +33,14 @@ import sys
 import time
 from pathlib import Path
 
-from edgekit import __version__, artifact, devices, registry
+from edgekit import __version__, artifact, devices
 from edgekit.bench.config import BenchConfig
 from edgekit.bench.worker import THREAD_ENV
 from edgekit.errors import ConfigError, EdgekitError
 from edgekit.integrity import check_model_path
 from edgekit.progress import bar as progress_bar
 from edgekit.runtimes import Runtime, Source, describe, get_runtime, package_version
+from edgekit.runtimes import runtimes as all_runtimes
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ REQUIRED_VERSIONS = ("llama_cpp_python", "onnxruntime", "onnxruntime_genai", "to
 
 def version_packages() -> dict[str, str]:
     """``host.versions`` key -> pip distribution, for every registered runtime plus transformers."""
-    packages = [rt.package for rt in registry.items(registry.RUNTIME).values()] + ["transformers"]
+    packages = [rt.package for rt in all_runtimes(opt_in=False).values()] + ["transformers"]
     return {p.replace("-", "_"): p for p in dict.fromkeys(packages)}
 
 
@@ -94,7 +95,7 @@ def run_benchmark(artifacts: list[Path], runtimes: list[str] | None = None, *, r
     same settings on the same host takes those rows from it instead of measuring them again.
     """
     _check_settings(repeats, warmup, threads, prompt_lengths, decode_tokens)
-    selected = [get_runtime(name) for name in runtimes] if runtimes else list(registry.items(registry.RUNTIME).values())
+    selected = [get_runtime(name) for name in runtimes] if runtimes else list(all_runtimes(opt_in=False).values())
     sources = [describe(Path(a)) for a in artifacts]  # a path that is no artifact raises ConfigError here
     for src in sources:  # headers only: a corrupt or hostile model file stops the run here, not in a worker
         if src.model.exists():  # a missing one is the worker's to report, as a failed row
@@ -252,7 +253,8 @@ def _finish(row: dict, result: dict, settings: dict) -> dict:
                "decode_tok_s": summarize(result["decode_tok_s"]),
                "peak_rss_bytes": int(result["peak_rss_bytes"]),
                "rss_after_load_bytes": int(result["rss_after_load_bytes"])}
-    return {**row, "status": "ok", "reason": None, "metrics": metrics}
+    env = {"environment": str(result["environment"])} if result.get("environment") else {}  # e.g. a browser's
+    return {**row, "status": "ok", "reason": None, "metrics": metrics, **env}
 
 
 def _unique(name: str, taken: set[str]) -> str:
@@ -364,10 +366,13 @@ def validate_results(d: dict) -> None:
         if not isinstance(run, dict):
             problems.append(f"runs[{i}] is not an object")
             continue
-        # "quality" (ppl, KL, top-1 from a fidelity report) is optional: bench.report.join_quality adds it
-        _check_keys({k: v for k, v in run.items() if k != "quality"}, _RUN, where, problems)
+        # "quality" (ppl, KL, top-1 from a fidelity report) is optional: bench.report.join_quality adds it;
+        # "environment" too: what a runtime reports of where it ran (a browser's version, threads, SIMD)
+        _check_keys({k: v for k, v in run.items() if k not in ("quality", "environment")}, _RUN, where, problems)
         if not isinstance(run.get("quality", {}), (dict, type(None))):
             problems.append(f"{where}quality must be an object or null")
+        if not isinstance(run.get("environment", ""), str):
+            problems.append(f"{where}environment must be a string")
         if run.get("id") in seen_ids:
             problems.append(f"{where}id {run.get('id')!r} is not unique")
         seen_ids.add(run.get("id"))

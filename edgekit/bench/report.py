@@ -196,6 +196,8 @@ def to_markdown(results: dict, projections: list[dict], title: str | None = None
         header = list(cells[0])
         lines += _md_table(header, [list(c.values()) for c in cells], set(range(2, len(header) - 1)))
         lines.append("")
+        lines += [f"- {r['id']}: {r['environment']}" for r in runs if r.get("environment")]
+        lines += [""] if any(r.get("environment") for r in runs) else []
     if projections:
         lines += ["## Predicted on devices (not measured)", "",
                   "Each run's efficiency on this host, scaled to the device's bandwidth and FLOP/s. "
@@ -337,8 +339,9 @@ def _runs_table(results: dict) -> str:
         head = "".join(f'<th{" class=status" if k == "status" else ""}>{_e(k)}</th>' for k in cells[0])
         body = "".join("<tr>" + "".join(f'<td{" class=status" if k == "status" else ""}>{_html_cell(k, v, run)}</td>'
                                         for k, v in c.items()) + "</tr>" for run, c in zip(runs, cells))
+        env = "".join(f"<li>{_e(r['id'])}: {_e(r['environment'])}</li>" for r in runs if r.get("environment"))
         out.append(f'<h2>Measured on {_e(host)}</h2><div style="overflow-x:auto"><table><thead><tr>{head}</tr>'
-                   f"</thead><tbody>{body}</tbody></table></div>")
+                   f"</thead><tbody>{body}</tbody></table></div>" + (f"<ul class=env>{env}</ul>" if env else ""))
     return "".join(out)
 
 

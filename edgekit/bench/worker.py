@@ -132,6 +132,8 @@ def measure(spec: WorkerSpec) -> dict:
     if missing:
         return {"status": "unavailable", "reason": missing}
     importlib.import_module(runner.module)  # import cost stays out of load_s
+    if getattr(runner, "measure", None) is not None:  # no token-level sessions (the browser runtimes): it measures
+        return runner.measure(spec, PROMPT_TEXT)
 
     runs = spec.warmup + spec.repeats
     load_s, rss_after_load, session = [], None, None

@@ -39,7 +39,8 @@ def add_commands(sub, common) -> None:
                         help="measure exports on every installed runtime; project to devices; JSON/MD/HTML report")
     be.add_argument("artifacts", nargs="+", type=Path, help="export artifact folders (or HF folders for PyTorch)")
     be.add_argument("--runtimes", action="append", help="comma-separated subset: llama.cpp,onnxruntime,"
-                    "onnxruntime-genai,executorch,pytorch (default: all that can run each format)")
+                    "onnxruntime-genai,executorch,pytorch (default: all that can run each format); the browser "
+                    "runtimes wllama (GGUF) and onnxruntime-web (ONNX) run only when named here")
     be.add_argument("--device", action="append", help="project onto this device (repeatable; default: all profiles)")
     be.add_argument("--repeats", type=int, help=f"default {default(BenchConfig, 'repeats')}")
     be.add_argument("--warmup", type=int, help=f"default {default(BenchConfig, 'warmup')}")

@@ -97,8 +97,10 @@ def get_format(name: str) -> Format:
 
 
 def runtimes(fmt: str) -> list[str]:
-    """Registered runtimes that run ``fmt`` (each runtime lists its ``formats``), in registration order."""
-    return [name for name, rt in registry.items(registry.RUNTIME).items() if fmt in rt.formats]
+    """Registered runtimes that run ``fmt`` (each runtime lists its ``formats``), in registration order; not the
+    opt-in ones (the browser runtimes), which are measured only when named."""
+    return [name for name, rt in registry.items(registry.RUNTIME).items()
+            if fmt in rt.formats and not getattr(rt, "opt_in", False)]
 
 
 def schemes(fmt: str | None = None) -> list[Scheme]:

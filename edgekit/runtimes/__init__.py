@@ -113,6 +113,13 @@ class Runtime:
     min_version: str | None = None  # oldest ``package`` version edgekit works with
     full_logits: bool = True  # its sessions give every position's logits (fidelity needs them)
     loader: Loader | None = None  # what an app bundle ships to run its formats on it; None: bundles only list it
+    # Opt-in runtimes (the browser ones) are measured only when named: never picked to run a format, listed in a
+    # bundle, counted on a host or benchmarked by default.
+    opt_in: bool = False
+    check: Callable[[], str | None] | None = field(default=None, repr=False)  # what else it needs: None or why not
+    version_of: Callable[[], str | None] | None = field(default=None, repr=False)  # its version, if not a pip one
+    # measure(worker_spec, prompt_text) -> the bench worker's result, for a runtime without token-level sessions
+    measure: Callable[..., dict] | None = field(default=None, repr=False)
 
     def available(self) -> str | None:
         """None when the runtime can be imported (at ``min_version`` or later), else why not and the fix."""
@@ -122,6 +129,10 @@ class Runtime:
             found = False
         if not found:
             return f"{self.name} is not installed: pip install {self.package}"
+        if self.check is not None:
+            reason = self.check()
+            if reason:
+                return reason
         version = self.version()
         if self.min_version and version and _version_key(version) < _version_key(self.min_version):
             return (f"{self.name} needs {self.package} {self.min_version} or later, this is {version}: "
@@ -141,7 +152,7 @@ class Runtime:
             return f"{NO_GPU}: {self.name}'s GPU check failed ({one_line(e)})"
 
     def version(self) -> str | None:
-        return package_version(self.package)
+        return self.version_of() if self.version_of is not None else package_version(self.package)
 
     def session(self, artifact_path: Path, threads: int | None, *, gpu: bool = False, context: int | None = None,
                 all_logits: bool = False) -> Session:
@@ -174,8 +185,9 @@ def register_runtime(runtime: Runtime) -> Runtime:
     return registry.REGISTRY.add(registry.RUNTIME, runtime.name, runtime)
 
 
-def runtimes() -> dict[str, Runtime]:
-    return registry.items(registry.RUNTIME)
+def runtimes(*, opt_in: bool = True) -> dict[str, Runtime]:
+    """Every registered runtime; ``opt_in=False`` leaves out those measured only when named (see Runtime.opt_in)."""
+    return {n: r for n, r in registry.items(registry.RUNTIME).items() if opt_in or not getattr(r, "opt_in", False)}
 
 
 def get_runtime(name: str) -> Runtime:
@@ -187,7 +199,7 @@ def for_format(fmt: str, *, full_logits: bool = False) -> Runtime:
 
     ``full_logits``: only a runtime whose sessions give every position's logits will do.
     """
-    able = [r for r in runtimes().values() if fmt in r.formats and (r.full_logits or not full_logits)]
+    able = [r for r in runtimes(opt_in=False).values() if fmt in r.formats and (r.full_logits or not full_logits)]
     for runtime in able:
         if runtime.available() is None:
             return runtime
@@ -203,7 +215,7 @@ def for_bundle(fmt: str) -> list[Runtime]:
     Installed or not: a bundle runs on another machine. The first one with a loader is the bundle's
     primary runtime; an empty list, or one without a loader, means ``fmt`` cannot be bundled.
     """
-    able = [r for r in runtimes().values() if fmt in r.formats]
+    able = [r for r in runtimes(opt_in=False).values() if fmt in r.formats]
     return [r for r in able if getattr(r, "loader", None)] + [r for r in able if not getattr(r, "loader", None)]
 
 
