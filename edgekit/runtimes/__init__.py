@@ -186,8 +186,11 @@ def register_runtime(runtime: Runtime) -> Runtime:
 
 
 def runtimes(*, opt_in: bool = True) -> dict[str, Runtime]:
-    """Every registered runtime; ``opt_in=False`` leaves out those measured only when named (see Runtime.opt_in)."""
-    return {n: r for n, r in registry.items(registry.RUNTIME).items() if opt_in or not getattr(r, "opt_in", False)}
+    """Every registered runtime, the opt-in ones (measured only when named, see Runtime.opt_in) last; ``opt_in=False``
+    leaves those out."""
+    every = registry.items(registry.RUNTIME)
+    later = {n: r for n, r in every.items() if getattr(r, "opt_in", False)}
+    return {**{n: r for n, r in every.items() if n not in later}, **(later if opt_in else {})}
 
 
 def get_runtime(name: str) -> Runtime:

@@ -285,16 +285,17 @@ def _no_session(*args, **kwargs):
                       "`edgekit bench --runtimes wllama,onnxruntime-web`, and a `web` bundle for apps")
 
 
-WLLAMA = Runtime("wllama", ("gguf",), "edgekit", "edgekit", _no_session, description=(
-                     f"llama.cpp in WebAssembly (@wllama/wllama {WLLAMA_VERSION}) in headless Chromium"),
-                 full_logits=False, opt_in=True, check=missing, version_of=lambda: WLLAMA_VERSION,
-                 measure=lambda spec, text: measure(spec, text, "gguf", "wllama"))
-ONNXRUNTIME_WEB = Runtime("onnxruntime-web", ("onnx",), "edgekit", "edgekit", _no_session, description=(
-                              f"transformers.js {onnxruntime_web.TRANSFORMERS_JS_VERSION} on onnxruntime-web "
-                              "(WebAssembly) in headless Chromium"),
-                          full_logits=False, opt_in=True, check=missing,
-                          version_of=lambda: onnxruntime_web.TRANSFORMERS_JS_VERSION,
-                          measure=lambda spec, text: measure(spec, text, "onnx", "onnxruntime-web"))
+WLLAMA = Runtime(
+    "wllama", ("gguf",), "edgekit", "@wllama/wllama (npm)", _no_session,
+    description=f"llama.cpp in WebAssembly (@wllama/wllama {WLLAMA_VERSION}) in headless Chromium",
+    full_logits=False, opt_in=True, check=missing, version_of=lambda: WLLAMA_VERSION,
+    measure=lambda spec, text: measure(spec, text, "gguf", "wllama"))
+ONNXRUNTIME_WEB = Runtime(
+    "onnxruntime-web", ("onnx",), "edgekit", "@huggingface/transformers (npm)", _no_session,
+    description=f"transformers.js {onnxruntime_web.TRANSFORMERS_JS_VERSION} on onnxruntime-web (WebAssembly) in "
+                "headless Chromium",
+    full_logits=False, opt_in=True, check=missing, version_of=lambda: onnxruntime_web.TRANSFORMERS_JS_VERSION,
+    measure=lambda spec, text: measure(spec, text, "onnx", "onnxruntime-web"))
 
 
 def register(reg: registry.Registry) -> None:
