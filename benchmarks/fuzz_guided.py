@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--max-seconds", type=float, default=1.0, help="a case slower than this is a finding")
     ap.add_argument("--hang-seconds", type=float, default=10.0, help="a case is stopped (and a finding) after this")
+    ap.add_argument("--memory", type=int, default=4 * 2**30,
+                    help="bytes of address space a case may add (Linux; 0: no cap)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     args, fuzzer_flags = ap.parse_known_args()
     try:
@@ -143,9 +145,17 @@ def main() -> None:
             finding("crash", seeds[0], traceback.format_exc())
             print(traceback.format_exc(), file=sys.stderr)
             finish(1)
-    # (no -timeout: the SIGALRM handler above stops a hung case; libFuzzer would warn that it cannot)
-    atheris.Setup([sys.argv[0], f"-seed={args.seed}", "-rss_limit_mb=4096",
-                   *fuzzer_flags, str(corpus)], one)
+    # Memory: an address-space cap of --memory over what the process holds now, so an allocation out of proportion to
+    # the input is a MemoryError (a crash above). Not libFuzzer's -rss_limit_mb: it reads ru_maxrss, which survives
+    # exec, so a child of a big process (pytest after the suite) starts "over the limit". No -timeout either: the
+    # SIGALRM handler above stops a hung case, and libFuzzer would warn that it cannot.
+    if args.memory:
+        import resource
+
+        with open("/proc/self/statm") as f:
+            held = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        resource.setrlimit(resource.RLIMIT_AS, (held + args.memory, held + args.memory))
+    atheris.Setup([sys.argv[0], f"-seed={args.seed}", "-rss_limit_mb=0", *fuzzer_flags, str(corpus)], one)
     atheris.Fuzz()
 
 
