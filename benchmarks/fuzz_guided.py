@@ -49,6 +49,10 @@ def main() -> None:
     except ImportError:
         sys.exit('benchmarks/fuzz_guided.py needs atheris: pip install "atheris>=3,<4" (or pip install -e ".[fuzz]")')
 
+    # Instrument edgekit's modules as they are imported: every edgekit import of this run happens from here to the
+    # end of the warm-up below (the target's own imports, its seeds' and the warm-up run's), so none stays blind.
+    instrumenting = atheris.instrument_imports(include=["edgekit"])
+    instrumenting.__enter__()
     from edgekit.devices import cpu_name
     from edgekit.errors import EdgekitError
     from tests.fuzz.targets import TARGETS
@@ -133,18 +137,17 @@ def main() -> None:
         raise _Hang()
 
     signal.signal(signal.SIGALRM, on_alarm)
-    # Instrument edgekit's modules as they are imported: the warm-up run imports what the target uses.
-    with atheris.instrument_imports(include=["edgekit"]):
-        path.write_bytes(seeds[0])
-        try:  # untimed: it pays for imports and caches
-            target.run(path)
-        except EdgekitError:
-            pass
-        except Exception:  # noqa: BLE001 -- a seed that crashes is a finding like any other
-            stats["crashes"] += 1
-            finding("crash", seeds[0], traceback.format_exc())
-            print(traceback.format_exc(), file=sys.stderr)
-            finish(1)
+    path.write_bytes(seeds[0])
+    try:  # untimed: it pays for imports and caches
+        target.run(path)
+    except EdgekitError:
+        pass
+    except Exception:  # noqa: BLE001 -- a seed that crashes is a finding like any other
+        stats["crashes"] += 1
+        finding("crash", seeds[0], traceback.format_exc())
+        print(traceback.format_exc(), file=sys.stderr)
+        finish(1)
+    instrumenting.__exit__(None, None, None)
     # Memory: an address-space cap of --memory over what the process holds now, so an allocation out of proportion to
     # the input is a MemoryError (a crash above). Not libFuzzer's -rss_limit_mb: it reads ru_maxrss, which survives
     # exec, so a child of a big process (pytest after the suite) starts "over the limit". No -timeout either: the
