@@ -7,6 +7,7 @@ The long runs (a million cases per parser) are `make fuzz` / benchmarks/fuzz.py;
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,8 @@ def test_each_crash_the_fuzzer_found_is_now_a_clean_refusal(path, tmp_path, monk
     for name, content in target.extra.items():
         (tmp_path / name).write_bytes(content)
     case.write_bytes(path.read_bytes())
+    t0 = time.perf_counter()
     with pytest.raises(EdgekitError) as e:
         target.run(case)
     assert "\n" not in str(e.value).strip()
+    assert time.perf_counter() - t0 < 1.0  # some were hangs (units/huge-exponent-hang.txt took over 10 s)
