@@ -157,6 +157,10 @@ class SampleResult:
     logprob_sum: float  # sum over tokens (+ stop) of the untempered log-probability: the teacher's own score
 
 
+# A common prompt prefix shorter than this is prefilled by every slot: sharing it saves less than the copy costs.
+MIN_SHARED_PREFIX = 8
+
+
 class ParallelSampler:
     """Many sequences in flight in one llama.cpp context, as llama-server's slots do (continuous batching).
 
@@ -166,7 +170,8 @@ class ParallelSampler:
     sequence only, so the batch is assembled here with its low-level API. Sampling (temperature,
     top-p) is done here per sequence with that sequence's own seeded generator, so what a request
     gets does not depend on which requests shared its batches (up to llama.cpp's float rounding,
-    which can differ with batch size).
+    which can differ with batch size). The prompts' common opening is prefilled once and copied into
+    each slot (:meth:`_share_prefix`).
     """
 
     def __init__(self, path: Path, *, slots: int, threads: int | None = None):
@@ -177,7 +182,8 @@ class ParallelSampler:
         self.generation_config = None  # the HF folder's, when the caller has one (its eos ids stop turns too)
 
     def _context(self, per_slot: int, batch_tokens: int) -> None:
-        """A context whose every slot holds ``per_slot`` tokens (kept when the current one is big enough)."""
+        """A context whose every slot holds ``per_slot`` tokens (kept when the current one is big enough), plus
+        one more sequence of the same size: the shared prompt prefix every slot starts from (``PREFIX_SEQ``)."""
         import llama_cpp
 
         if self.ctx and per_slot <= self.per_slot and batch_tokens <= self.batch_tokens:
@@ -185,9 +191,9 @@ class ParallelSampler:
         self._free()
         per_slot, batch_tokens = -(-per_slot // 256) * 256, max(batch_tokens, self.batch_tokens)
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = self.slots * per_slot
+        params.n_ctx = (self.slots + 1) * per_slot
         params.n_batch = params.n_ubatch = batch_tokens
-        params.n_seq_max = self.slots
+        params.n_seq_max = self.slots + 1
         params.kv_unified = False  # each slot owns per_slot cells: one long answer cannot starve the others
         params.swa_full = False
         # as llama-cpp-python's Llama (LlamaSession) runs: the same attention kernels give the same tokens
@@ -213,6 +219,7 @@ class ParallelSampler:
         longest = max(len(r.prompt) for r in requests)
         self._context(max(len(r.prompt) + r.max_new_tokens for r in requests), max(512, longest + self.slots))
         memory = llama_cpp.llama_get_memory(self.ctx)
+        shared = self._share_prefix(requests, memory)
         waiting = list(range(len(requests)))[::-1]
         running: dict[int, dict] = {}  # slot -> state
         free = list(range(self.slots))[::-1]
@@ -222,14 +229,16 @@ class ParallelSampler:
                 entries.append((slot, st["last"], st["pos"], True))
                 st["pos"] += 1
             budget = self.batch_tokens - len(entries)
-            while waiting and free and len(requests[waiting[-1]].prompt) <= budget:
+            while waiting and free and len(requests[waiting[-1]].prompt) - shared <= budget:
                 i, slot = waiting.pop(), free.pop()
                 llama_cpp.llama_memory_seq_rm(memory, slot, -1, -1)
+                if shared:  # the slot starts as a copy of the prefilled prefix: only the rest is prefilled
+                    llama_cpp.llama_memory_seq_cp(memory, self.slots, slot, -1, -1)
                 prompt = requests[i].prompt
                 running[slot] = {"req": i, "pos": len(prompt), "tokens": [], "logprob": 0.0,
                                  "rng": np.random.default_rng(requests[i].seed), "last": None}
-                entries.extend((slot, t, p, p == len(prompt) - 1) for p, t in enumerate(prompt))
-                budget -= len(prompt)
+                entries.extend((slot, prompt[p], p, p == len(prompt) - 1) for p in range(shared, len(prompt)))
+                budget -= len(prompt) - shared
             if not entries:  # cannot happen: the batch holds the longest prompt plus one token per slot
                 raise ModelError(f"a prompt of {len(requests[waiting[-1]].prompt)} tokens does not fit a "
                                  f"{self.batch_tokens}-token batch")
@@ -253,6 +262,26 @@ class ParallelSampler:
                     yield st["req"], SampleResult(st["tokens"], token if stopped else None, st["logprob"])
                 else:
                     st["last"] = token
+
+    def _share_prefix(self, requests: list[SampleRequest], memory) -> int:
+        """Prefill the prompts' common prefix once, into the extra sequence ``self.slots``; its length, or 0.
+
+        The requests of one call usually share their chat template's opening (a system prompt, the role
+        header; for Magpie the whole pre-query prompt), which every slot would otherwise prefill again.
+        A slot then starts as a copy of that sequence (``llama_memory_seq_cp``; with a KV stream per
+        sequence llama.cpp copies the whole stream, which holds just the prefix). The last prompt token is
+        always prefilled by its own slot: that is where its first logits come from."""
+        import llama_cpp
+
+        first = requests[0].prompt
+        n = min(len(r.prompt) for r in requests) - 1
+        for r in requests[1:]:
+            n = next((j for j in range(n) if r.prompt[j] != first[j]), n)
+        llama_cpp.llama_memory_seq_rm(memory, self.slots, -1, -1)
+        if len(requests) < 2 or n < MIN_SHARED_PREFIX:
+            return 0
+        self._decode([(self.slots, first[p], p, p == n - 1) for p in range(n)])
+        return n
 
     def _decode(self, entries: list[tuple]) -> None:
         import llama_cpp
@@ -282,42 +311,49 @@ class ParallelSampler:
         self.llm.close()
 
 
+# Probability floors tried in turn when looking for the nucleus: the tokens at or above a floor are sorted,
+# and that is enough once they hold the nucleus's mass (or the draw's); the last floor, 0, is the whole vocabulary.
+NUCLEUS_FLOORS = (1e-3, 1e-5, 1e-7, 0.0)
+
+
 def _pick(logits, temperature: float, top_p: float, rng) -> tuple[int, float]:
     """One token from a row of logits (greedy at temperature 0, else temperature + nucleus), and its
-    untempered log-probability. Nucleus: the fewest most-likely tokens whose mass reaches ``top_p``,
-    found among the top 256 by partition (exact whenever those hold that mass; else a full sort)."""
+    untempered log-probability. Nucleus: the fewest most-likely tokens whose mass reaches ``top_p``.
+
+    Exact, without sorting the vocabulary: every token at or above a probability floor ranks above every
+    token below it, so when the tokens above the floor hold ``top_p`` of the mass (for ``top_p`` 1: when
+    the draw lands among them), sorting just those finds the same token a full sort does. Sampling runs
+    in Python once per sequence per decode step; a 256-way ``argpartition`` of the vocabulary and float64
+    exponentials cost ~2 ms per token on a 49k vocabulary, about what the decode step itself costs per
+    sequence. The exponentials run in float32, their sums in float64."""
     import numpy as np
 
-    x = logits.astype(np.float64)
-    m = x.max()
-    log_z = m + np.log(np.exp(x - m).sum())
+    x = np.asarray(logits, dtype=np.float32)
+    m = float(x.max())
+    shifted = x - np.float32(m)
+    log_z = m + float(np.log(np.exp(shifted).sum(dtype=np.float64)))
     if temperature <= 0:
         t = int(x.argmax())
-        return t, float(x[t] - log_z)
-    z = (x - m) / temperature
-    p = np.exp(z)
-    p /= p.sum()
-    k = min(256, p.size)
-    top = np.argpartition(-p, k - 1)[:k] if k < p.size else np.arange(p.size)
-    order = top[np.argsort(-p[top], kind="stable")]
-    mass = np.cumsum(p[order])
-    u = rng.random()  # the one draw of this token, whichever path below finds it
-    if top_p >= 1 and k < p.size:
-        # No nucleus: every token may be drawn. The draw lands within the top 256 most of the time, and then
-        # it is the token a full sort gives (the same prefix of the same order); only a draw in the tail falls
-        # through to the sort of the whole vocabulary (~7 ms of numpy per token on a 49k vocabulary: Magpie's
-        # top_p 1.0 prompt sampling spent most of its time there).
-        i = int(np.searchsorted(mass, u * p.sum(), side="right"))
-        if i < k:
-            t = int(order[i])
-            return t, float(x[t] - log_z)
-    if mass[-1] < top_p and k < p.size:
-        order = np.argsort(-p, kind="stable")
-        mass = np.cumsum(p[order])
-    keep = int(np.searchsorted(mass, top_p * (1 - 1e-12))) + 1
-    order, mass = order[:keep], mass[:keep]
-    t = int(order[min(int(np.searchsorted(mass, u * mass[-1], side="right")), keep - 1)])
-    return t, float(x[t] - log_z)
+        return t, float(x[t]) - log_z
+    p = np.exp(shifted / np.float32(temperature))
+    p /= np.float32(p.sum(dtype=np.float64))
+    u = rng.random()  # the one draw of this token, whichever floor finds it
+    for floor in NUCLEUS_FLOORS:
+        near = np.flatnonzero(p >= floor) if floor else np.arange(p.size)
+        if not near.size:
+            continue
+        order = near[np.argsort(-p[near], kind="stable")]
+        mass = np.cumsum(p[order], dtype=np.float64)
+        if top_p >= 1:
+            i = int(np.searchsorted(mass, u, side="right"))
+            if i < order.size or not floor:
+                t = int(order[min(i, order.size - 1)])
+                return t, float(x[t]) - log_z
+        elif mass[-1] >= top_p or not floor:
+            keep = min(int(np.searchsorted(mass, top_p * (1 - 1e-12))) + 1, order.size)
+            t = int(order[min(int(np.searchsorted(mass[:keep], u * mass[keep - 1], side="right")), keep - 1)])
+            return t, float(x[t]) - log_z
+    raise AssertionError("unreachable: the last floor holds the whole vocabulary")
 
 
 def _gpu() -> str | None:

@@ -6,6 +6,7 @@ import pytest
 from edgekit.distill import data
 from edgekit.distill.config import DataConfig
 from edgekit.errors import ConfigError
+from edgekit.runtimes import llamacpp
 from edgekit.runtimes.llamacpp import LlamaSession, ParallelSampler, SampleRequest, _pick
 
 pytest.importorskip("llama_cpp")
@@ -46,6 +47,33 @@ def test_greedy_with_slots_reused_equals_one_sequence_at_a_time(tiny_gguf):
         result = got[i]
         assert result.tokens + ([result.stop] if result.stop is not None else []) == want
     assert got[0].stop in stop and len(got[0].tokens) <= 5
+
+
+def test_a_shared_prompt_prefix_is_prefilled_once_and_changes_no_token(tiny_gguf, monkeypatch):
+    """Prompts that open alike (a chat template's system turn) start from one prefilled copy of that opening:
+    the greedy tokens are still those of one sequence at a time, and only the differing tails are prefilled."""
+    prefix = [7, 3, 9, 21, 5, 17, 2, 30, 11, 6]
+    prompts = [prefix + tail for tail in ([1, 5, 9], [2], [3, 11, 4, 8], [40, 41], [13, 12])]
+    session = LlamaSession(tiny_gguf, threads=1, context=64)
+    try:
+        alone = [session.generate(p, 10) for p in prompts]
+    finally:
+        session.close()
+    prefilled = []
+    real = ParallelSampler._decode
+    monkeypatch.setattr(ParallelSampler, "_decode", lambda self, entries: (prefilled.extend(
+        e for e in entries if e[2] < len(prefix)), real(self, entries))[1])
+    requests = [SampleRequest(p, 10, 0.0, 1.0, frozenset(), seed=i) for i, p in enumerate(prompts)]
+    got = _run(tiny_gguf, requests, slots=2)  # 5 prompts through 2 slots: copies into reused slots too
+    assert [got[i].tokens for i in range(len(prompts))] == alone
+    assert sorted(e[2] for e in prefilled) == list(range(len(prefix)))  # the opening, once, in its own sequence
+    # a prompt that is all prefix still prefills its last token itself (its first logits come from there)
+    got = _run(tiny_gguf, [SampleRequest(prefix, 6, 0.0, 1.0, frozenset(), seed=i) for i in range(3)], slots=2)
+    session = LlamaSession(tiny_gguf, threads=1, context=64)
+    try:
+        assert [got[i].tokens for i in range(3)] == [session.generate(prefix, 6)] * 3
+    finally:
+        session.close()
 
 
 def test_a_sample_does_not_depend_on_its_batch_mates(tiny_gguf):
@@ -92,26 +120,29 @@ def test_pick_keeps_the_nucleus_and_reports_the_untempered_log_probability():
     assert len({_pick(flat, 1.0, 0.99, rng)[0] for _ in range(400)} - set(range(256))) > 0
 
 
-def test_pick_without_a_nucleus_draws_the_token_a_full_sort_draws():
-    """top_p 1 (Magpie's prompts) skips sorting the vocabulary when the draw lands in the top 256: same tokens."""
+@pytest.mark.parametrize("top_p", [1.0, 0.95, 0.5])
+def test_pick_draws_the_token_a_full_sort_of_the_vocabulary_draws(top_p):
+    """_pick sorts only the tokens above a probability floor (lowered until they hold the nucleus, or for
+    top_p 1 the draw): the token is the one a float64 sort of the whole vocabulary gives for the same draw."""
     def full_sort(logits, temperature, u):
         p = np.exp((logits.astype(np.float64) - logits.max()) / temperature)
         p /= p.sum()
         order = np.argsort(-p, kind="stable")
         mass = np.cumsum(p[order])
-        keep = int(np.searchsorted(mass, 1 - 1e-12)) + 1
+        keep = int(np.searchsorted(mass, min(top_p, 1 - 1e-12))) + 1
         return int(order[min(int(np.searchsorted(mass[:keep], u * mass[keep - 1], side="right")), keep - 1)])
 
     g = np.random.default_rng(3)
-    tail = 0
-    for scale in (0.3, 1.5, 4.0):  # flat (most draws in the tail) to peaked (most in the top 256)
+    below_first_floor = 0
+    for scale in (0.3, 1.5, 4.0):  # flat (draws far down the order) to peaked (draws among a few tokens)
         logits = (g.normal(size=4096) * scale).astype(np.float32)
+        p = np.exp((logits.astype(np.float64) - logits.max()) / 0.8)
+        p /= p.sum()
         for seed in range(60):
-            token, _ = _pick(logits, 0.8, 1.0, np.random.default_rng(seed))
+            token, _ = _pick(logits, 0.8, top_p, np.random.default_rng(seed))
             assert token == full_sort(logits, 0.8, np.random.default_rng(seed).random()), (scale, seed)
-            p = np.exp(logits.astype(np.float64) / 0.8)
-            tail += int(np.sum(p > p[token]) >= 256)
-    assert 0 < tail < 180  # both paths were taken
+            below_first_floor += int(p[token] < llamacpp.NUCLEUS_FLOORS[0])
+    assert 0 < below_first_floor < 180  # the first floor was enough for some draws, not for others
 
 
 def test_backend_choice_and_its_refusals(tiny_gguf):
