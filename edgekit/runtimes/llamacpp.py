@@ -174,8 +174,13 @@ class ParallelSampler:
     each slot (:meth:`_share_prefix`).
     """
 
-    def __init__(self, path: Path, *, slots: int, threads: int | None = None):
+    def __init__(self, path: Path, *, slots: int, threads: int | None = None, flash_attention: bool = True):
+        """``flash_attention``: llama.cpp's fused attention kernel. With 32 sequences of the embedded teacher in
+        flight on a 2-core CPU it cut a decode step from 109 to 95 ms (benchmarks/RESULTS.md, teacher data);
+        off, the attention is computed as llama-cpp-python's ``Llama`` does (:class:`LlamaSession`), which
+        gives the same greedy tokens as one sequence at a time there, bit for bit."""
         self.path, self.slots, self.threads = Path(path), slots, threads or max(1, os.cpu_count() or 1)
+        self.flash_attention = flash_attention
         self.llm = open_llama(path, n_ctx=64, n_threads=self.threads)  # the model (header checked, AMX guard)
         self.vocab = self.llm.n_vocab()
         self.ctx, self.batch, self.per_slot, self.batch_tokens = None, None, 0, 0
@@ -196,8 +201,8 @@ class ParallelSampler:
         params.n_seq_max = self.slots + 1
         params.kv_unified = False  # each slot owns per_slot cells: one long answer cannot starve the others
         params.swa_full = False
-        # as llama-cpp-python's Llama (LlamaSession) runs: the same attention kernels give the same tokens
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attention
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         params.no_perf = True
         params.n_threads = params.n_threads_batch = self.threads
         self.ctx = llama_cpp.llama_init_from_model(self.llm.model, params)

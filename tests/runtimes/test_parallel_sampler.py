@@ -23,15 +23,16 @@ def _requests(temperature=0.0, top_p=1.0, stop=frozenset(), n=12):
     return [SampleRequest(p, n, temperature, top_p, stop, seed=100 + i) for i, p in enumerate(PROMPTS)]
 
 
-def _run(path, requests, slots):
-    sampler = ParallelSampler(path, slots=slots, threads=1)
+def _run(path, requests, slots, flash_attention=True):
+    sampler = ParallelSampler(path, slots=slots, threads=1, flash_attention=flash_attention)
     try:
         return dict(sampler.run(requests))
     finally:
         sampler.close()
 
 
-def test_greedy_with_slots_reused_equals_one_sequence_at_a_time(tiny_gguf):
+@pytest.mark.parametrize("flash_attention", [True, False])
+def test_greedy_with_slots_reused_equals_one_sequence_at_a_time(tiny_gguf, flash_attention):
     session = LlamaSession(tiny_gguf, threads=1, context=64)
     try:
         alone = [session.generate(p, 12) for p in PROMPTS]
@@ -39,10 +40,11 @@ def test_greedy_with_slots_reused_equals_one_sequence_at_a_time(tiny_gguf):
         alone_stopping = [session.generate(p, 12, eos_ids=stop) for p in PROMPTS]
     finally:
         session.close()
-    got = _run(tiny_gguf, _requests(), slots=3)  # 7 prompts through 3 slots: slots are freed and taken again
+    # 7 prompts through 3 slots: slots are freed and taken again
+    got = _run(tiny_gguf, _requests(), slots=3, flash_attention=flash_attention)
     assert [got[i].tokens for i in range(len(PROMPTS))] == alone
     assert all(got[i].stop is None for i in got)
-    got = _run(tiny_gguf, _requests(stop=stop), slots=3)
+    got = _run(tiny_gguf, _requests(stop=stop), slots=3, flash_attention=flash_attention)
     for i, want in enumerate(alone_stopping):
         result = got[i]
         assert result.tokens + ([result.stop] if result.stop is not None else []) == want
