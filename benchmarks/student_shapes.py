@@ -7,7 +7,7 @@ distillation's own evaluation scores each student against the teacher on the dat
 the answer tokens: perplexity, KL(teacher || student) and top-1 agreement with the teacher's argmax.
 
     python benchmarks/student_shapes.py [--recipe recipes/quick.yaml] [--minutes 4] \
-        [--lr 5e-4] [--prompts 192] [--shape planner] [--shape 22x512x1280:6/3] [--shape 30x576x448:9/3] ...
+        [--lr 5e-4] [--prompts 192] [--no-reconstruct] [--shape planner] [--shape 22x512x1280:6/3] ...
 
 A shape is ``LAYERSxHIDDENxMLP:HEADS/KV_HEADS``, or ``planner`` (what the recipe's device and speed target
 give). Prints a Markdown table, writes benchmarks/out/student_shapes.json. Each shape costs its training
@@ -45,6 +45,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=None, help="training budget (default: the recipe's)")
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
     ap.add_argument("--prompts", type=int, default=None, help="synthetic prompts (default: the recipe's)")
+    ap.add_argument("--no-reconstruct", action="store_true",
+                    help="prune without refitting the cut layers (distill.student.reconstruct: false)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "student_shapes.json"))
     args = ap.parse_args()
 
@@ -61,6 +63,8 @@ def main() -> None:
         base = base.model_copy(update={"train": base.train.model_copy(update=train)})
     if args.prompts:
         base = base.model_copy(update={"data": base.data.model_copy(update={"synthetic_prompts": args.prompts})})
+    if args.no_reconstruct:
+        base = base.model_copy(update={"student": base.student.model_copy(update={"reconstruct": False})})
     rows = []
     for text in args.shape or ["planner"]:
         shape = parse_shape(text)
@@ -71,7 +75,8 @@ def main() -> None:
         student = summary["student"]
         scores = summary["evaluation"]["models"]
         mine = next(v for k, v in scores.items() if k.startswith("student"))
-        rows.append({"shape": text, "layers": student["layers"], "hidden_size": student["hidden_size"],
+        rows.append({"shape": text, "reconstruct": cfg.student.reconstruct, "layers": student["layers"],
+                     "hidden_size": student["hidden_size"],
                      "intermediate_size": student["intermediate_size"], "heads": student["heads"],
                      "kv_heads": student["kv_heads"], "params": student["params"],
                      "fraction_of_teacher": student["fraction_of_teacher"],

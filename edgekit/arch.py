@@ -32,6 +32,7 @@ class Family:
     fused: bool = False  # one qkv projection and one gate_up projection (Phi-3)
     activation: str = "silu"  # gated MLP activation: SwiGLU or GeGLU (gelu_pytorch_tanh)
     embed_scale: bool = False  # embeddings multiplied by sqrt(hidden) (Gemma)
+    norm_offset: bool = False  # RMSNorm scales by (1 + weight), not weight (Gemma)
     tokenizer: str = "byte-level BPE"  # what the family's checkpoints usually ship
     note: str = ""
     display: str = ""  # how model cards name it (default: the name)
@@ -43,7 +44,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("qwen2", ("qwen2",), "qwen2", attn_bias=True, display="Qwen2", note="Qwen2, Qwen2.5"),
     Family("qwen3", ("qwen3",), "qwen3", qk_norm=True, display="Qwen3", note="Qwen3 dense"),
     Family("gemma3", ("gemma3_text",), "gemma3", qk_norm=True, norms_per_layer=4, activation="gelu_pytorch_tanh",
-           embed_scale=True, tokenizer="SentencePiece BPE", display="Gemma 3", note="Gemma 3 text (270M, 1B)"),
+           embed_scale=True, norm_offset=True, tokenizer="SentencePiece BPE", display="Gemma 3",
+           note="Gemma 3 text (270M, 1B)"),
     Family("phi3", ("phi3",), "phi3", fused=True, tokenizer="SentencePiece BPE", display="Phi-3",
            note="Phi-3/3.5-mini, Phi-4-mini"),
 )}

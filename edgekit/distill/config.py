@@ -142,6 +142,9 @@ class StudentSpec(BaseModel):
     heads: int | None = Field(None, ge=1)
     kv_heads: int | None = Field(None, ge=1)
     init: Literal["minitron", "random"] = "minitron"
+    reconstruct: bool = Field(True, description="after minitron pruning, refit each layer's attention output to the "
+                                                "heads it keeps and rescale the norms for the hidden channels it "
+                                                "drops, by least squares on the calibration text (a closer start)")
     family: str | None = Field(None, description="the student's model family; default the teacher's. Pairs that "
                                                  "work: edgekit.arch.CROSS_FAMILY (e.g. a llama student from a "
                                                  "qwen2 teacher)")

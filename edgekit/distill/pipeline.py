@@ -88,8 +88,8 @@ def run(cfg: DistillConfig, trust_remote_code: bool = False) -> artifact.Artifac
     tokenizer = AutoTokenizer.from_pretrained(str(teacher.path))
     calib = [render_text(e, tokenizer) for e in train_examples[:cfg.calibration_sequences]]
     init_dir = prune_stage.run(teacher.path, shape, calib, artifact.store_path(
-        "prune", shape.to_dict(), cfg.student.init, cfg.calibration_sequences, teacher_id, data_id),
-        method=cfg.student.init, seed=cfg.train.seed)
+        "prune", shape.to_dict(), cfg.student.init, cfg.student.reconstruct, cfg.calibration_sequences, teacher_id,
+        data_id), method=cfg.student.init, seed=cfg.train.seed, reconstruct=cfg.student.reconstruct)
 
     train_seqs = tokenize_examples(train_examples, tokenizer, cfg.data.max_seq_len)
     heldout_seqs = tokenize_examples(heldout_examples, tokenizer, cfg.data.max_seq_len)
@@ -104,8 +104,9 @@ def run(cfg: DistillConfig, trust_remote_code: bool = False) -> artifact.Artifac
     if cfg.progressive is not None:  # teacher -> intermediate (as configured) -> student (assistant, then teacher)
         mid_shape, _ = student_shape(cfg.progressive, teacher.arch, teacher.name)
         mid_init = prune_stage.run(teacher.path, mid_shape, calib, artifact.store_path(
-            "prune", mid_shape.to_dict(), cfg.progressive.init, cfg.calibration_sequences, teacher_id, data_id),
-            method=cfg.progressive.init, seed=cfg.train.seed)
+            "prune", mid_shape.to_dict(), cfg.progressive.init, cfg.progressive.reconstruct, cfg.calibration_sequences,
+            teacher_id, data_id), method=cfg.progressive.init, seed=cfg.train.seed,
+            reconstruct=cfg.progressive.reconstruct)
         assistant_dir = train_stage.train(
             cfg.train, mid_init, artifact.store_path("distill", cfg.train.model_dump(), mid_init.name,
                                             cache_dir.name if cache_dir else teacher_id, data_id),

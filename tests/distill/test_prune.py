@@ -9,7 +9,14 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from edgekit import artifact
 from edgekit.arch import Architecture
 from edgekit.distill import prune as prune_mod
-from edgekit.distill.prune import Importance, measure_importance, prune, run, teacher_architecture
+from edgekit.distill.prune import (
+    Importance,
+    measure_importance,
+    measure_reconstruction,
+    prune,
+    run,
+    teacher_architecture,
+)
 from edgekit.errors import RecipeError
 
 D = 16  # head_dim of every tiny model here
@@ -130,6 +137,89 @@ def test_minitron_student_is_closer_to_teacher_than_random_student():
     pruned = prune(model, target, measure_importance(model, batches))
     random = prune(model, target, None, method="random", seed=0)
     assert mean_kl(model, pruned, batches[0]) < 0.5 * mean_kl(model, random, batches[0])
+
+
+def _inputs_of(module, model, ids):
+    """What ``module`` received when ``model`` ran ``ids`` (its first positional input)."""
+    got = []
+    handle = module.register_forward_pre_hook(lambda m, args: got.append(args[0].detach()))
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        handle.remove()
+    return got[0]
+
+
+def test_reconstruction_refits_the_attention_output_to_the_heads_it_keeps():
+    """With heads dropped, o_proj is refitted so the kept heads' outputs reproduce what all heads wrote (least
+    squares on the calibration text): on held-out tokens its error is below that of copying the kept columns."""
+    model = tiny_llama(layers=1)
+    batches, held = token_batches(n=4), token_batches(n=1, seed=9)[0]
+    imp = measure_importance(model, batches)
+    target = teacher_architecture(model).with_shape(heads=4, kv_heads=2)  # one of each kv group's 3 heads goes
+    rec = measure_reconstruction(model, batches, target, imp)
+    assert set(rec.o_gram) == {0} and rec.norm_ratio == {}  # only what this cut changes is measured
+    copied, refitted = prune(model, target, imp), prune(model, target, imp, reconstruction=rec)
+    q_rows, _ = prune_mod._head_rows(imp.head[0], teacher_architecture(model), target)
+    x = _inputs_of(model.model.layers[0].self_attn.o_proj, model, held).reshape(-1, 6 * D)
+    want = x @ model.model.layers[0].self_attn.o_proj.weight.T
+
+    def err(student):
+        return (x[:, q_rows] @ student.model.layers[0].self_attn.o_proj.weight.T - want).pow(2).mean().item()
+    assert err(refitted) < 0.8 * err(copied)
+    # everything else is the plain selection
+    assert torch.equal(refitted.model.layers[0].self_attn.q_proj.weight, copied.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_reconstruction_rescales_norms_for_the_hidden_channels_dropped():
+    """RMSNorm divides by the RMS of the channels it sees: with channels gone, the kept weights are scaled by the
+    measured RMS ratio so the normalised activations keep the teacher's size."""
+    model = tiny_llama(layers=1)
+    with torch.no_grad():  # half the residual channels carry little: those are the ones pruning drops
+        model.model.embed_tokens.weight[:, ::2] *= 0.2
+    batches, held = token_batches(n=4), token_batches(n=1, seed=9)[0]
+    imp = measure_importance(model, batches)
+    target = teacher_architecture(model).with_shape(hidden_size=48)
+    rec = measure_reconstruction(model, batches, target, imp)
+    assert rec.o_gram == {} and set(rec.norm_ratio) == {(0, "input_layernorm"), (0, "post_attention_layernorm"),
+                                                         (-1, "norm")}
+    assert all(r > 1 for r in rec.norm_ratio.values())  # the least active channels went: the kept ones' RMS is higher
+    hid = prune_mod.top_indices(imp.hidden_channel, 48)
+    copied, refitted = prune(model, target, imp), prune(model, target, imp, reconstruction=rec)
+    norm_in = _inputs_of(model.model.layers[0].input_layernorm, model, held)  # the embeddings: same on kept channels
+    want = model.model.layers[0].input_layernorm(norm_in)[..., hid]
+
+    def err(student):
+        with torch.no_grad():
+            return (student.model.layers[0].input_layernorm(norm_in[..., hid]) - want).pow(2).mean().item()
+    assert err(refitted) < 0.5 * err(copied)
+    ratio = rec.norm_ratio[(0, "input_layernorm")]
+    torch.testing.assert_close(refitted.model.layers[0].input_layernorm.weight,
+                               copied.model.layers[0].input_layernorm.weight * ratio)
+
+
+def test_reconstruction_changes_nothing_when_nothing_is_cut_and_brings_a_cut_student_closer():
+    model = tiny_llama(layers=3)
+    batches = token_batches(n=4)
+    imp = measure_importance(model, batches)
+    same = teacher_architecture(model)
+    rec = measure_reconstruction(model, batches, same, imp)
+    assert rec.o_gram == {} and rec.norm_ratio == {}
+    with torch.no_grad():
+        torch.testing.assert_close(prune(model, same, imp, reconstruction=rec)(batches[0]).logits,
+                                   model(batches[0]).logits, atol=1e-6, rtol=0)
+    target = same.with_shape(layers=2, hidden_size=64, heads=4, kv_heads=2)
+    rec = measure_reconstruction(model, batches, target, imp)
+    held = token_batches(n=1, seed=9)[0]
+    assert mean_kl(model, prune(model, target, imp, reconstruction=rec), held) < \
+        mean_kl(model, prune(model, target, imp), held)
+
+
+def test_gemma_norms_are_rescaled_through_their_one_plus_weight():
+    w = torch.tensor([0.5, -0.25, 0.0])
+    torch.testing.assert_close(prune_mod._scale_norm(w, 0.8, offset=True), (1 + w) * 0.8 - 1)
+    torch.testing.assert_close(prune_mod._scale_norm(w, 0.8, offset=False), w * 0.8)
 
 
 def test_random_method_is_seeded():
