@@ -201,7 +201,11 @@ def train(cfg: TrainConfig, student_dir: Path, out_dir: Path, sequences: list[di
         raise ConfigError("assistant_fraction > 0 needs assistant_dir (the intermediate model) and the teacher online")
     config = {"train": cfg.model_dump(), "student": str(student_dir), "cache": str(cache_dir or ""),
               "teacher": str(teacher_dir or ""), "assistant": str(assistant_dir or ""),
-              "data": artifact.content_id([s["input_ids"] for s in sequences]) if sequences else None}
+              "data": artifact.content_id([s["input_ids"] for s in sequences]) if sequences else None,
+              # what the folders hold, not only where: an init or cache rebuilt in place (another pruning
+              # config, say) must not be answered with a student trained from the old one
+              "student_id": artifact.folder_id(student_dir),
+              "cache_id": artifact.folder_id(cache_dir) if cache_dir else None}
     if qat_target is not None:  # absent otherwise: ids of runs without QAT stay as they were
         config["qat_target"] = qat_target
     if artifact.find(out_dir, "distill", config) is not None:

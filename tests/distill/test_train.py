@@ -74,6 +74,26 @@ def test_second_run_with_the_same_config_is_a_no_op(models, tmp_path):
     assert (out / "manifest.json").stat().st_mtime_ns == stamp
 
 
+def test_an_init_rebuilt_in_place_is_trained_again(models, tmp_path):
+    """The student folder's content, not its path, keys the result: a re-pruned init at the same path retrains."""
+    import shutil
+
+    from transformers import LlamaForCausalLM
+
+    d, seqs = models
+    init = tmp_path / "init"
+    shutil.copytree(d / "student", init)
+    cfg = TrainConfig(steps=3, **FAST)
+    first = weights(train(cfg, init, tmp_path / "out", seqs, teacher_dir=d / "teacher"))
+    torch.manual_seed(5)
+    other = LlamaForCausalLM.from_pretrained(init)
+    for p in other.parameters():
+        p.data.normal_(0, 0.05)
+    other.save_pretrained(init)
+    again = weights(train(cfg, init, tmp_path / "out", seqs, teacher_dir=d / "teacher"))
+    assert any(not torch.equal(first[k], again[k]) for k in first)
+
+
 def test_ce_baseline_needs_no_teacher(models, tmp_path):
     d, seqs = models
     out = train(TrainConfig(steps=5, kd_weight=0, ce_weight=1, **FAST), d / "student", tmp_path / "ce", seqs)
