@@ -139,8 +139,11 @@ def run(cfg: DistillConfig, trust_remote_code: bool = False) -> artifact.Artifac
             ce_cfg, init_dir, artifact.store_path("distill", ce_cfg.model_dump(), init_dir.name, data_id),
             sequences=train_seqs)
 
+    # keyed by what the students hold (a student retrained in place is evaluated again), not only their paths
+    student_ids = {k: artifact.folder_id(v) for k, v in students.items()}
     with artifact.stage("eval", cfg.eval.model_dump(), {k: str(v) for k, v in students.items()},
-                        key=(cfg.eval.model_dump(), {k: v.name for k, v in students.items()}, data_id, teacher_id)) as ev:
+                        key=(cfg.eval.model_dump(), {k: v.name for k, v in students.items()}, data_id, teacher_id,
+                             student_ids)) as ev:
         if ev.reused:
             report = json.loads((ev.path / "report.json").read_text())
         else:

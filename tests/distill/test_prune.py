@@ -142,7 +142,8 @@ def test_minitron_student_is_closer_to_teacher_than_random_student():
 def _inputs_of(module, model, ids):
     """What ``module`` received when ``model`` ran ``ids`` (its first positional input)."""
     got = []
-    handle = module.register_forward_pre_hook(lambda m, args: got.append(args[0].detach()))
+    handle = module.register_forward_pre_hook(
+        lambda m, args, kwargs: got.append((args[0] if args else kwargs["hidden_states"]).detach()), with_kwargs=True)
     try:
         with torch.no_grad():
             model(ids)
