@@ -162,8 +162,8 @@ def measure_reconstruction(model: nn.Module, batches: list[torch.Tensor], target
     import torch
 
     teacher = teacher_architecture(model)
-    kept = top_indices(importance.block, target.layers).tolist()
-    hid = top_indices(importance.hidden_channel, target.hidden_size).to(model.device)
+    kept, hid = kept_units(importance, target)
+    kept, hid = kept.tolist(), hid.to(model.device)
     heads_cut, hidden_cut = target.heads < teacher.heads, target.hidden_size < teacher.hidden_size
     o_gram: dict[int, torch.Tensor] = {}
     ratio_sum: dict[tuple[int, str], float] = {}
@@ -282,8 +282,7 @@ def prune(model: nn.Module, target: Architecture, importance: Importance | None,
 
     student = _new_model(model, cfg)
     rec = reconstruction
-    hid = top_indices(importance.hidden_channel, target.hidden_size)
-    kept_layers = top_indices(importance.block, target.layers)
+    kept_layers, hid = kept_units(importance, target)
     fam = teacher.family
     qk_norm = fam.qk_norm and target.family.qk_norm  # a llama student of a qwen3 teacher has none (CROSS_FAMILY)
     with torch.no_grad():
@@ -386,6 +385,13 @@ def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     import torch
 
     return torch.topk(scores.float(), k, sorted=False).indices.sort().values
+
+
+def kept_units(importance: Importance, target: Architecture) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layers, hidden channels) of the teacher that a ``target``-shaped student keeps, ascending: the one rule
+    :func:`prune`, :func:`measure_reconstruction` and the stage's record all follow."""
+    return (top_indices(importance.block, target.layers),
+            top_indices(importance.hidden_channel, target.hidden_size))
 
 
 def _head_rows(head_scores: torch.Tensor, teacher: Architecture, target: Architecture):
@@ -496,7 +502,7 @@ def run(teacher_dir: Path, target: Architecture, calib_texts: list[str], out_dir
             seq_len = min(CALIB_SEQ_LEN, teacher.max_context)
             batches = calibration_batches(tokenizer, calib_texts, max_tokens, seq_len)
             importance = measure_importance(model, batches)
-            kept_layers = top_indices(importance.block, target.layers).tolist()
+            kept_layers = kept_units(importance, target)[0].tolist()
             if reconstruct:
                 rec = measure_reconstruction(model, batches, target, importance)
         student = prune(model, target, importance, method=method, seed=seed, reconstruction=rec)
