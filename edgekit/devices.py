@@ -195,11 +195,29 @@ def load_profile_file(path: Path) -> DeviceProfile:
     return profile
 
 
+# Listed profiles by path, with the bytes they were read from: listing every device (a plan without --device, the
+# device table) parses only files that changed. Profiles are frozen, so sharing them is safe.
+_LISTED: dict[Path, tuple[bytes, DeviceProfile]] = {}
+
+
+def _profile_unless_changed(path: Path) -> DeviceProfile:
+    try:
+        content = path.read_bytes()
+    except OSError:
+        return load_profile_file(path)  # says what is wrong with it
+    hit = _LISTED.get(path)
+    if hit is not None and hit[0] == content:
+        return hit[1]
+    profile = load_profile_file(path)
+    _LISTED[path] = (content, profile)
+    return profile
+
+
 def list_devices(directory: Path | None = None, include_host: bool = False) -> list[DeviceProfile]:
     directory = directory or devices_dir()
     if not directory.is_dir():
         raise DeviceError(f"no device profiles folder at {directory}; set EDGEKIT_DEVICES_DIR to the folder of YAMLs")
-    profiles = [load_profile_file(p) for p in sorted(directory.glob("*.yaml"))]
+    profiles = [_profile_unless_changed(p) for p in sorted(directory.glob("*.yaml"))]
     if include_host:
         profiles.append(detect_host())
     return profiles

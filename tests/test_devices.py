@@ -100,3 +100,16 @@ def test_corrupt_host_cache_is_measured_again(home):
 def test_list_devices_with_host():
     names = [p.name for p in list_devices(include_host=True)]
     assert names[-1] == "host" and "pi-zero-2w" in names
+
+
+def test_listing_rereads_a_profile_edited_since_and_reports_a_broken_one(tmp_path):
+    """Listed profiles are kept between listings; an edit (same name, new content) must still be seen."""
+    raw = _raw()
+    path = _write(tmp_path, raw)
+    assert [p.memory_budget for p in list_devices(tmp_path)] == [load_profile_file(path).memory_budget]
+    raw["memory_budget"] = "3GB"
+    _write(tmp_path, raw)
+    assert list_devices(tmp_path)[0].memory_budget == 3 * 10**9
+    path.write_text("name: [")
+    with pytest.raises(DeviceError, match="pi-5-8gb.yaml"):
+        list_devices(tmp_path)

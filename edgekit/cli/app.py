@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -16,6 +17,7 @@ from edgekit.errors import EdgekitError
 COMMAND_GROUPS = (plan, distill, export, bench, run, package, doctor)  # in the order `edgekit --help` lists them
 
 
+@functools.lru_cache(maxsize=1)  # once per process: parsing leaves it unchanged (tests and fuzzing call main often)
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")

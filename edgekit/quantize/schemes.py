@@ -26,6 +26,7 @@ Which runtimes run a format is the runtimes' own word (their ``formats``), read 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,17 +71,24 @@ class Scheme:
     options: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
 
     def tensors(self, arch: Architecture) -> list[Tensor]:
-        return self.layout(arch)
+        return list(_laid_out(self.layout, arch))
 
     def weight_bytes(self, arch: Architecture) -> int:
-        return sum(t.nbytes for t in self.layout(arch))
+        return sum(t.nbytes for t in _laid_out(self.layout, arch))
 
     def bits_per_weight(self, arch: Architecture) -> float:
-        ts = self.layout(arch)
+        ts = _laid_out(self.layout, arch)
         return 8 * sum(t.nbytes for t in ts) / sum(t.params for t in ts)
 
     def fallbacks(self, arch: Architecture) -> list[Tensor]:
-        return [t for t in self.layout(arch) if t.requested and t.requested != t.dtype]
+        return [t for t in _laid_out(self.layout, arch) if t.requested and t.requested != t.dtype]
+
+
+@functools.lru_cache(maxsize=1024)
+def _laid_out(layout: Callable[[Architecture], list[Tensor]], arch: Architecture) -> tuple[Tensor, ...]:
+    """A layout is a pure function of the (frozen) architecture; the planner asks for the same one for every
+    device, context and candidate shape (~10^3 tensors each), so each is built once."""
+    return tuple(layout(arch))
 
 
 def scheme_key(fmt: str, name: str) -> str:

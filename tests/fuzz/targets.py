@@ -150,7 +150,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
     Target("units", lambda: [b"64GiB", b"1.5GB/s", b"2.4GHz", b"105.6GFLOPS", b"30m", b"4.8bpw", b"90MB", b"1h30m"],
            _units),
     Target("cli", lambda: [b"plan --device pi-5-8gb --context 2048", b"plan --device ~/devices/x.yaml --json",
-                           b"validate recipes/quick.yaml", b"plan --teacher default --device web --json",
+                           b"plan --json", b"validate recipes/quick.yaml",
+                           b"plan --teacher default --device web --json",
                            b"verify missing.tar.gz --max-size 1GB"], _cli),
 ]}
 
