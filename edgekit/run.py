@@ -25,7 +25,7 @@ from edgekit.devices import load_device
 from edgekit.distill import pipeline as distill_stage
 from edgekit.errors import RecipeError
 from edgekit.export import pipeline as export_stage
-from edgekit.package import layouts_for, package
+from edgekit.package import get_layout, layouts_for, package
 from edgekit.quantize import report as fidelity_stage
 from edgekit.recipe import load_recipe
 from edgekit.validate import validate_recipe
@@ -142,14 +142,24 @@ def _package(recipe, exports: list[Path], fidelity: dict | None, bench: dict | N
     if recipe.package is None:
         return
     wanted = recipe.package.formats
+    together: dict[str, list[Path]] = {}  # a layout that holds several exports gets them all in one bundle
     for path in exports:
         fmt = artifact.read_manifest(path)["format"]
         for layout in layouts_for(fmt, wanted):
+            if get_layout(layout).several:
+                together.setdefault(layout, []).append(path)
+                continue
             t0 = time.perf_counter()
             b = package(path, device=recipe.device, context=recipe.context, fidelity=fidelity, bench=bench,
                         recipe=recipe.name, layout=layout)
             _stage(record, f"package {fmt}" + ("" if layout == "app" else f" {layout}"), b.get("path"),
                    bool(b.get("reused")), t0, tarball=str(b.get("tarball") or ""))
+    for layout, paths in together.items():
+        t0 = time.perf_counter()
+        b = package(paths[0], also=paths[1:], device=recipe.device, context=recipe.context, fidelity=fidelity,
+                    bench=bench, recipe=recipe.name, layout=layout)
+        _stage(record, f"package {layout}", b.get("path"), bool(b.get("reused")), t0,
+               tarball=str(b.get("tarball") or ""))
 
 
 def list_artifacts() -> list[dict]:

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edgekit.package import _front_matter, package, verify
+from edgekit.package import package, verify
+from edgekit.package.layouts import _front_matter
 
 ROOT = Path(__file__).resolve().parents[1]
 TF5 = ROOT / ".venv-tf5" / "bin" / "python"
@@ -114,6 +115,54 @@ def test_the_gguf_in_the_hf_bundle_runs_in_llama_cpp(hf_bundle):
     llm = llama_cpp.Llama(model_path=str(Path(hf_bundle["path"]) / "gguf" / "model.gguf"), n_ctx=64, verbose=False)
     out = llm.create_completion("Hello", max_tokens=4, temperature=0)
     assert out["usage"]["completion_tokens"] >= 1
+
+
+@pytest.fixture(scope="module")
+def hf_repo(tiny_bpe_llama_dir, tiny_export, tmp_path_factory) -> dict:
+    """One repository of three exports of the same model: two GGUFs and an ONNX."""
+    exports = [tiny_export(tiny_bpe_llama_dir, "gguf", "q8_0"), tiny_export(tiny_bpe_llama_dir, "onnx", "fp32"),
+               tiny_export(tiny_bpe_llama_dir, "gguf", "q4_0")]
+    return package(exports[0], also=exports[1:], out_dir=tmp_path_factory.mktemp("hfrepo"), context=256,
+                   layout="hf")
+
+
+def test_an_hf_repo_holds_several_exports_each_in_its_own_folder_that_its_runtime_loads(hf_repo):
+    import llama_cpp
+    import onnxruntime as ort
+
+    folder = Path(hf_repo["path"])
+    m = hf_repo["manifest"]
+    assert [(e["folder"], e["quant"]) for e in m["exports"]] == [("gguf", "q8_0"), ("onnx", "fp32"),
+                                                                  ("gguf-q4_0", "q4_0")]
+    assert "-plus-2-" in folder.name and folder.name.endswith("-hf")
+    for e in m["exports"]:
+        files = {p.name for p in (folder / e["folder"]).iterdir()}
+        assert {e["model_file"], e["loader"], "tokenizer.json"} <= files, e["folder"]
+        assert e["size_bytes"] == sum((folder / e["folder"] / n).stat().st_size for n in files if n.startswith("model"))
+    assert (folder / "gguf" / "model.gguf").read_bytes() != (folder / "gguf-q4_0" / "model.gguf").read_bytes()
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
+    assert verify(folder)["ok"] and verify(Path(hf_repo["tarball"]))["ok"]
+    card = (folder / "README.md").read_text()
+    for e in m["exports"]:
+        assert f"`{e['folder']}/`" in card and f"python {e['folder']}/{e['loader']}" in card
+    llm = llama_cpp.Llama(model_path=str(folder / "gguf-q4_0" / "model.gguf"), n_ctx=64, verbose=False)
+    assert llm.create_completion("Hello", max_tokens=2, temperature=0)["usage"]["completion_tokens"] >= 1
+    sess = ort.InferenceSession(str(folder / "onnx" / m["exports"][1]["model_file"]))
+    assert any(i.name == "input_ids" for i in sess.get_inputs())
+
+
+def test_several_exports_are_refused_by_one_export_layouts_and_across_models(tiny_bpe_llama_dir, family_dir,
+                                                                             tiny_export, tmp_path):
+    from edgekit.errors import ConfigError
+
+    gguf = tiny_export(tiny_bpe_llama_dir, "gguf", "q8_0")
+    onnx = tiny_export(tiny_bpe_llama_dir, "onnx", "fp32")
+    with pytest.raises(ConfigError, match="the app bundle layout holds one export, and 2 were given.*hf"):
+        package(gguf, also=[onnx], out_dir=tmp_path, layout="app")
+    other = tiny_export(family_dir("qwen2"), "onnx", "int4")  # another model (the web tests build it too)
+    with pytest.raises(ConfigError, match="one hf bundle holds the exports of one model"):
+        package(gguf, also=[other], out_dir=tmp_path, layout="hf")
+    assert not any(tmp_path.iterdir())  # refused before writing anything
 
 
 @pytest.mark.slow

@@ -117,6 +117,28 @@ package: null
     assert "fidelity" in out and "against the teacher" not in out and "KL to teacher" not in out
 
 
+def test_run_puts_every_export_in_one_hf_repository(tiny_bpe_llama_dir, home, tmp_path, capsys):
+    recipe = tmp_path / "repo.yaml"
+    recipe.write_text(f"""
+name: repo
+teacher: {tiny_bpe_llama_dir}
+device: laptop-x86
+context: 256
+distill: null
+exports:
+  - {{format: gguf, quant: q8_0}}
+  - {{format: onnx, quant: fp32}}
+fidelity: null
+bench: null
+package: {{formats: [gguf, hf]}}
+""")
+    assert main(["run", str(recipe), "--json", "-q"]) == 0
+    stages = _stages(json.loads(capsys.readouterr().out))
+    assert [s for s in stages if s.startswith("package")] == ["package gguf", "package hf"]
+    m = json.loads((Path(stages["package hf"]["path"]) / "manifest.json").read_text())
+    assert [(e["folder"], e["format"]) for e in m["exports"]] == [("gguf", "gguf"), ("onnx", "onnx")]
+
+
 def test_invalid_recipe_is_refused_before_any_work(tmp_path, home, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("device: no-such-device\nexports: [{format: gguf, quant: q9_9}]\n")

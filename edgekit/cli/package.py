@@ -17,7 +17,8 @@ from edgekit.units import parse_bytes
 
 def add_commands(sub, common) -> None:
     pk = sub.add_parser("package", parents=[common], help="bundle an export for an app (folder + .tar.gz)")
-    pk.add_argument("artifact", help="export artifact id or folder")
+    pk.add_argument("artifact", nargs="+", help="export artifact id or folder; several with --layout hf (one "
+                                                "repository of one model's exports, each in its own folder)")
     pk.add_argument("--format", help="the export's format (checked; the artifact decides)")
     pk.add_argument("--layout", default="app", help="bundle layout: app (model, tokenizer, Python example loader; "
                                                     "the default), ollama (GGUF + Modelfile), hf (a Hugging Face "
@@ -42,14 +43,15 @@ def add_commands(sub, common) -> None:
 
 
 def cmd_package(args) -> int:
-    folder = find_artifact(args.artifact)
-    fmt = read_manifest(folder).get("format")
-    if args.format and fmt != args.format:
-        raise ConfigError(f"{folder} is a {fmt} export, not {args.format}; package an export of that format "
-                          f"(edgekit export MODEL --format {args.format}) or drop --format")
+    folders = [find_artifact(a) for a in args.artifact]
+    for folder in folders:
+        fmt = read_manifest(folder).get("format")
+        if args.format and fmt != args.format:
+            raise ConfigError(f"{folder} is a {fmt} export, not {args.format}; package an export of that format "
+                              f"(edgekit export MODEL --format {args.format}) or drop --format")
     fidelity = fidelity_reports(args.fidelity)
     bench = json.loads(Path(args.bench).read_text()) if args.bench else None
-    result = package(folder, device=args.device, context=args.context, fidelity=fidelity[0] if fidelity else None,
+    result = package(folders[0], also=folders[1:], device=args.device, context=args.context, fidelity=fidelity[0] if fidelity else None,
                      bench=bench, layout=args.layout,
                      providers=[p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None)
     if args.json:

@@ -39,15 +39,16 @@ import tempfile
 import time
 import uuid
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 
 from edgekit import __version__, artifact, plan, registry, runtimes
-from edgekit.arch import DEFAULT_CONTEXT, FAMILIES, Architecture
+from edgekit.arch import DEFAULT_CONTEXT, Architecture
 from edgekit.devices import load_device
 from edgekit.errors import ConfigError, EdgekitError
 from edgekit.hf import NOTICE_FILE
 from edgekit.models import resolve_teacher
+from edgekit.package.card import model_card
 from edgekit.package.layouts import (
     APP,
     HF,
@@ -56,7 +57,6 @@ from edgekit.package.layouts import (
     TOKENIZER_FILES,
     Layout,
     _copy_tokenizer,
-    _front_matter,
     _json,
     _providers,
     get_layout,
@@ -90,10 +90,12 @@ def register(reg: registry.Registry) -> None:
 
 def package(artifact_dir: Path, *, out_dir: Path | None = None, device: str | None = None, context: int = DEFAULT_CONTEXT,
             fidelity: dict | None = None, bench: dict | None = None, recipe: str | None = None,
-            layout: str = "app", providers: list[str] | None = None) -> dict:
+            layout: str = "app", providers: list[str] | None = None, also: Sequence[Path] = ()) -> dict:
     """Bundle one export artifact; returns ``{"path", "tarball", "manifest"}``.
 
     ``layout`` names a registered bundle layout (``app``, ``ollama``, ...; see :class:`Layout`).
+    ``also``: more exports of the same float model, for a layout that holds several (``hf``: one repository, each
+    export in its own folder, listed in the manifest's ``exports``); the first export's facts head the card.
     ``providers``: execution providers an ``ort-package`` declares beside the CPU (``cuda``, ``dml``, ``webgpu``;
     default: ``cuda`` when ``device`` has an NVIDIA GPU that onnxruntime can use).
 
@@ -106,6 +108,7 @@ def package(artifact_dir: Path, *, out_dir: Path | None = None, device: str | No
     export = _read_export(src)
     fmt, label = export["format"], export["label"]
     shape = get_layout(layout, fmt)
+    more = _more_exports(shape, src, export, also)
     providers = _providers(providers, device) if layout == ORT_PACKAGE.name else []
     arch = _architecture(export, src)
     if context < 1:
@@ -123,8 +126,12 @@ def package(artifact_dir: Path, *, out_dir: Path | None = None, device: str | No
     chosen = ((export.get("metrics") or {}).get("auto") or {}).get("tensor_bytes")  # quant auto's real weights
     memory, device_block, runtime = _memory(arch, fmt, export["quant"], context, device, able[0].name, chosen)
     model_folder = Path(export.get("config", {}).get("model_path") or "")
+    ident = _export_id(src)[:8] if not more else \
+        f"plus-{len(more)}-{artifact.content_id(sorted(_export_id(p) for p, _ in [(src, export), *more]))[:8]}"
     name = f"{_slug(export.get('config', {}).get('model_name') or export['source_model'].get('name') or 'model')}" \
-           f"-{label}-{_export_id(src)[:8]}{'' if layout == APP.name else '-' + layout}"
+           f"-{label}-{ident}{'' if layout == APP.name else '-' + layout}"
+    folders = _folders(shape, [(src, export), *more])
+    ables = [_bundle_runtimes(e["format"], p) for p, e in more]
     final = Path(out_dir) if out_dir is not None else artifact.home() / "bundles"
     final = final / name
 
@@ -151,6 +158,8 @@ def package(artifact_dir: Path, *, out_dir: Path | None = None, device: str | No
         "quality": _fidelity_rows(fidelity, src),
         "teacher": _teacher(export),
         "source_artifact": {"id": src.name, "label": label, "created": export.get("created")},
+        **({"exports": [_export_entry(p, e, f, a, fidelity, bench) for (p, e), f, a
+                        in zip([(src, export), *more], folders, [able, *ables])]} if more else {}),
         "recipe": recipe,
         "edgekit_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -167,7 +176,8 @@ def package(artifact_dir: Path, *, out_dir: Path | None = None, device: str | No
                 return {"path": str(final), "tarball": str(tarball), "manifest": old, "reused": True}
         except (OSError, ValueError, EdgekitError):
             pass  # rebuild below
-    needed = 2 * sum(p.stat().st_size for p in src.rglob("*") if p.is_file()) + (1 << 20)  # folder + tarball
+    needed = 2 * sum(p.stat().st_size for s in (src, *(p for p, _ in more)) for p in s.rglob("*") if p.is_file()) \
+        + (1 << 20)  # folder + tarball
     artifact.require_space(final, needed, f"the {fmt} bundle of {src.name}")
     tokenizer = src if _has_tokenizer(src) else model_folder if model_folder.is_dir() else None
     with artifact.atomic_dir(final, needed) as tmp:
@@ -180,10 +190,19 @@ def package(artifact_dir: Path, *, out_dir: Path | None = None, device: str | No
                 runner_tokenizer(tmp / "tokenizer.json")
             artifact.atomic_write_text(tmp / "generation.json", _json(_generation(src, model_folder, tmp)))
             shutil.copyfile(able[0].loader.script, where / manifest["loader"])
+        wheres = [where]
+        for (s, e), f, a in zip(more, folders[1:], ables):  # the other exports, each in its own folder
+            wheres.append(tmp / f)
+            wheres[-1].mkdir(parents=True, exist_ok=True)
+            _copy_model(s, e["format"], e, a[0].loader, wheres[-1])
+            if shape.app_files:
+                shutil.copyfile(a[0].loader.script, wheres[-1] / a[0].loader.script.name)
+        for entry, w in zip(manifest.get("exports", []), wheres):
+            entry["size_bytes"] = sum(p.stat().st_size for p in w.iterdir() if p.name.startswith("model"))
         if shape.write is not None:
             manifest[layout] = shape.write(tmp, {
                 "source": src, "export": export, "tokenizer": tokenizer, "context": context, "name": name,
-                "model_dir": where, "providers": providers,
+                "model_dir": where, "model_dirs": wheres, "providers": providers,
                 "model_file": export.get("model_file") or f"model{registry.get(registry.FORMAT, fmt).file_suffix}",
                 "generation": _generation(src, model_folder, tokenizer or tmp)})
         manifest["size_bytes"] = sum(p.stat().st_size for p in where.iterdir() if p.name.startswith("model"))
@@ -196,6 +215,62 @@ def package(artifact_dir: Path, *, out_dir: Path | None = None, device: str | No
     tarball = _write_tarball(final)
     log.info("bundled %s into %s (%s)", src, final, tarball.name)
     return {"path": str(final), "tarball": str(tarball), "manifest": manifest, "reused": False}
+
+
+def _more_exports(shape: Layout, src: Path, export: dict, also: Sequence[Path]) -> list[tuple[Path, dict]]:
+    """The other exports a bundle of ``shape`` holds beside ``src``, read and checked before anything is written."""
+    seen = {src.resolve()}
+    extra = []
+    for p in map(Path, also):
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            extra.append(p)
+    if not extra:
+        return []
+    if not shape.several:
+        able = [n for n, x in registry.items(registry.LAYOUT).items() if x.several]
+        raise ConfigError(f"the {shape.name} bundle layout holds one export, and {1 + len(extra)} were given; package "
+                          f"them one at a time, or use a layout that holds several ({', '.join(able) or 'none'})")
+    model = _float_model(export)
+    out = []
+    for p in extra:
+        e = _read_export(p)
+        get_layout(shape.name, e["format"])
+        if _float_model(e) != model:
+            raise ConfigError(f"{p} was exported from {_float_model(e) or '?'} and {src} from {model or '?'}; one "
+                              f"{shape.name} bundle holds the exports of one model, so package each model's exports "
+                              "in a bundle of its own")
+        out.append((p, e))
+    return out
+
+
+def _float_model(export: dict) -> str:
+    path = (export.get("config") or {}).get("model_path")
+    return str(Path(path).resolve()) if path else ""
+
+
+def _folders(shape: Layout, exports: list[tuple[Path, dict]]) -> list[str]:
+    """Each export's folder in the bundle: the layout's own (``gguf/``), or its label when another export of the
+    same format holds that (``gguf-q8_0/``)."""
+    used, out = set(), []
+    for p, e in exports:
+        folder = shape.folder(e["format"])
+        if folder in used:
+            folder = e["label"] if e["label"] not in used else f"{e['label']}-{_export_id(p)[:8]}"
+        used.add(folder)
+        out.append(folder)
+    return out
+
+
+def _export_entry(src: Path, export: dict, folder: str, able: list, fidelity: dict | None,
+                  bench: dict | None) -> dict:
+    """One export of a bundle that holds several, as its manifest's ``exports`` lists it (size filled in later)."""
+    return {"folder": folder, "label": export["label"], "format": export["format"], "quant": export["quant"],
+            "calibrated": bool(export.get("calibrated", False)), "model_file": export.get("model_file"),
+            "loader": able[0].loader.script.name, "runtimes": [_runtime_entry(rt) for rt in able],
+            "size_bytes": None, "source_artifact": {"id": src.name, "label": export["label"],
+                                                    "created": export.get("created")},
+            "quality": _fidelity_rows(fidelity, src), "speed": _bench_rows(bench, src)}
 
 
 def _read_export(src: Path) -> dict:
@@ -432,107 +507,6 @@ def _slug(name: str) -> str:
 
 
 # --------------------------------------------------------------------------- model card
-
-
-def model_card(m: dict) -> str:
-    """The bundle's README.md, generated from its manifest (without the files table)."""
-    fmt, loader = m["format"], m["loader"]
-    rt = m["runtimes"][0]
-    teacher = m["teacher"]
-    layout = get_layout(m.get("layout") or APP.name)
-    requirements = layout.requirement(fmt) or ", ".join(_requirement(r) for r in m["runtimes"])
-    lines = [
-        *(_front_matter(m) if layout.name == HF.name else []),
-        f"# {m['name']}", "",
-        f"{_family_display(m['architecture'])}-family language "
-        f"model, {m['params'] / 1e6:.2f}M parameters, "
-        f"exported as **{fmt.upper()}** with **{m['quant']}** quantization"
-        f"{' (calibrated)' if m['calibrated'] else ''}, packaged by edgekit {m['edgekit_version']} on {m['created']}.",
-        "", "## Run it", "",
-    ]
-    hint = layout.run_hint
-    if hint:
-        text = hint.format(name=m["name"].lower(), model_file=m["model_file"], format=fmt, loader=loader,
-                           model_dir=layout.folder(fmt))
-        lines += [f"```sh\n{text}\n```", ""]
-        template = (m.get("ollama") or {}).get("template") or {}
-        if template and not template.get("translated"):
-            lines += [f"The Modelfile has no TEMPLATE: {template.get('reason')}. Ollama then picks a template "
-                      "matching the chat template stored in the GGUF, if it knows one; check the prompts it renders.",
-                      ""]
-        lines += [f"Note: {n}." for n in template.get("notes") or []] + ([""] if template.get("notes") else [])
-        web_notes = (m.get("web") or {}).get("notes") or []
-        lines += [f"Note: {n}" for n in web_notes] + ([""] if web_notes else [])
-    else:
-        lines += [f"```sh\npip install \"{_requirement(rt)}\"\npython {loader} \"Hello!\"\n```", ""]
-    note = _loader_note(rt["name"]) if not hint else ""
-    if note:
-        lines += [note.replace("{loader}", loader).replace("{context}", str(m["context"])), ""]
-    lines += [
-        "## Facts", "",
-        "| | |", "|---|---|",
-        f"| format | {fmt} ({requirements}) |",
-        f"| quant | {m['quant']} |",
-        f"| model size | {_mb(m['size_bytes'])} |",
-        f"| context | {m['context']} tokens |",
-        f"| minimum RAM | {_mb(m['min_ram_bytes'])} (planner estimate for {m['memory']['runtime']}, "
-        f"incl. 10 % margin) |",
-        f"| source artifact | {m['source_artifact']['id']} |", "",
-    ]
-    if m["device"]:
-        d = m["device"]
-        verdict = "fits" if d["fits"] else "does NOT fit"
-        lines += ["## Device fit", "", f"Built for **{d['display_name']}** (`{d['name']}`): needs "
-                  f"{_mb(m['min_ram_bytes'])} of its {_mb(d['memory_budget_bytes'])} budget on {d['runtime']} "
-                  f"-- {verdict}.", ""]
-    if m["quality"]:
-        vs_teacher = any("kl_to_teacher" in q for q in m["quality"])  # distilled: scored against its teacher too
-        lines += ["## Quality", "", "| perplexity | Δppl vs reference | mean KL | top-1 agreement |"
-                  + (" KL to teacher | top-1 vs teacher | teacher perplexity |" if vs_teacher else ""),
-                  "|---:|---:|---:|---:|" + ("---:|---:|---:|" if vs_teacher else "")]
-        for q in m["quality"]:
-            lines.append(f"| {_num(q['perplexity'], '.3f')} | {_num(q['ppl_delta_pct'], '+.2f')}% | "
-                         f"{_num(q['kl_mean'], '.4f')} | {_num(q['top1_agreement'], '.1%')} |"
-                         + (f" {_num(q.get('kl_to_teacher'), '.4f')} | {_num(q.get('top1_vs_teacher'), '.1%')} | "
-                            f"{_num(q.get('teacher_perplexity'), '.3f')} |" if vs_teacher else ""))
-        lines.append("")
-    if m["speed"]:
-        lines += ["## Speed", "", "| runtime | measured on | decode tok/s (median) | peak RSS |", "|---|---|---:|---:|"]
-        for s in m["speed"]:
-            lines.append(f"| {s['runtime']} | {s['device']} | {_num(s['decode_tok_s'], '.1f')} | "
-                         f"{_mb(s['peak_rss_bytes'])} |")
-        lines.append("")
-    origin = teacher.get("name") or "unknown (record it before shipping)"
-    lines += ["## License", "", f"{'Teacher' if teacher['distilled'] else 'Source model'}: {origin}; license: "
-              f"{teacher.get('license') or 'unknown -- check the source model card'}.", "", teacher["license_note"], "",
-              *([f"Notice (also in the file {NOTICE_FILE}):", "", "```", teacher["notice"].strip(), "```", ""]
-                if teacher.get("notice") else []),
-              "manifest.json lists every file's sha256 and size; `edgekit.package.verify(<this folder or its "
-              ".tar.gz>)` checks them.", ""]
-    return "\n".join(lines)
-
-
-def _family_display(arch: dict) -> str:
-    fam = FAMILIES.get(arch.get("family") or "")
-    return (fam.display or fam.name) if fam else str(arch.get("model_type", "?")).capitalize()
-
-
-def _requirement(rt: dict) -> str:
-    return f"{rt['package']}>={rt['min_version']}" if rt.get("min_version") else rt["package"]
-
-
-def _loader_note(runtime: str) -> str:
-    """The primary runtime's paragraph for the card (none when that runtime is no longer registered)."""
-    loader = getattr(runtimes.runtimes().get(runtime), "loader", None)
-    return loader.note if loader else ""
-
-
-def _mb(n: int | None) -> str:
-    return "-" if n is None else f"{n / 1e6:.1f} MB"
-
-
-def _num(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
 
 
 # --------------------------------------------------------------------------- verify

@@ -55,6 +55,7 @@ class Layout:
     model_dir: str = ""  # where the export's files go ("{format}": a folder named after it; "": the top)
     model_dirs: tuple[tuple[str, str], ...] = ()  # (format, folder): model_dir for that format
     requires_by_format: tuple[tuple[str, str], ...] = ()  # (format, text): requires for that format
+    several: bool = False  # holds several exports of one model, each in its own folder (``model_dir`` per format)
 
     def folder(self, fmt: str) -> str:
         """Where an export of ``fmt``'s files go in the bundle (relative; "" for the top)."""
@@ -174,7 +175,8 @@ def _write_hf(folder: Path, ctx: dict) -> dict:
     for n in files:
         shutil.copyfile(model_folder / n, folder / n)
     _copy_tokenizer(model_folder, folder)
-    _copy_tokenizer(model_folder, folder / ctx["export"]["format"])  # the example loader reads it beside the model
+    for where in ctx["model_dirs"]:  # each export's example loader reads it beside its model
+        _copy_tokenizer(model_folder, where)
     return {"float_model": {"path": str(model_folder), "files": files}}
 
 
@@ -271,7 +273,8 @@ ORT_PACKAGE = Layout("ort-package", "an ONNX Runtime model package: one variant 
                      run_hint="python -c \"import onnxruntime_genai as og; m = og.Model('{model_dir}'); "
                               "print(og.Tokenizer(m).encode('Hello!'))\"   # a variant folder loads as is")
 HF = Layout("hf", "a Hugging Face model repository: the float model and tokenizer for transformers, the export in "
-            "a subfolder, a model card with Hub front matter", write=_write_hf, model_dir="{format}",
+            "a subfolder (several exports: one folder each), a model card with Hub front matter", write=_write_hf,
+            model_dir="{format}", several=True,
             run_hint="pip install transformers torch   # the float model, at the top of this folder\n"
                      "python -c \"from transformers import pipeline; print(pipeline('text-generation', '.')"
                      "([{{'role': 'user', 'content': 'Hello!'}}], max_new_tokens=32))\"\n"
