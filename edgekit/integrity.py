@@ -489,7 +489,12 @@ def _read_onnx(path: Path):
         bits = _onnx_bits(t.data_type)
         need = None if bits is None else (numel * bits + 7) // 8
         if t.data_location == onnx.TensorProto.EXTERNAL:
-            info = {e.key: e.value for e in t.external_data}
+            info = {}
+            for e in t.external_data:
+                # protobuf hands back bytes, not str, for a string field that is not valid UTF-8
+                if not isinstance(e.key, str) or not isinstance(e.value, str):
+                    raise fail(f"{what} has an external data entry that is not UTF-8 text (corrupt)")
+                info[e.key] = e.value
             data = _external_file(folder, info.get("location", ""), path, what)
             try:
                 offset = int(info.get("offset", 0))

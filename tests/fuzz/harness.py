@@ -180,6 +180,8 @@ def fuzz(target: Target, cases: int, seed: int, workdir: Path, *, max_seconds: f
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
             took = time.perf_counter() - t0
+            if took > max_seconds and not (report.slow and report.slow[-1]["case"] == i):
+                took = min(took, _again(target, path, hang_seconds))  # a slow input is slow twice; a busy CPU is not
             report.max_case_seconds = max(report.max_case_seconds, took)
             if took > max_seconds and len(report.slow) < keep:
                 report.slow.append({"case": i, "seconds": round(took, 3), "input": data[:4096]})
@@ -198,6 +200,19 @@ def fuzz(target: Target, cases: int, seed: int, workdir: Path, *, max_seconds: f
         signal.signal(signal.SIGALRM, old)
         report.seconds = time.perf_counter() - t_all
     return report
+
+
+def _again(target: Target, path: Path, hang_seconds: float) -> float:
+    """Seconds a second run of the same input takes (whatever it ends in)."""
+    t0 = time.perf_counter()
+    signal.setitimer(signal.ITIMER_REAL, hang_seconds)
+    try:
+        target.run(path)
+    except Exception:  # noqa: BLE001 -- its outcome was recorded by the first run; only the time counts
+        pass
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    return time.perf_counter() - t0
 
 
 def _note(found: list, keep: int, case: int, data: bytes, e: BaseException, where: str) -> None:
@@ -253,7 +268,22 @@ def onnx_seeds() -> list[bytes]:
     g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
-    return [helper.make_model(g).SerializeToString()]
+    inline = helper.make_model(g).SerializeToString()
+    # the same graph with its weight in an external file beside it (ONNX_DATA_FILE, an extra file of the target),
+    # as large exports store it: mutations then reach the location, offset and length entries
+    from onnx.external_data_helper import set_external_data
+
+    set_external_data(w, location=ONNX_DATA_FILE, offset=0, length=64)
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
+    return [inline, helper.make_model(g).SerializeToString()]
+
+
+ONNX_DATA_FILE = "weights.bin"
+ONNX_DATA = bytes(64) + b"\x01" * 64  # the external weight (64 bytes) and more, so offsets past it can still fit
 
 
 def pte_seeds() -> list[bytes]:

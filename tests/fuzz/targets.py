@@ -7,7 +7,18 @@ import functools
 import io
 from pathlib import Path
 
-from tests.fuzz.harness import ROOT, Target, gguf_seeds, onnx_seeds, pte_seeds, read, safetensors_seeds, tar_seeds
+from tests.fuzz.harness import (
+    ONNX_DATA,
+    ONNX_DATA_FILE,
+    ROOT,
+    Target,
+    gguf_seeds,
+    onnx_seeds,
+    pte_seeds,
+    read,
+    safetensors_seeds,
+    tar_seeds,
+)
 
 RECIPES = ROOT / "recipes"
 DEVICES = ROOT / "devices"
@@ -141,7 +152,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
            ".jinja"),
     Target("gguf", gguf_seeds, _check("check_gguf"), ".gguf", text=False),
     Target("safetensors", safetensors_seeds, _check("check_safetensors"), ".safetensors", text=False),
-    Target("onnx", onnx_seeds, _check("check_onnx"), ".onnx", text=False),
+    Target("onnx", onnx_seeds, _check("check_onnx"), ".onnx", text=False, extra={ONNX_DATA_FILE: ONNX_DATA}),
     Target("pte", pte_seeds, _check("check_pte"), ".pte", text=False),
     Target("bundle-tar", lambda: tar_seeds({"model.gguf": b"GGUF" + b"\0" * 60, "README.md": b"# m\n"}), _verify,
            ".tar.gz", text=False),

@@ -59,3 +59,23 @@ def test_each_crash_the_fuzzer_found_is_now_a_clean_refusal(path, tmp_path, monk
         target.run(case)
     assert "\n" not in str(e.value).strip()
     assert time.perf_counter() - t0 < 1.0  # some were hangs (units/huge-exponent-hang.txt took over 10 s)
+
+
+def test_a_case_counts_as_slow_only_if_it_is_slow_twice(tmp_path):
+    """A busy CPU can stall any one call; an input that makes a parser slow does so every time."""
+    from tests.fuzz.harness import Target
+
+    calls = []
+
+    def stalls_once(path: Path) -> None:
+        calls.append(path.read_bytes())
+        if len(calls) == 2:  # the first timed call (the first is the untimed warm-up)
+            time.sleep(0.3)
+
+    def always_slow(path: Path) -> None:
+        time.sleep(0.3)
+
+    once = fuzz(Target("once", lambda: [b"x"], stalls_once), 1, seed=0, workdir=tmp_path / "a", max_seconds=0.2)
+    assert not once.slow and once.max_case_seconds < 0.2 and len(calls) == 3  # timed again, fast the second time
+    slow = fuzz(Target("slow", lambda: [b"x"], always_slow), 1, seed=0, workdir=tmp_path / "b", max_seconds=0.2)
+    assert [c["input"] for c in slow.slow] == [b"x"] and slow.max_case_seconds >= 0.3
