@@ -18,6 +18,12 @@ log = logging.getLogger(__name__)
 HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt", "NOTICE")
 
+# A tokenizer's files, as transformers saves them (what students, bundles and pages copy beside a model), and the
+# ones a reader of the `tokenizers` format needs (transformers.js): tokenizer.json with its config and template.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+FAST_TOKENIZER_FILES = TOKENIZER_FILES[:4]
+
 # A model's terms that must travel with everything made from it: ``NOTICE`` in a model folder, whose first
 # line is ``License: <id>``. Known licenses whose terms require a notice, with the notice they require.
 NOTICE_FILE = "NOTICE"
@@ -132,3 +138,13 @@ def special_token_ids(model_dir: Path) -> tuple[int, list[int], int]:
     bos = next((v for v in (cfg.get("bos_token_id"), gen.get("bos_token_id")) if isinstance(v, int)), eos[0])
     pad = next((v for v in (cfg.get("pad_token_id"), gen.get("pad_token_id")) if isinstance(v, int)), eos[0])
     return bos, eos, pad
+
+
+def copy_tokenizer(src: Path, dst: Path, names: tuple[str, ...] = TOKENIZER_FILES) -> list[str]:
+    """Copy the tokenizer files of ``names`` that ``src`` holds (and that are worth copying) into ``dst``."""
+    copied = []
+    for n in names:
+        if (Path(src) / n).is_file() and worth_copying(Path(src) / n):
+            shutil.copyfile(Path(src) / n, Path(dst) / n)
+            copied.append(n)
+    return copied

@@ -38,14 +38,12 @@ from edgekit.distill.cache import LogitCache
 from edgekit.distill.config import TrainConfig
 from edgekit.distill.losses import FeatureProjector, cross_entropy, divergence, feature_loss, sparse_forward_kl
 from edgekit.errors import ConfigError
-from edgekit.hf import worth_copying
+from edgekit.hf import NOTICE_FILE, TOKENIZER_FILES, copy_tokenizer
 from edgekit.progress import bar
 from edgekit.quantize import fakequant
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "NOTICE"}
 
 
 # --------------------------------------------------------------------------- data order
@@ -385,9 +383,7 @@ def train(cfg: TrainConfig, student_dir: Path, out_dir: Path, sequences: list[di
             fakequant.release(model)  # plain linears holding the float weights the exporter quantizes
         with artifact.atomic_dir(out_dir) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
-            for f in Path(student_dir).iterdir():  # the tokenizer travels with the student, file for file
-                if f.name in TOKENIZER_FILES and f.is_file() and worth_copying(f):
-                    shutil.copy2(f, tmp / f.name)
+            copy_tokenizer(student_dir, tmp, (*TOKENIZER_FILES, NOTICE_FILE))  # the tokenizer travels with it
             shutil.copy2(work / "metrics.jsonl", tmp / "metrics.jsonl")
             tail = metrics[-max(1, len(metrics) // 10):]
             artifact.write_manifest(tmp, stage="distill", config=config, inputs={

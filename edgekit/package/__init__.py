@@ -46,7 +46,7 @@ from edgekit import __version__, artifact, plan, registry, runtimes
 from edgekit.arch import DEFAULT_CONTEXT, Architecture
 from edgekit.devices import load_device
 from edgekit.errors import ConfigError, EdgekitError
-from edgekit.hf import NOTICE_FILE
+from edgekit.hf import NOTICE_FILE, TOKENIZER_FILES
 from edgekit.models import resolve_teacher
 from edgekit.package.card import model_card
 from edgekit.package.layouts import (
@@ -54,7 +54,6 @@ from edgekit.package.layouts import (
     HF,
     OLLAMA,
     ORT_PACKAGE,
-    TOKENIZER_FILES,
     Layout,
     _copy_tokenizer,
     _json,

@@ -26,12 +26,10 @@ from pathlib import Path
 from edgekit import __version__, artifact, chat, ollama, registry
 from edgekit.devices import load_device
 from edgekit.errors import ConfigError, ModelError
-from edgekit.hf import worth_copying
+from edgekit.hf import copy_tokenizer
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
 
 
 @dataclass(frozen=True)
@@ -289,9 +287,7 @@ def _copy_tokenizer(folder: Path, tmp: Path) -> None:
     if not folder.is_dir():
         log.warning("source model folder %s is gone: the bundle relies on the tokenizer the model file embeds", folder)
         return
-    for n in TOKENIZER_FILES:
-        if (folder / n).is_file() and worth_copying(folder / n):
-            shutil.copyfile(folder / n, tmp / n)
+    copy_tokenizer(folder, tmp)
 
 
 def _json(obj) -> str:
