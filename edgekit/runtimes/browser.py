@@ -210,9 +210,13 @@ def _prompt(tokenize, length: int, prompt_text: str) -> str:
     return " ".join(words[:lo])
 
 
-def _page_folder(artifact_path: Path, fmt: str, context: int, work: Path) -> Path:
-    """A page for the export at ``artifact_path`` in ``work`` (what the web layout would bundle, unhashed)."""
-    src = describe(artifact_path)
+def _tokenizer_dir(src) -> Path | None:
+    """Where an export's tokenizer.json is: beside the export, or else in the model it was made from."""
+    return src.path if (src.path / "tokenizer.json").is_file() else src.source_model
+
+
+def _page_folder(src, fmt: str, context: int, work: Path) -> Path:
+    """A page for the export ``src`` (``describe``d) in ``work`` (what the web layout would bundle, unhashed)."""
     manifest = artifact.read_manifest(src.path)
     model_file = manifest.get("model_file") or src.model.name
     folder = work / "page"
@@ -224,8 +228,8 @@ def _page_folder(artifact_path: Path, fmt: str, context: int, work: Path) -> Pat
         for p in src.path.iterdir():
             if p.is_file() and p.name.startswith("model"):
                 os.symlink(p, model_dir / p.name)
-    tokenizer = src.path if (src.path / "tokenizer.json").is_file() else src.source_model
-    write_page(folder, fmt=fmt, model_dir=model_dir, model_file=model_file, source=src.path, tokenizer=tokenizer,
+    write_page(folder, fmt=fmt, model_dir=model_dir, model_file=model_file, source=src.path,
+               tokenizer=_tokenizer_dir(src),
                name=src.label, context=context, max_new_tokens=64, temperature=0.0)
     return folder
 
@@ -235,7 +239,7 @@ def measure(spec, prompt_text: str, fmt: str, name: str) -> dict:
     opened afresh (load = download into the tab plus model load), one completion of 1 token per prompt length gives
     the time to first token, one of ``decode_tokens`` tokens after a ``decode_prompt_tokens`` prompt gives decode."""
     src = describe(Path(spec.artifact))
-    tok_dir = src.path if (src.path / "tokenizer.json").is_file() else src.source_model
+    tok_dir = _tokenizer_dir(src)
     if tok_dir is None or not (Path(tok_dir) / "tokenizer.json").is_file():
         raise ConfigError(f"{src.path}: the browser benchmark sizes its prompts with the source model's "
                           "tokenizer.json, and neither the export nor its source model folder has one")
@@ -243,7 +247,7 @@ def measure(spec, prompt_text: str, fmt: str, name: str) -> dict:
     runs = spec.warmup + spec.repeats
     load_s, ttft, prefill, decode, decoded, peak, info = [], {}, {}, [], [], 0, {}
     with tempfile.TemporaryDirectory(prefix="edgekit-browser-") as work:
-        folder = _page_folder(src.path, fmt, spec.context, Path(work))
+        folder = _page_folder(src, fmt, spec.context, Path(work))
         for length in spec.prompt_lengths:
             text, times, rates = _prompt(tokenize, length, prompt_text), [], []
             for _ in range(runs):
