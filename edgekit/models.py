@@ -220,18 +220,46 @@ def teacher_architecture(spec: str, fetch: bool = True) -> tuple[Architecture, s
     return Architecture.from_hf_config(read_json(path), f"{spec}/config.json"), spec
 
 
+def _hub_offline() -> str | None:
+    """Why the hub cannot be reached from here (HF_HUB_OFFLINE, or the failed connection), or None."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return "HF_HUB_OFFLINE=1"
+    return _hub_unreachable()
+
+
+@functools.lru_cache(maxsize=1)
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """One TCP connection to the hub's host per process, at most ``timeout`` seconds. Without it an offline user
+    waits ~23 s for every lookup: huggingface_hub retries a failed connection five times with back-off (1-8 s)
+    before it reports the failure. Behind a proxy the direct probe means nothing, so huggingface_hub decides."""
+    import socket
+    import urllib.parse
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    from huggingface_hub import constants
+
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{host}:{port}: {e.strerror or e}"
+    return None
+
+
 def _hub_file(repo_id: str, filename: str, revision: str | None = None) -> Path:
     """One file of a hub repo (cached by huggingface_hub), or one ModelError line."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    offline = _hub_offline()
     try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=offline))
+        return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=offline is not None))
     except LocalEntryNotFoundError as e:
         raise ModelError(
             f"{filename} of hub model {repo_id!r} is not in the local Hugging Face cache and the hub is unreachable"
-            f"{' (HF_HUB_OFFLINE=1)' if offline else ''}; run `huggingface-cli download {repo_id} {filename}` where "
+            f"{f' ({offline})' if offline else ''}; run `huggingface-cli download {repo_id} {filename}` where "
             "there is network, or pass a local folder"
         ) from e
     except (HfHubHTTPError, OSError) as e:
@@ -514,16 +542,16 @@ def _from_hub(repo_id: str, trust_remote_code: bool, revision: str | None) -> Te
 
     # the config first (a few kB): an unsupported family is refused before gigabytes are downloaded
     Architecture.from_hf_config(read_json(_hub_file(repo_id, "config.json", revision)), f"{repo_id}/config.json")
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    offline = _hub_offline()
     try:
         folder = snapshot_download(
-            repo_id, revision=revision, local_files_only=offline,
+            repo_id, revision=revision, local_files_only=offline is not None,
             allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt", "README.md"],
         )
     except LocalEntryNotFoundError as e:
         raise ModelError(
             f"hub model {repo_id!r} is not in the local Hugging Face cache and the hub is unreachable"
-            f"{' (HF_HUB_OFFLINE=1)' if offline else ''}; run `huggingface-cli download {repo_id}` where there is "
+            f"{f' ({offline})' if offline else ''}; run `huggingface-cli download {repo_id}` where there is "
             "network, or pass a local folder"
         ) from e
     except (HfHubHTTPError, OSError) as e:

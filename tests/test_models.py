@@ -66,6 +66,34 @@ def test_hub_id_offline_without_cache_says_what_to_do(tmp_path, monkeypatch):
         resolve_teacher("HuggingFaceTB/SmolLM2-135M-Instruct")
 
 
+def test_hub_id_without_network_fails_at_once_not_after_retries(tmp_path, monkeypatch):
+    """Offline without HF_HUB_OFFLINE, huggingface_hub retries a failed connection five times with back-off (~23 s)
+    before it gives up; edgekit probes the hub's host once and reads the local cache only."""
+    import errno
+    import socket
+    import time
+
+    from edgekit import models
+
+    def no_network(*a, **k):
+        raise OSError(errno.ENETUNREACH, "Network is unreachable")
+
+    for var in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    models._hub_unreachable.cache_clear()
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(ModelError, match=r"hub is unreachable \(huggingface.co:443: Network is unreachable\)"):
+            models.teacher_architecture("acme/not-cached")
+        with pytest.raises(ModelError, match="unreachable"):
+            resolve_teacher("acme/not-cached")
+    finally:
+        models._hub_unreachable.cache_clear()
+    assert time.perf_counter() - t0 < 5
+
+
 def test_hub_id_resolves_from_a_populated_cache_offline(tiny_llama_dir, tmp_path, monkeypatch):
     # Lay the tiny model out the way huggingface_hub stores a download, then resolve it by id.
     cache = tmp_path / "hf"
