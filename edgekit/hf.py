@@ -18,11 +18,9 @@ log = logging.getLogger(__name__)
 HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt", "NOTICE")
 
-# A tokenizer's files, as transformers saves them (what students, bundles and pages copy beside a model), and the
-# ones a reader of the `tokenizers` format needs (transformers.js): tokenizer.json with its config and template.
+# A tokenizer's files, as transformers saves them (what students and bundles copy beside a model).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
-FAST_TOKENIZER_FILES = TOKENIZER_FILES[:4]
 
 # A model's terms that must travel with everything made from it: ``NOTICE`` in a model folder, whose first
 # line is ``License: <id>``. Known licenses whose terms require a notice, with the notice they require.

@@ -21,6 +21,8 @@ import logging
 import os
 import re
 import shutil
+import socket
+import urllib.parse
 from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
@@ -232,9 +234,6 @@ def _hub_unreachable(timeout: float = 3.0) -> str | None:
     """One TCP connection to the hub's host per process, at most ``timeout`` seconds. Without it an offline user
     waits ~23 s for every lookup: huggingface_hub retries a failed connection five times with back-off (1-8 s)
     before it reports the failure. Behind a proxy the direct probe means nothing, so huggingface_hub decides."""
-    import socket
-    import urllib.parse
-
     if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return None
     from huggingface_hub import constants

@@ -33,7 +33,6 @@ import psutil
 
 from edgekit import artifact, registry
 from edgekit.errors import ConfigError, ModelError
-from edgekit.hf import FAST_TOKENIZER_FILES, copy_tokenizer
 from edgekit.runtimes import Runtime, describe, hf_tokenizer, onnxruntime_web
 
 PAGES = Path(__file__).resolve().parent.parent / "resources" / "web"  # the pages and serve.py of the web layout
@@ -45,6 +44,8 @@ WLLAMA_VERSION = "3.13.0"
 WLLAMA_URL = f"https://cdn.jsdelivr.net/npm/@wllama/wllama@{WLLAMA_VERSION}"
 MAX_WASM_FILE = onnxruntime_web.MAX_BUFFER  # one ArrayBuffer: wllama loads a GGUF file at most this large
 MODEL_CONFIG_FILES = ("config.json", "generation_config.json")  # transformers.js reads both beside the tokenizer
+# ... and these of the tokenizer (the `tokenizers` format; no slow-tokenizer sources)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 # --------------------------------------------------------------------------- the page
@@ -104,7 +105,9 @@ def _transformers_js_model(folder: Path, onnx_dir: Path, model_file: str, src: P
         config.setdefault("transformers.js_config", {})["use_external_data_format"] = {web["file"]: 1}
         artifact.atomic_write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
     tok = tokenizer or src
-    copy_tokenizer(tok, folder, FAST_TOKENIZER_FILES)
+    for n in TOKENIZER_FILES:
+        if (tok / n).is_file():
+            shutil.copyfile(tok / n, folder / n)
     if not (folder / "tokenizer.json").is_file():
         raise ConfigError(f"transformers.js needs tokenizer.json and {tok} has none; export from a model folder with "
                           "a fast tokenizer")
