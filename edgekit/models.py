@@ -117,11 +117,29 @@ def resolve_teacher(spec: str = DEFAULT_TEACHER, trust_remote_code: bool = False
         return _from_folder(spec, path.resolve(), "hf-folder", trust_remote_code, origin=str(path.resolve()))
     if path.exists():
         raise ModelError(f"teacher {spec!r} is a file but not a .gguf; pass a GGUF file, an HF folder or a hub id")
-    if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+    why = _not_a_hub_id(spec)
+    if why is None:
         return _from_hub(spec, trust_remote_code, revision)
     raise ModelError(
         f"teacher {spec!r} not found: it is not 'default', an existing folder, a .gguf file, or an 'org/name' hub id"
+        f"{f' ({why})' if why else ''}"
     )
+
+
+def _not_a_hub_id(spec: str) -> str | None:
+    """None for an ``org/name`` hub id; else why not ("" when it does not even look like one). huggingface_hub
+    refuses more than the pattern does (``--``, ``..``, a leading or trailing ``.`` or ``-``, over 96 characters)
+    with its own exception, so its validator is asked before any lookup."""
+    if not _HUB_ID.match(spec) or spec.startswith((".", "/", "~")):
+        return ""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(spec)
+    except HFValidationError as e:
+        return f"as a hub id: {str(e).strip().splitlines()[0][:200]}"
+    return None
 
 
 def embedded_gguf_path() -> Path:
@@ -206,9 +224,10 @@ def teacher_architecture(spec: str, fetch: bool = True) -> tuple[Architecture, s
         return Architecture.from_hf_config(read_json(cfg), str(cfg)), p.name
     if p.exists():
         raise ModelError(f"teacher {spec!r} is a file but not a .gguf; pass a GGUF file, an HF folder or a hub id")
-    if not _HUB_ID.match(spec):
+    why = _not_a_hub_id(spec)
+    if why is not None:
         raise ModelError(f"teacher {spec!r} not found: it is not 'default', an existing folder, a .gguf file, "
-                         "or an 'org/name' hub id")
+                         f"or an 'org/name' hub id{f' ({why})' if why else ''}")
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(spec, "config.json")
