@@ -138,11 +138,8 @@ def special_token_ids(model_dir: Path) -> tuple[int, list[int], int]:
     return bos, eos, pad
 
 
-def copy_tokenizer(src: Path, dst: Path, names: tuple[str, ...] = TOKENIZER_FILES) -> list[str]:
+def copy_tokenizer(src: Path, dst: Path, names: tuple[str, ...] = TOKENIZER_FILES) -> None:
     """Copy the tokenizer files of ``names`` that ``src`` holds (and that are worth copying) into ``dst``."""
-    copied = []
     for n in names:
         if (Path(src) / n).is_file() and worth_copying(Path(src) / n):
             shutil.copyfile(Path(src) / n, Path(dst) / n)
-            copied.append(n)
-    return copied

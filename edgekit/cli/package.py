@@ -51,7 +51,8 @@ def cmd_package(args) -> int:
                               f"(edgekit export MODEL --format {args.format}) or drop --format")
     fidelity = fidelity_reports(args.fidelity)
     bench = json.loads(Path(args.bench).read_text()) if args.bench else None
-    result = package(folders[0], also=folders[1:], device=args.device, context=args.context, fidelity=fidelity[0] if fidelity else None,
+    result = package(folders[0], also=folders[1:], device=args.device, context=args.context,
+                     fidelity=fidelity[0] if fidelity else None,
                      bench=bench, layout=args.layout,
                      providers=[p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None)
     if args.json:

@@ -197,14 +197,14 @@ def package(artifact_dir: Path, *, out_dir: Path | None = None, device: str | No
             if shape.app_files:
                 shutil.copyfile(a[0].loader.script, wheres[-1] / a[0].loader.script.name)
         for entry, w in zip(manifest.get("exports", []), wheres):
-            entry["size_bytes"] = sum(p.stat().st_size for p in w.iterdir() if p.name.startswith("model"))
+            entry["size_bytes"] = _model_bytes(w)
         if shape.write is not None:
             manifest[layout] = shape.write(tmp, {
                 "source": src, "export": export, "tokenizer": tokenizer, "context": context, "name": name,
                 "model_dir": where, "model_dirs": wheres, "providers": providers,
                 "model_file": export.get("model_file") or f"model{registry.get(registry.FORMAT, fmt).file_suffix}",
                 "generation": _generation(src, model_folder, tokenizer or tmp)})
-        manifest["size_bytes"] = sum(p.stat().st_size for p in where.iterdir() if p.name.startswith("model"))
+        manifest["size_bytes"] = _model_bytes(where)
         artifact.atomic_write_text(tmp / "README.md", model_card(manifest))
         if manifest["teacher"].get("notice"):  # terms the teacher's license requires in every redistribution
             artifact.atomic_write_text(tmp / NOTICE_FILE, manifest["teacher"]["notice"])
@@ -241,6 +241,11 @@ def _more_exports(shape: Layout, src: Path, export: dict, also: Sequence[Path]) 
                               "in a bundle of its own")
         out.append((p, e))
     return out
+
+
+def _model_bytes(folder: Path) -> int:
+    """Bytes of an export's model files in its bundle folder (model.gguf, model.onnx + its data, ...)."""
+    return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("model"))
 
 
 def _float_model(export: dict) -> str:
