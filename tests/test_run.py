@@ -98,40 +98,35 @@ def test_run_end_to_end_then_reuse_then_one_changed_key(tiny_bpe_llama_dir, home
     assert json.loads(capsys.readouterr().out)["stage"] == "fidelity"
 
 
-def test_run_without_distillation_has_no_teacher_table(tiny_bpe_llama_dir, home, tmp_path, capsys):
-    recipe = tmp_path / "plain.yaml"
+def _no_distill_recipe(tmp_path: Path, teacher: Path, name: str, exports: list[str], fidelity: str,
+                       package: str) -> Path:
+    """A recipe that exports the teacher itself: no distillation, no bench."""
+    recipe = tmp_path / f"{name}.yaml"
     recipe.write_text(f"""
-name: plain
-teacher: {tiny_bpe_llama_dir}
+name: {name}
+teacher: {teacher}
 device: laptop-x86
 context: 256
 distill: null
 exports:
-  - {{format: gguf, quant: q8_0}}
-fidelity: {{max_tokens: 64}}
+""" + "".join(f"  - {{format: {fmt}, quant: {quant}}}\n" for fmt, quant in (e.split("-") for e in exports)) + f"""\
+fidelity: {fidelity}
 bench: null
-package: null
+package: {package}
 """)
+    return recipe
+
+
+def test_run_without_distillation_has_no_teacher_table(tiny_bpe_llama_dir, home, tmp_path, capsys):
+    recipe = _no_distill_recipe(tmp_path, tiny_bpe_llama_dir, "plain", ["gguf-q8_0"], "{max_tokens: 64}", "null")
     assert main(["run", str(recipe), "-q"]) == 0
     out = capsys.readouterr().out
     assert "fidelity" in out and "against the teacher" not in out and "KL to teacher" not in out
 
 
 def test_run_puts_every_export_in_one_hf_repository(tiny_bpe_llama_dir, home, tmp_path, capsys):
-    recipe = tmp_path / "repo.yaml"
-    recipe.write_text(f"""
-name: repo
-teacher: {tiny_bpe_llama_dir}
-device: laptop-x86
-context: 256
-distill: null
-exports:
-  - {{format: gguf, quant: q8_0}}
-  - {{format: onnx, quant: fp32}}
-fidelity: null
-bench: null
-package: {{formats: [gguf, hf]}}
-""")
+    recipe = _no_distill_recipe(tmp_path, tiny_bpe_llama_dir, "repo", ["gguf-q8_0", "onnx-fp32"], "null",
+                                "{formats: [gguf, hf]}")
     assert main(["run", str(recipe), "--json", "-q"]) == 0
     stages = _stages(json.loads(capsys.readouterr().out))
     assert [s for s in stages if s.startswith("package")] == ["package gguf", "package hf"]

@@ -100,7 +100,7 @@ def assert_nothing_extracted(sandbox: dict, before: set[str], marker: str) -> No
 
 @pytest.mark.parametrize("case", list(ARCHIVES))
 def test_unsafe_archive_is_refused_by_member_and_nothing_is_extracted(capsys, home, sandbox, monkeypatch, case):
-    monkeypatch.setattr("edgekit.package.MAX_TAR_MEMBERS", 5)
+    monkeypatch.setattr("edgekit.package.check.MAX_TAR_MEMBERS", 5)
     build, fragments = ARCHIVES[case]
     marker = evil_name()
     tarball = sandbox["inbox"] / "bundle.tar.gz"
@@ -116,7 +116,7 @@ def test_unsafe_archive_is_refused_by_member_and_nothing_is_extracted(capsys, ho
 
 def test_too_many_members_stops_reading_at_the_first_one_over(capsys, home, sandbox, monkeypatch):
     """Headers are checked as they are read: an archive of a million members is refused after the limit, not read."""
-    monkeypatch.setattr("edgekit.package.MAX_TAR_MEMBERS", 5)
+    monkeypatch.setattr("edgekit.package.check.MAX_TAR_MEMBERS", 5)
     tarball = sandbox["inbox"] / "many.tar.gz"
     with tarfile.open(tarball, "w:gz") as tf:
         for i in range(50):
