@@ -98,7 +98,7 @@ def test_run_end_to_end_then_reuse_then_one_changed_key(tiny_bpe_llama_dir, home
     assert json.loads(capsys.readouterr().out)["stage"] == "fidelity"
 
 
-def _no_distill_recipe(tmp_path: Path, teacher: Path, name: str, exports: list[str], fidelity: str,
+def _no_distill_recipe(tmp_path: Path, teacher: Path, name: str, exports: list[tuple[str, str]], fidelity: str,
                        package: str) -> Path:
     """A recipe that exports the teacher itself: no distillation, no bench."""
     recipe = tmp_path / f"{name}.yaml"
@@ -109,7 +109,7 @@ device: laptop-x86
 context: 256
 distill: null
 exports:
-""" + "".join(f"  - {{format: {fmt}, quant: {quant}}}\n" for fmt, quant in (e.split("-") for e in exports)) + f"""\
+""" + "".join(f"  - {{format: {fmt}, quant: {quant}}}\n" for fmt, quant in exports) + f"""\
 fidelity: {fidelity}
 bench: null
 package: {package}
@@ -118,14 +118,15 @@ package: {package}
 
 
 def test_run_without_distillation_has_no_teacher_table(tiny_bpe_llama_dir, home, tmp_path, capsys):
-    recipe = _no_distill_recipe(tmp_path, tiny_bpe_llama_dir, "plain", ["gguf-q8_0"], "{max_tokens: 64}", "null")
+    recipe = _no_distill_recipe(tmp_path, tiny_bpe_llama_dir, "plain", [("gguf", "q8_0")], "{max_tokens: 64}",
+                                "null")
     assert main(["run", str(recipe), "-q"]) == 0
     out = capsys.readouterr().out
     assert "fidelity" in out and "against the teacher" not in out and "KL to teacher" not in out
 
 
 def test_run_puts_every_export_in_one_hf_repository(tiny_bpe_llama_dir, home, tmp_path, capsys):
-    recipe = _no_distill_recipe(tmp_path, tiny_bpe_llama_dir, "repo", ["gguf-q8_0", "onnx-fp32"], "null",
+    recipe = _no_distill_recipe(tmp_path, tiny_bpe_llama_dir, "repo", [("gguf", "q8_0"), ("onnx", "fp32")], "null",
                                 "{formats: [gguf, hf]}")
     assert main(["run", str(recipe), "--json", "-q"]) == 0
     stages = _stages(json.loads(capsys.readouterr().out))
